@@ -1,0 +1,1 @@
+//! remoca blkback (being built).

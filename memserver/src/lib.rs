@@ -1,0 +1,1 @@
+//! remoca memserver (being built).

@@ -1,0 +1,1 @@
+//! remoca paging (being built).

@@ -1,0 +1,1 @@
+//! remoca saverestore (being built).

@@ -1,0 +1,86 @@
+//! Command-line surface: one module per subcommand group, each a thin wrapper over a library.
+
+mod bench;
+mod blkback;
+mod memserver;
+mod saverestore;
+mod up;
+mod xen;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Options every subcommand understands.
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Which Xen backend to use: `auto` picks `real` where /dev/xen/privcmd and the Xen
+    /// libraries exist, else the built-in simulated host.
+    #[arg(long, global = true, default_value = "auto", env = "REMOCA_BACKEND")]
+    pub backend: String,
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "remoca", version, about = "Dom0 toolkit for Xen hosts", long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Dom0 service set from one config file (defaults embedded) with a live status.
+    Up(up::UpArgs),
+    /// Talk to the hypervisor and xenstore through the Xen seam.
+    Xen(xen::XenArgs),
+    /// Memory server: lend this host's RAM to other hosts' guests.
+    Memserver(memserver::MemserverArgs),
+    /// Save an `xl save` stream as a compressed remoca image.
+    Save(saverestore::SaveArgs),
+    /// Regenerate the original `xl save` stream from a remoca image.
+    Restore(saverestore::RestoreArgs),
+    /// Extract one guest page from a remoca image.
+    Extract(saverestore::ExtractArgs),
+    /// Describe a remoca save image.
+    Inspect(saverestore::InspectArgs),
+    /// Serve disks over NBD and, on a Xen host, as blkif backends.
+    Blkback(blkback::BlkbackArgs),
+    /// Manage disk images and copy-on-write overlays.
+    Image(blkback::ImageArgs),
+    /// Benchmarks that print remoca's figures beside a baseline measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+pub fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Up(a) => up::run(a, &g),
+        Command::Xen(a) => xen::run(a, &g),
+        Command::Memserver(a) => memserver::run(a, &g),
+        Command::Save(a) => saverestore::save(a, &g),
+        Command::Restore(a) => saverestore::restore(a, &g),
+        Command::Extract(a) => saverestore::extract(a, &g),
+        Command::Inspect(a) => saverestore::inspect(a, &g),
+        Command::Blkback(a) => blkback::run(a, &g),
+        Command::Image(a) => blkback::image(a, &g),
+        Command::Bench(a) => bench::run(a, &g),
+    }
+}

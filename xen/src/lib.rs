@@ -1,0 +1,1 @@
+//! remoca xen (being built).

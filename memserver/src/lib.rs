@@ -10,3 +10,4 @@
 //! the host. See `docs/memserver.md` and `docs/memserver-protocol.md`.
 
 pub mod protocol;
+pub mod store;

@@ -9,5 +9,7 @@
 //! The server never sees plaintext: the client seals every page with an AEAD before it leaves
 //! the host. See `docs/memserver.md` and `docs/memserver-protocol.md`.
 
+pub mod client;
 pub mod protocol;
+pub mod server;
 pub mod store;

@@ -1,0 +1,172 @@
+//! One configured server: its connection pool and its health.
+//!
+//! Health: a connection-level failure (refused, reset, protocol violation) marks the server
+//! down at once; timeouts mark it down after three in a row. A down server is skipped until
+//! `retry_after` has passed, then one request (or the background probe) may try it again; a
+//! success marks it up.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::connection::Connection;
+use super::error::ClientError;
+use super::placement::server_seed;
+use crate::protocol::auth::AuthKey;
+use crate::protocol::{Reply, Request};
+
+const TIMEOUTS_BEFORE_DOWN: u32 = 3;
+
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_failures: u32,
+    down_since: Option<Instant>,
+    retry_at: Option<Instant>,
+}
+
+/// What [`super::Client::health`] reports per server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerHealth {
+    pub addr: SocketAddr,
+    pub up: bool,
+    pub down_for: Option<Duration>,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+#[derive(Debug)]
+pub struct ServerLink {
+    pub addr: SocketAddr,
+    pub seed: u64,
+    slots: Vec<Mutex<Option<Arc<Connection>>>>,
+    connecting: tokio::sync::Mutex<()>,
+    rr: AtomicUsize,
+    health: Mutex<Health>,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    auth: Option<AuthKey>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    retry_after: Duration,
+}
+
+impl ServerLink {
+    pub fn new(
+        addr: SocketAddr,
+        connections: usize,
+        auth: Option<AuthKey>,
+        request_timeout: Duration,
+        connect_timeout: Duration,
+        retry_after: Duration,
+    ) -> ServerLink {
+        ServerLink {
+            addr,
+            seed: server_seed(&addr.to_string()),
+            slots: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+            connecting: tokio::sync::Mutex::new(()),
+            rr: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            auth,
+            request_timeout,
+            connect_timeout,
+            retry_after,
+        }
+    }
+
+    /// Not known to be down.
+    pub fn is_up(&self) -> bool {
+        self.health.lock().down_since.is_none()
+    }
+
+    /// Up, or down long enough to deserve another try.
+    pub fn is_usable(&self) -> bool {
+        let h = self.health.lock();
+        h.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    pub fn health(&self) -> ServerHealth {
+        let h = self.health.lock();
+        ServerHealth {
+            addr: self.addr,
+            up: h.down_since.is_none(),
+            down_for: h.down_since.map(|t| t.elapsed()),
+            requests: self.requests.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+        }
+    }
+
+    fn record_ok(&self) {
+        let mut h = self.health.lock();
+        if h.down_since.is_some() {
+            tracing::info!(addr = %self.addr, "memory server is back up");
+        }
+        *h = Health::default();
+    }
+
+    /// Returns `true` when this failure took the server from up to down.
+    fn record_failure(&self, e: &ClientError) -> bool {
+        self.failures.fetch_add(1, Relaxed);
+        let mut h = self.health.lock();
+        h.consecutive_failures += 1;
+        let now_down = !matches!(e, ClientError::Timeout { .. })
+            || h.consecutive_failures >= TIMEOUTS_BEFORE_DOWN;
+        h.retry_at = now_down.then(|| Instant::now() + self.retry_after);
+        if now_down && h.down_since.is_none() {
+            h.down_since = Some(Instant::now());
+            tracing::warn!(addr = %self.addr, error = %e, "memory server marked down");
+            return true;
+        }
+        false
+    }
+
+    async fn conn(&self) -> Result<Arc<Connection>, ClientError> {
+        if !self.is_usable() {
+            return Err(ClientError::Down { addr: self.addr });
+        }
+        let i = self.rr.fetch_add(1, Relaxed) % self.slots.len();
+        if let Some(c) = self.slots[i].lock().as_ref() {
+            if !c.is_dead() {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let _g = self.connecting.lock().await;
+        if let Some(c) = self.slots[i].lock().as_ref() {
+            if !c.is_dead() {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let c = Connection::connect(self.addr, self.auth.as_ref(), self.connect_timeout).await?;
+        *self.slots[i].lock() = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Send one request on a pooled connection, tracking health.
+    /// Returns the reply and whether this call took the server down.
+    pub async fn call(&self, req: &Request) -> (Result<Reply, ClientError>, bool) {
+        self.requests.fetch_add(1, Relaxed);
+        let r = match self.conn().await {
+            Ok(c) => c.call(req, self.request_timeout).await,
+            Err(e) => Err(e),
+        };
+        let mut went_down = false;
+        match &r {
+            Ok(_) => self.record_ok(),
+            Err(ClientError::Down { .. }) => {}
+            Err(e) if e.is_server_failure() => went_down = self.record_failure(e),
+            Err(_) => {}
+        }
+        (r, went_down)
+    }
+
+    /// Drop every pooled connection (used after the server is found dead).
+    pub fn reset(&self) {
+        for s in &self.slots {
+            *s.lock() = None;
+        }
+    }
+}

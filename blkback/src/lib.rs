@@ -1,1 +1,31 @@
-//! remoca blkback (being built).
+//! remoca's block backend: a stack of disk layers behind one [`Disk`] trait, and the
+//! frontends that serve it to guests.
+//!
+//! ```text
+//!  NBD clients ─▶ nbd::server ─┐                      ┌─▶ Overlay (per VM, slow device)
+//!  (blkif ring, later) ────────┼─▶ request::execute ─▶│        │ clusters never written
+//!                              │   (worker threads)   │        ▼
+//!                              │                      └─▶ RawFile template (read-only)
+//! ```
+//!
+//! - [`disk`]: the `Disk` trait every layer implements (sync, positioned, `&self`).
+//! - [`raw`]: a raw image file — the read-only template, or a plain writable disk.
+//! - [`overlay`]: the per-VM copy-on-write overlay and its file format.
+//! - [`request`]: a frontend-agnostic request type and its execution against a `Disk`; the
+//!   NBD server uses it and the blkif ring loop will too.
+//! - [`export`]: validated export configuration, opened disks and per-export counters.
+//! - [`nbd`]: the NBD server (fixed newstyle, structured replies, block status).
+//! - [`commit`]: fold an overlay into a new template.
+//! - [`memory`]: an in-memory `Disk` for tests.
+
+pub mod commit;
+pub mod disk;
+pub mod export;
+pub mod memory;
+pub mod nbd;
+pub mod overlay;
+pub mod raw;
+pub mod request;
+
+pub use disk::{Disk, DiskError, Extent, WriteFlags, ZeroFlags};
+pub use export::{ExportConfig, ExportStats, Exports};

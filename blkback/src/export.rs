@@ -1,0 +1,234 @@
+//! Named exports: validated configuration, the opened disk stack per export, and the
+//! counters a status display prints.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::disk::Disk;
+use crate::overlay::{Overlay, OverlayError};
+use crate::raw::{RawFile, RawOpenError};
+
+/// Longest export name accepted (the NBD limit is 4096 bytes).
+pub const MAX_NAME_LEN: usize = 4096;
+
+/// One export as configured: a template, optionally a copy-on-write overlay over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// The name clients ask for (may be empty: the default export).
+    pub name: String,
+    /// The raw template image.
+    pub template: PathBuf,
+    /// The per-VM overlay. Without one the template itself is served, writable unless
+    /// `read_only`.
+    pub overlay: Option<PathBuf>,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Why the exports could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("no exports configured")]
+    Empty,
+    #[error("export name {0:?} is used twice")]
+    DuplicateName(String),
+    #[error("export name is longer than {MAX_NAME_LEN} bytes")]
+    NameTooLong,
+    #[error("export {name:?}: template")]
+    Template {
+        name: String,
+        #[source]
+        source: RawOpenError,
+    },
+    #[error("export {name:?}: overlay")]
+    Overlay {
+        name: String,
+        #[source]
+        source: OverlayError,
+    },
+}
+
+/// Per-export counters, updated by every frontend. Cheap relaxed atomics.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub flushes: AtomicU64,
+    pub trims: AtomicU64,
+    pub zeroes: AtomicU64,
+    pub errors: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// A point-in-time copy of [`ExportStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub trims: u64,
+    pub zeroes: u64,
+    pub errors: u64,
+    pub connections: u64,
+}
+
+impl ExportStats {
+    /// Add `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Read all counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            reads: g(&self.reads),
+            writes: g(&self.writes),
+            bytes_read: g(&self.bytes_read),
+            bytes_written: g(&self.bytes_written),
+            flushes: g(&self.flushes),
+            trims: g(&self.trims),
+            zeroes: g(&self.zeroes),
+            errors: g(&self.errors),
+            connections: g(&self.connections),
+        }
+    }
+}
+
+/// One opened export.
+#[derive(Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub disk: Arc<dyn Disk>,
+    pub stats: ExportStats,
+}
+
+/// All exports, by name.
+#[derive(Debug, Clone)]
+pub struct Exports {
+    by_name: Arc<BTreeMap<String, Arc<Export>>>,
+}
+
+impl Exports {
+    /// Open every configured export.
+    ///
+    /// # Errors
+    /// [`ExportError`] naming the export and the file that failed.
+    pub fn open(configs: &[ExportConfig]) -> Result<Self, ExportError> {
+        let mut disks = Vec::new();
+        for c in configs {
+            let terr = |source| ExportError::Template {
+                name: c.name.clone(),
+                source,
+            };
+            let (disk, description): (Arc<dyn Disk>, String) = match &c.overlay {
+                Some(ov) => {
+                    let base: Arc<dyn Disk> =
+                        Arc::new(RawFile::open_read_only(&c.template).map_err(terr)?);
+                    let overlay = Overlay::open(ov, base, c.read_only).map_err(|source| {
+                        ExportError::Overlay {
+                            name: c.name.clone(),
+                            source,
+                        }
+                    })?;
+                    let d = format!("overlay {} over {}", ov.display(), c.template.display());
+                    (Arc::new(overlay), d)
+                }
+                None => {
+                    let raw = if c.read_only {
+                        RawFile::open_read_only(&c.template)
+                    } else {
+                        RawFile::open_read_write(&c.template)
+                    };
+                    (
+                        Arc::new(raw.map_err(terr)?),
+                        format!("raw {}", c.template.display()),
+                    )
+                }
+            };
+            disks.push((c.name.clone(), description, disk));
+        }
+        Self::from_disks(disks)
+    }
+
+    /// Build exports from already-opened disks (name, description, disk).
+    ///
+    /// # Errors
+    /// [`ExportError::Empty`], [`ExportError::DuplicateName`], [`ExportError::NameTooLong`].
+    pub fn from_disks(disks: Vec<(String, String, Arc<dyn Disk>)>) -> Result<Self, ExportError> {
+        if disks.is_empty() {
+            return Err(ExportError::Empty);
+        }
+        let mut by_name = BTreeMap::new();
+        for (name, description, disk) in disks {
+            if name.len() > MAX_NAME_LEN {
+                return Err(ExportError::NameTooLong);
+            }
+            if by_name.contains_key(&name) {
+                return Err(ExportError::DuplicateName(name));
+            }
+            let e = Export {
+                name: name.clone(),
+                description,
+                disk,
+                stats: ExportStats::default(),
+            };
+            by_name.insert(name, Arc::new(e));
+        }
+        Ok(Self {
+            by_name: Arc::new(by_name),
+        })
+    }
+
+    /// The export called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
+        self.by_name.get(name)
+    }
+
+    /// All exports in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.by_name.values()
+    }
+
+    /// Flush every export (used at shutdown).
+    pub fn flush_all(&self) {
+        for e in self.iter() {
+            if let Err(err) = e.disk.flush() {
+                tracing::warn!(export = %e.name, error = %err, "flush at shutdown failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemDisk;
+
+    #[test]
+    fn names_are_unique_and_missing_template_is_named() {
+        let d: Arc<dyn Disk> = Arc::new(MemDisk::new(10));
+        let e = Exports::from_disks(vec![
+            ("a".into(), String::new(), d.clone()),
+            ("a".into(), String::new(), d),
+        ])
+        .unwrap_err();
+        assert!(matches!(e, ExportError::DuplicateName(_)));
+        let cfg = ExportConfig {
+            name: "vm1".into(),
+            template: "/nonexistent/t.raw".into(),
+            overlay: None,
+            read_only: true,
+        };
+        let e = Exports::open(&[cfg]).unwrap_err();
+        assert!(e.to_string().contains("vm1"));
+        assert!(matches!(Exports::open(&[]), Err(ExportError::Empty)));
+    }
+}

@@ -18,6 +18,7 @@
 //! - [`commit`]: fold an overlay into a new template.
 //! - [`memory`]: an in-memory `Disk` for tests.
 
+pub mod bench;
 pub mod commit;
 pub mod disk;
 pub mod export;

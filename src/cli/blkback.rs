@@ -1,26 +1,387 @@
-//! `remoca blkback` and `remoca image`: the block backend and its image tools.
+//! `remoca blkback`, `remoca image` and `remoca bench blkback`: thin wrappers over
+//! `remoca_blkback`.
 
-use clap::Args;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use remoca_blkback::nbd::{self, Listener};
+use remoca_blkback::overlay::{self, header, Overlay};
+use remoca_blkback::raw::RawFile;
+use remoca_blkback::{Disk, ExportConfig, Exports};
+use serde::Deserialize;
 
 use super::Global;
 
 #[derive(Debug, Args)]
-pub struct BlkbackArgs {}
-#[derive(Debug, Args)]
-pub struct ImageArgs {}
-#[derive(Debug, Args)]
-pub struct BenchArgs {}
-
-fn not_yet() -> anyhow::Result<()> {
-    anyhow::bail!("the block backend is not built yet")
+pub struct BlkbackArgs {
+    /// TOML config: `listen = "ADDR"` or `socket = "PATH"`, and `[[export]]` tables with
+    /// `name`, `template`, optional `overlay` and `readonly`.
+    #[arg(long, conflicts_with_all = ["listen", "socket", "export"])]
+    config: Option<PathBuf>,
+    /// TCP address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, conflicts_with = "socket")]
+    listen: Option<SocketAddr>,
+    /// Unix socket path to listen on.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// An export: `name=NAME,template=PATH[,overlay=PATH][,readonly]`. Repeat for more.
+    #[arg(long = "export", value_name = "SPEC")]
+    export: Vec<String>,
 }
 
-pub fn run(_a: BlkbackArgs, _g: &Global) -> anyhow::Result<()> {
-    not_yet()
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    cmd: ImageCmd,
 }
-pub fn image(_a: ImageArgs, _g: &Global) -> anyhow::Result<()> {
-    not_yet()
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Create an empty copy-on-write overlay for a raw template.
+    Create {
+        #[arg(long)]
+        template: PathBuf,
+        #[arg(long)]
+        overlay: PathBuf,
+        /// Cluster size in bytes (power of two, 4096..2097152; K and M suffixes accepted).
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        cluster_size: u64,
+    },
+    /// Show an overlay's header and how many clusters it holds.
+    Inspect {
+        overlay: PathBuf,
+        /// Check the overlay against this template (default: the path stored in the overlay).
+        #[arg(long)]
+        template: Option<PathBuf>,
+    },
+    /// Fold an overlay and its template into a new raw template.
+    Commit {
+        overlay: PathBuf,
+        /// The new template to write (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+        /// The overlay's template (default: the path stored in the overlay).
+        #[arg(long)]
+        template: Option<PathBuf>,
+    },
 }
-pub fn bench(_a: BenchArgs, _g: &Global) -> anyhow::Result<()> {
-    not_yet()
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Size of the raw template served by both servers.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    size: u64,
+    /// Requests per `qemu-img bench` run.
+    #[arg(long, default_value_t = 20000)]
+    count: u64,
+    /// Directory for the images (default: a fresh temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    export: Vec<ExportEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportEntry {
+    name: String,
+    template: PathBuf,
+    overlay: Option<PathBuf>,
+    #[serde(default)]
+    readonly: bool,
+}
+
+impl From<ExportEntry> for ExportConfig {
+    fn from(e: ExportEntry) -> Self {
+        ExportConfig {
+            name: e.name,
+            template: e.template,
+            overlay: e.overlay,
+            read_only: e.readonly,
+        }
+    }
+}
+
+/// Parse `name=NAME,template=PATH[,overlay=PATH][,readonly]`.
+fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
+    let (mut name, mut template, mut overlay, mut read_only) = (None, None, None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("name", v)) => name = Some(v.to_owned()),
+            Some(("template", v)) => template = Some(PathBuf::from(v)),
+            Some(("overlay", v)) => overlay = Some(PathBuf::from(v)),
+            None if part == "readonly" => read_only = true,
+            _ => bail!("--export {spec:?}: unknown item {part:?} (expected name=, template=, overlay=, readonly)"),
+        }
+    }
+    let name = name.with_context(|| format!("--export {spec:?}: missing name="))?;
+    let template = template.with_context(|| format!("--export {spec:?}: missing template="))?;
+    Ok(ExportConfig {
+        name,
+        template,
+        overlay,
+        read_only,
+    })
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 64K, 1M)"))
+}
+
+enum Bind {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
+    super::init_tracing(g.verbose);
+    let (bind, configs) = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            let cfg: ConfigFile = toml::from_str(&text)
+                .with_context(|| format!("invalid config {}", path.display()))?;
+            let bind = match (cfg.listen, cfg.socket) {
+                (Some(l), None) => Bind::Tcp(l),
+                (None, Some(s)) => Bind::Unix(s),
+                _ => bail!("{}: set exactly one of listen or socket", path.display()),
+            };
+            (
+                bind,
+                cfg.export
+                    .into_iter()
+                    .map(ExportConfig::from)
+                    .collect::<Vec<_>>(),
+            )
+        }
+        None => {
+            let bind = match (a.listen, a.socket.clone()) {
+                (Some(l), None) => Bind::Tcp(l),
+                (None, Some(s)) => Bind::Unix(s),
+                _ => bail!("give --listen ADDR or --socket PATH (or --config FILE)"),
+            };
+            let configs = a
+                .export
+                .iter()
+                .map(|s| parse_export_spec(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (bind, configs)
+        }
+    };
+    if configs.is_empty() {
+        bail!("no exports: give --export name=...,template=... at least once");
+    }
+    let exports = Exports::open(&configs).context("cannot open exports")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = match &bind {
+            Bind::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                println!("listening on {}", l.local_addr()?);
+                Listener::Tcp(l)
+            }
+            Bind::Unix(path) => {
+                let l = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                println!("listening on {}", path.display());
+                Listener::Unix(l)
+            }
+        };
+        for e in exports.iter() {
+            println!(
+                "export {:?}: {} ({} bytes)",
+                e.name,
+                e.description,
+                e.disk.size()
+            );
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        nbd::run(listener, exports.clone(), shutdown).await?;
+        if let Bind::Unix(path) = &bind {
+            let _ = std::fs::remove_file(path);
+        }
+        for e in exports.iter() {
+            let s = e.stats.snapshot();
+            eprintln!(
+                "export {:?}: {} reads ({} bytes), {} writes ({} bytes), {} flushes, {} errors",
+                e.name, s.reads, s.bytes_read, s.writes, s.bytes_written, s.flushes, s.errors
+            );
+        }
+        Ok(())
+    })
+}
+
+fn open_template(path: &Path) -> anyhow::Result<Arc<dyn Disk>> {
+    let t = RawFile::open_read_only(path).context("cannot open template")?;
+    Ok(Arc::new(t))
+}
+
+fn template_for(overlay_path: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(t) => Ok(t),
+        None => {
+            let info = overlay::inspect(overlay_path)?;
+            if info.header.template_path.is_empty() {
+                bail!(
+                    "{} records no template path; pass --template",
+                    overlay_path.display()
+                );
+            }
+            Ok(PathBuf::from(info.header.template_path))
+        }
+    }
+}
+
+pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
+    super::init_tracing(g.verbose);
+    match a.cmd {
+        ImageCmd::Create {
+            template,
+            overlay: path,
+            cluster_size,
+        } => {
+            if !cluster_size.is_power_of_two() {
+                bail!("--cluster-size {cluster_size} is not a power of two");
+            }
+            let t = open_template(&template)?;
+            let hint = std::fs::canonicalize(&template).unwrap_or(template.clone());
+            let h = Overlay::create(
+                &path,
+                &*t,
+                cluster_size.trailing_zeros(),
+                &hint.to_string_lossy(),
+            )?;
+            println!(
+                "created {} over {} ({} bytes, {} clusters of {} bytes)",
+                path.display(),
+                hint.display(),
+                h.virtual_size,
+                h.cluster_count,
+                h.cluster_size()
+            );
+        }
+        ImageCmd::Inspect {
+            overlay: path,
+            template,
+        } => {
+            let i = overlay::inspect(&path)?;
+            let h = &i.header;
+            println!("overlay:        {}", path.display());
+            println!("format:         remoca overlay v{}", header::VERSION);
+            println!("virtual size:   {} bytes", h.virtual_size);
+            println!("cluster size:   {} bytes", h.cluster_size());
+            println!("clusters:       {}", h.cluster_count);
+            println!(
+                "  in overlay:   {} ({} bytes)",
+                i.data_clusters,
+                i.data_clusters * h.cluster_size()
+            );
+            println!("  zeroed:       {}", i.zero_clusters);
+            println!("  from template:{}", i.template_clusters);
+            println!("template:       {}", h.template_path);
+            println!(
+                "fingerprint:    {}",
+                overlay::short_hex(&h.template_fingerprint)
+            );
+            let tpath = template.unwrap_or_else(|| PathBuf::from(&h.template_path));
+            match RawFile::open_read_only(&tpath) {
+                Ok(t) => {
+                    let fp = overlay::fingerprint(&t)?;
+                    let ok = fp == h.template_fingerprint && t.size() == h.virtual_size;
+                    println!(
+                        "template check: {}",
+                        if ok { "matches" } else { "DOES NOT MATCH" }
+                    );
+                    if !ok {
+                        bail!(
+                            "{} is not the template this overlay was made for",
+                            tpath.display()
+                        );
+                    }
+                }
+                Err(e) => println!("template check: cannot open ({e})"),
+            }
+        }
+        ImageCmd::Commit {
+            overlay: path,
+            to,
+            template,
+        } => {
+            let tpath = template_for(&path, template)?;
+            let base = open_template(&tpath)?;
+            let ov = Overlay::open(&path, base, true)?;
+            let written = remoca_blkback::commit::commit(&ov, &to)?;
+            println!(
+                "committed {} over {} into {} ({} bytes of data)",
+                path.display(),
+                tpath.display(),
+                to.display(),
+                written
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
+    super::init_tracing(g.verbose);
+    let cfg = remoca_blkback::bench::BenchConfig {
+        size: a.size,
+        count: a.count,
+        dir: a.dir,
+    };
+    let report = remoca_blkback::bench::run(&cfg)?;
+    print!("{report}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_spec_parsing() {
+        let e = parse_export_spec("name=vm1,template=/t.raw,overlay=/o.ovl,readonly").unwrap();
+        assert_eq!(e.name, "vm1");
+        assert_eq!(e.overlay, Some(PathBuf::from("/o.ovl")));
+        assert!(e.read_only);
+        assert!(parse_export_spec("template=/t").is_err());
+        assert!(parse_export_spec("name=a,template=/t,bogus=1").is_err());
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert!(parse_size("x").is_err());
+    }
 }

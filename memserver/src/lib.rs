@@ -9,7 +9,10 @@
 //! The server never sees plaintext: the client seals every page with an AEAD before it leaves
 //! the host. See `docs/memserver.md` and `docs/memserver-protocol.md`.
 
+pub mod bench;
+pub mod byte_size;
 pub mod client;
 pub mod protocol;
 pub mod server;
+pub mod stats_table;
 pub mod store;

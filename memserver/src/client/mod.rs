@@ -619,6 +619,26 @@ impl Client {
     }
 }
 
+/// One STATS request to one server on a fresh connection (for `remoca memserver stats`).
+///
+/// # Errors
+/// Connection, authentication or protocol failures.
+pub async fn fetch_stats(
+    addr: SocketAddr,
+    auth_key: Option<&AuthKey>,
+    timeout: Duration,
+) -> Result<StatsSnapshot, ClientError> {
+    let conn = Connection::connect(addr, auth_key, timeout).await?;
+    match conn.call(&Request::Stats, timeout).await? {
+        Reply {
+            status: Status::Ok,
+            body: ReplyBody::Stats(st),
+            ..
+        } => Ok(*st),
+        r => Err(reply_error(addr, &r)),
+    }
+}
+
 /// Split entry indices into request-sized chunks (count and payload limits).
 fn chunk_entries(idxs: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
     let budget = MAX_PAYLOAD as usize / 2;

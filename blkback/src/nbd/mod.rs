@@ -5,7 +5,9 @@
 //! - [`handshake`]: the option phase.
 //! - [`transmission`]: the request loop of one connection.
 //! - [`server`]: listeners, connection limit, shutdown.
+//! - [`client`]: a minimal blocking client for tests and tools.
 
+pub mod client;
 pub mod handshake;
 pub mod server;
 pub mod shutdown;

@@ -1,0 +1,132 @@
+//! `remoca image create|inspect|commit` and `remoca blkback` refusing bad input clearly.
+
+mod blkback_harness;
+
+use std::process::Command;
+
+use blkback_harness::*;
+
+#[test]
+fn image_commands_manage_overlays_and_refuse_bad_input() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let e = run_err(
+        remoca()
+            .args(["image", "create", "--template"])
+            .arg(d.join("missing.raw"))
+            .arg("--overlay")
+            .arg(d.join("x.ovl")),
+    );
+    assert!(e.contains("missing.raw"), "{e}");
+    let (t, o) = template_and_overlay(d, 2 << 20);
+    let e = run_err(
+        remoca()
+            .args(["image", "create", "--template"])
+            .arg(&t)
+            .arg("--overlay")
+            .arg(&o),
+    );
+    assert!(e.contains("already exists"), "{e}");
+    let e = run_err(
+        remoca()
+            .args(["image", "create", "--cluster-size", "1000", "--template"])
+            .arg(&t)
+            .arg("--overlay")
+            .arg(d.join("c.ovl")),
+    );
+    assert!(e.contains("power of two"), "{e}");
+    let e = run_err(remoca().args(["image", "inspect"]).arg(&t));
+    assert!(e.contains("wrong magic"), "{e}");
+
+    // Write through the overlay, then commit it into a new template.
+    let srv = Server::tcp(&[spec("vm", &t, Some(&o))]);
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x42 64k 64k"])
+            .arg(srv.uri("vm")),
+    );
+    srv.stop();
+    let info = run_ok(remoca().args(["image", "inspect"]).arg(&o));
+    assert!(info.contains("in overlay:   1 "), "{info}");
+    let new = d.join("new.raw");
+    run_ok(
+        remoca()
+            .args(["image", "commit"])
+            .arg(&o)
+            .arg("--to")
+            .arg(&new),
+    );
+    let mut want = pattern(2 << 20, 3);
+    want[65536..131072].fill(0x42);
+    assert_eq!(std::fs::read(&new).unwrap(), want);
+    let e = run_err(
+        remoca()
+            .args(["image", "commit"])
+            .arg(&o)
+            .arg("--to")
+            .arg(&new),
+    );
+    assert!(e.contains("already exists"), "{e}");
+
+    // The overlay refuses to open over another template, or one of another size.
+    let e = run_err(
+        remoca()
+            .args(["blkback", "--listen", "127.0.0.1:0", "--export"])
+            .arg(spec("vm", &new, Some(&o))),
+    );
+    assert!(e.contains("another template"), "{e}");
+    let small = d.join("small.raw");
+    std::fs::write(&small, vec![1u8; 4096]).unwrap();
+    let e = run_err(
+        remoca()
+            .args(["blkback", "--listen", "127.0.0.1:0", "--export"])
+            .arg(spec("vm", &small, Some(&o))),
+    );
+    assert!(e.contains("bytes"), "{e}");
+    let e = run_err(
+        remoca()
+            .args(["blkback", "--listen", "127.0.0.1:0", "--export"])
+            .arg(spec("vm", &d.join("gone.raw"), None)),
+    );
+    assert!(e.contains("gone.raw"), "{e}");
+    let e = run_err(remoca().args(["blkback", "--listen", "127.0.0.1:0", "--export", "name=vm"]));
+    assert!(e.contains("template="), "{e}");
+    let e = run_err(
+        remoca()
+            .args(["blkback", "--export"])
+            .arg(spec("vm", &t, None)),
+    );
+    assert!(e.contains("--listen"), "{e}");
+}
+
+#[test]
+fn config_file_serves_several_exports() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let (t, o) = template_and_overlay(dir.path(), 1 << 20);
+    let cfg = dir.path().join("blkback.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[[export]]\nname = \"a\"\ntemplate = \"{}\"\noverlay = \"{}\"\n\
+             [[export]]\nname = \"b\"\ntemplate = \"{}\"\nreadonly = true\n",
+            t.display(), o.display(), t.display()
+        ),
+    )
+    .unwrap();
+    let srv = Server::start(&["--config".into(), cfg.display().to_string()]);
+    let list = run_ok(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(format!("nbd://{}", srv.addr)),
+    );
+    assert!(
+        list.contains("export=\"a\"") && list.contains("export=\"b\""),
+        "{list}"
+    );
+    srv.stop();
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nbogus = 1\n").unwrap();
+    let e = run_err(remoca().arg("blkback").arg("--config").arg(&cfg));
+    assert!(e.contains("bogus"), "{e}");
+}

@@ -25,7 +25,7 @@ use crate::protocol::control::Hello;
 use crate::protocol::{decode, Request};
 use crate::server::{serve, ServerConfig};
 use crate::store::{Store, StoreConfig};
-use loadgen::{Load, MemserverWire, Proto};
+use loadgen::{Load, MemserverWire};
 use memcached::{Memcached, MemcachedText};
 
 pub const VALUE_LEN: usize = 4096;
@@ -97,26 +97,20 @@ async fn connect(sys: System, addr: std::net::SocketAddr) -> Result<TcpStream, B
     }
 }
 
-fn proto(
-    sys: System,
-) -> Box<
-    dyn FnOnce(
-            TcpStream,
-            Load,
-            Arc<Vec<u8>>,
-        ) -> tokio::task::JoinHandle<Result<loadgen::Measured, BenchError>>
-        + Send,
-> {
-    fn spawn<P: Proto + Default>(
-        s: TcpStream,
-        l: Load,
-        v: Arc<Vec<u8>>,
-    ) -> tokio::task::JoinHandle<Result<loadgen::Measured, BenchError>> {
-        tokio::spawn(async move { loadgen::drive(s, P::default(), l, &v).await })
-    }
+type Driver = tokio::task::JoinHandle<Result<loadgen::Measured, BenchError>>;
+
+fn spawn_driver(sys: System, s: TcpStream, load: Load, value: Arc<Vec<u8>>) -> Driver {
     match sys {
-        System::Memserver => Box::new(spawn::<MemserverWire>),
-        System::Memcached => Box::new(spawn::<MemcachedText>),
+        System::Memserver => {
+            tokio::spawn(
+                async move { loadgen::drive(s, MemserverWire::default(), load, &value).await },
+            )
+        }
+        System::Memcached => {
+            tokio::spawn(
+                async move { loadgen::drive(s, MemcachedText::default(), load, &value).await },
+            )
+        }
     }
 }
 
@@ -143,7 +137,7 @@ async fn measure(
             seed: 7 + c as u64,
         };
         let s = connect(sys, addr).await?;
-        tasks.push(proto(sys)(s, load, Arc::clone(value)));
+        tasks.push(spawn_driver(sys, s, load, Arc::clone(value)));
     }
     let mut pages = 0;
     let mut lat = Vec::new();

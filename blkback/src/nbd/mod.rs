@@ -14,4 +14,4 @@ pub mod shutdown;
 pub mod transmission;
 pub mod wire;
 
-pub use server::{run, Listener, ServerError};
+pub use server::{run, serve_stream, Listener, ServerError};

@@ -113,6 +113,19 @@ where
     }
 }
 
+/// Serve one already-connected client on `reader`/`writer` until it disconnects (no
+/// connection limit, no shutdown signal). For socket activation, tests and fuzzing.
+pub async fn serve_stream<R, W>(reader: R, writer: W, exports: Exports)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (notify, _) = broadcast::channel::<()>(1);
+    let (done, _) = mpsc::channel::<()>(1);
+    let handler = Handler { exports, shutdown: Shutdown::new(notify.subscribe()), _done: done };
+    handler.run(reader, writer, "stream".into()).await;
+}
+
 /// One connection.
 struct Handler {
     exports: Exports,

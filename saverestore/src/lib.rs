@@ -2,7 +2,17 @@
 //!
 //! * [`stream`]: the `xl save` stream (parser keeping every non-page byte, writer, builder).
 //! * [`image`]: remoca's own image format (verbatim records, page index, compressed blocks).
-//! * [`codec`]: the block codecs.
+//! * [`codec`]: the block codecs; [`classify`]: zero / single-word / hashed pages.
 //! * [`save`] / [`restore`]: the parallel pipelines between the two.
 
+pub mod classify;
+pub mod codec;
+pub mod image;
+pub mod restore;
+pub mod save;
 pub mod stream;
+
+pub use codec::{Codec, CodecChoice};
+pub use image::{ImageError, ImageReader, ReadAt};
+pub use restore::{restore_stream, RestoreStats};
+pub use save::{save_stream, SaveOptions, SaveStats};

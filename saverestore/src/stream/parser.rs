@@ -80,6 +80,11 @@ impl<R: Read> StreamParser<R> {
         }
     }
 
+    /// The underlying reader.
+    pub fn input_ref(&self) -> &R {
+        &self.input
+    }
+
     /// Bytes consumed so far.
     pub fn offset(&self) -> u64 {
         self.offset

@@ -1,0 +1,393 @@
+//! The save pipeline: `xl save` stream in, image out, in one streaming pass.
+//!
+//! ```text
+//!  parser thread ──events (≤4 records)──▶ main: windows of pages ──frames (≤2 windows)──▶ writer thread
+//!                                          │ rayon: classify + hash pages
+//!                                          │ sequential: dedup, assign block slots
+//!                                          │ rayon: compress blocks into frames
+//! ```
+//! Memory is bounded by the channel depths and the window size, never by the image size
+//! (apart from the dedup table, 16 B of hash + 8 B per distinct page, and the index).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::classify::{classify, Content};
+use crate::codec::{Codec, CodecChoice, RATIO_ZSTD_LEVEL};
+use crate::image::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
+use crate::image::index::{BlockEntry, ClassCounts, Index, PageClass, PageEntry};
+use crate::image::{ImageError, DEFAULT_BLOCK_PAGES};
+use crate::stream::format::{page_has_data, page_type, PAGE_SIZE};
+use crate::stream::{Event, StreamError, StreamParser};
+
+/// How to save.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    pub codec: CodecChoice,
+    /// Pages per compressed block (1..=256); 16 = 64 KiB.
+    pub block_pages: usize,
+    /// Data pages gathered before a parallel step; blocks never span windows.
+    pub window_pages: usize,
+    /// Worker threads; 0 = one per CPU.
+    pub threads: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            codec: CodecChoice::Auto,
+            block_pages: DEFAULT_BLOCK_PAGES,
+            window_pages: 4096,
+            threads: 0,
+        }
+    }
+}
+
+/// What a save did.
+#[derive(Debug, Clone, Default)]
+pub struct SaveStats {
+    pub stream_bytes: u64,
+    pub image_bytes: u64,
+    pub counts: ClassCounts,
+    pub blocks: u64,
+    pub snap_blocks: u64,
+    pub zstd_blocks: u64,
+    pub elapsed: Duration,
+}
+
+impl SaveStats {
+    /// Stream bytes per image byte.
+    pub fn ratio(&self) -> f64 {
+        self.stream_bytes as f64 / self.image_bytes.max(1) as f64
+    }
+}
+
+struct CountingReader<'a, R> {
+    inner: R,
+    crc: u32,
+    seen: &'a AtomicU64,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.seen.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Transforms an `xl save` stream into an image written to `out`. `progress` is called with
+/// the number of stream bytes consumed so far.
+///
+/// # Errors
+/// A bad input stream ([`ImageError::Stream`]), an output error ([`ImageError::Output`]).
+/// On error the output holds a partial image without a trailer, which readers reject.
+pub fn save_stream<R, W>(
+    input: R,
+    out: &mut W,
+    opts: &SaveOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SaveStats, ImageError>
+where
+    R: Read + Send,
+    W: Write + Send + ?Sized,
+{
+    let start = Instant::now();
+    let bp = opts.block_pages.clamp(1, 256);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(ImageError::ThreadPool)?;
+    let seen = AtomicU64::new(0);
+    let writer_wait = AtomicU64::new(0);
+    let (ev_tx, ev_rx) = sync_channel::<Result<Event, StreamError>>(4);
+    let (out_tx, out_rx) = sync_channel::<Vec<Vec<u8>>>(2);
+
+    std::thread::scope(|s| {
+        let parser = s.spawn(|| {
+            let mut p = StreamParser::new(CountingReader {
+                inner: input,
+                crc: 0,
+                seen: &seen,
+            });
+            loop {
+                match p.next_event() {
+                    Ok(Some(ev)) => {
+                        if ev_tx.send(Ok(ev)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = ev_tx.send(Err(e));
+                        break;
+                    }
+                }
+            }
+            drop(ev_tx);
+            let crc = p.input_ref().crc;
+            (crc, p.offset())
+        });
+        let writer = s.spawn(|| write_loop(out, out_rx, &writer_wait));
+
+        let mut st = SaveState {
+            bp,
+            codec: match opts.codec {
+                CodecChoice::Fixed(c) => c,
+                CodecChoice::Auto => Codec::Zstd(RATIO_ZSTD_LEVEL),
+            },
+            auto: opts.codec == CodecChoice::Auto,
+            offset: 0,
+            index: Index::default(),
+            dedup: HashMap::new(),
+            stats: SaveStats::default(),
+        };
+        let header = FileHeader {
+            codec_choice: match opts.codec {
+                CodecChoice::Auto => 0,
+                CodecChoice::Fixed(c) => c.id(),
+            },
+            level: match opts.codec {
+                CodecChoice::Fixed(Codec::Zstd(l)) => l as i8,
+                _ => 0,
+            },
+            block_pages: bp as u16,
+        };
+        let result = (|| {
+            st.send(&out_tx, vec![header.encode().to_vec()], &writer_wait)?;
+            let mut window = Vec::new();
+            let mut pages = 0usize;
+            loop {
+                let next = ev_rx.recv();
+                let eof = next.is_err();
+                if let Ok(ev) = next {
+                    let ev = ev?;
+                    if let Event::Pages(r) = &ev {
+                        pages += r.data_pages();
+                    }
+                    window.push(ev);
+                }
+                if (pages >= opts.window_pages || eof) && !window.is_empty() {
+                    let frames = pool.install(|| st.window(&window))?;
+                    st.send(&out_tx, frames, &writer_wait)?;
+                    progress(seen.load(Ordering::Relaxed));
+                    window.clear();
+                    pages = 0;
+                }
+                if eof {
+                    return Ok(());
+                }
+            }
+        })();
+        drop(ev_rx);
+        let (crc, len) = parser.join().expect("parser thread panicked");
+        let result = result.and_then(|()| {
+            st.index.stream_crc = crc;
+            st.index.stream_len = len;
+            st.finish(&out_tx, &writer_wait)
+        });
+        drop(out_tx);
+        let written = writer.join().expect("writer thread panicked");
+        // An output error explains a failed send better than the send itself.
+        written.map_err(ImageError::Output)?;
+        result?;
+        st.stats.stream_bytes = len;
+        st.stats.elapsed = start.elapsed();
+        st.stats.counts = st.index.counts();
+        progress(len);
+        Ok(st.stats)
+    })
+}
+
+fn write_loop<W: Write + ?Sized>(
+    out: &mut W,
+    rx: Receiver<Vec<Vec<u8>>>,
+    wait: &AtomicU64,
+) -> io::Result<()> {
+    loop {
+        let t = Instant::now();
+        let Ok(frames) = rx.recv() else { break };
+        wait.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        for f in frames {
+            out.write_all(&f)?;
+        }
+    }
+    out.flush()
+}
+
+struct SaveState {
+    bp: usize,
+    codec: Codec,
+    auto: bool,
+    offset: u64,
+    index: Index,
+    dedup: HashMap<u128, u64>,
+    stats: SaveStats,
+}
+
+impl SaveState {
+    fn send(
+        &mut self,
+        tx: &std::sync::mpsc::SyncSender<Vec<Vec<u8>>>,
+        frames: Vec<Vec<u8>>,
+        writer_wait: &AtomicU64,
+    ) -> Result<(), ImageError> {
+        let n: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        let before = writer_wait.load(Ordering::Relaxed);
+        let t = Instant::now();
+        tx.send(frames)
+            .map_err(|_| ImageError::Output(io::Error::other("writer stopped")))?;
+        let blocked = t.elapsed().as_nanos() as u64;
+        let starved = writer_wait.load(Ordering::Relaxed) - before;
+        if self.auto {
+            // The compressor waited for the writer: the output is the bottleneck, spend CPU on
+            // ratio. The writer waited for us: compression is the bottleneck, go faster.
+            if blocked > 2 * starved + 1_000_000 {
+                self.codec = Codec::Zstd(RATIO_ZSTD_LEVEL);
+            } else if starved > 2 * blocked + 1_000_000 {
+                self.codec = Codec::Snap;
+            }
+        }
+        self.offset += n;
+        self.stats.image_bytes = self.offset;
+        Ok(())
+    }
+
+    /// Builds the frames of one window: its blocks first, then its records in order.
+    fn window(&mut self, events: &[Event]) -> Result<Vec<Vec<u8>>, ImageError> {
+        let pages: Vec<&[u8]> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Pages(r) => Some(r.pages.chunks_exact(PAGE_SIZE)),
+                Event::Verbatim { .. } => None,
+            })
+            .flatten()
+            .collect();
+        let contents: Vec<Content> = pages.par_iter().map(|p| classify(p)).collect();
+
+        let first_block = self.index.blocks.len() as u64;
+        let mut unique: Vec<&[u8]> = Vec::new();
+        let mut ci = 0usize;
+        for ev in events {
+            let Event::Pages(rec) = ev else { continue };
+            self.index.records += 1;
+            for &word in &rec.words {
+                let class = if !page_has_data(page_type(word)) {
+                    PageClass::NoData
+                } else {
+                    let c = contents[ci];
+                    let page = pages[ci];
+                    ci += 1;
+                    match c {
+                        Content::Zero => PageClass::Zero,
+                        Content::Word(w) => PageClass::Word(w),
+                        Content::Hashed(h) => {
+                            let me = self.index.pages.len() as u64;
+                            match self.dedup.entry(h) {
+                                std::collections::hash_map::Entry::Occupied(o) => {
+                                    PageClass::Dup(*o.get())
+                                }
+                                std::collections::hash_map::Entry::Vacant(v) => {
+                                    v.insert(me);
+                                    unique.push(page);
+                                    let n = unique.len() - 1;
+                                    PageClass::Block {
+                                        block: first_block + (n / self.bp) as u64,
+                                        slot: (n % self.bp) as u16,
+                                    }
+                                }
+                            }
+                        }
+                    }
+                };
+                self.index.pages.push(PageEntry { word, class });
+            }
+        }
+
+        let codec = self.codec;
+        let mut frames: Vec<Vec<u8>> = unique
+            .par_chunks(self.bp)
+            .map(|chunk| {
+                let mut raw = Vec::with_capacity(chunk.len() * PAGE_SIZE);
+                for p in chunk {
+                    raw.extend_from_slice(p);
+                }
+                let mut f = vec![0u8; FrameHeader::LEN];
+                codec.compress(&raw, &mut f).map_err(ImageError::Compress)?;
+                FrameHeader::seal(&mut f, FrameKind::Block, codec.id(), raw.len() as u32);
+                Ok(f)
+            })
+            .collect::<Result<_, ImageError>>()?;
+        let mut off = self.offset;
+        for (f, chunk) in frames.iter().zip(unique.chunks(self.bp)) {
+            self.index.blocks.push(BlockEntry {
+                offset: off,
+                frame_len: f.len() as u32,
+                pages: chunk.len() as u16,
+                codec: codec.id(),
+            });
+            off += f.len() as u64;
+            match codec {
+                Codec::Snap => self.stats.snap_blocks += 1,
+                Codec::Zstd(_) => self.stats.zstd_blocks += 1,
+            }
+        }
+        self.stats.blocks += frames.len() as u64;
+
+        for ev in events {
+            let mut f = Vec::new();
+            match ev {
+                Event::Verbatim { part, rtype, bytes } => {
+                    FrameHeader::write_frame(
+                        &mut f,
+                        FrameKind::Verbatim,
+                        part.code(),
+                        *rtype,
+                        bytes,
+                    );
+                }
+                Event::Pages(rec) => {
+                    let mut head = Vec::with_capacity(8 + 8 * rec.words.len());
+                    head.extend_from_slice(&rec.reserved.to_le_bytes());
+                    head.extend_from_slice(&0u32.to_le_bytes());
+                    for w in &rec.words {
+                        head.extend_from_slice(&w.to_le_bytes());
+                    }
+                    FrameHeader::write_frame(
+                        &mut f,
+                        FrameKind::PageRecord,
+                        0,
+                        rec.words.len() as u32,
+                        &head,
+                    );
+                }
+            }
+            frames.push(f);
+        }
+        Ok(frames)
+    }
+
+    fn finish(
+        &mut self,
+        tx: &std::sync::mpsc::SyncSender<Vec<Vec<u8>>>,
+        writer_wait: &AtomicU64,
+    ) -> Result<(), ImageError> {
+        let raw = self.index.encode();
+        let z = zstd::bulk::compress(&raw, 3)
+            .map_err(|e| ImageError::Compress(crate::codec::CodecError::Zstd(e)))?;
+        let mut f = Vec::new();
+        FrameHeader::write_frame(&mut f, FrameKind::Index, 0, raw.len() as u32, &z);
+        let index_offset = self.offset;
+        let trailer = Trailer {
+            index_offset,
+            trailer_offset: index_offset + f.len() as u64,
+        };
+        self.send(tx, vec![f, trailer.encode().to_vec()], writer_wait)
+    }
+}

@@ -1,0 +1,214 @@
+//! Save → restore round trips and single-page extraction on synthetic guests of both shapes.
+
+use remoca_saverestore::image::ImageReader;
+use remoca_saverestore::stream::builder::builder_page_type;
+use remoca_saverestore::stream::{
+    build_stream, page_has_data, BuildOptions, GuestShape, PAGE_SIZE,
+};
+use remoca_saverestore::{
+    restore_stream, save_stream, Codec, CodecChoice, ImageError, SaveOptions,
+};
+
+/// RAM with every class: zero pages, single-word pages, duplicates, text-like and random.
+fn ram(pages: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut r = Vec::with_capacity(pages * PAGE_SIZE);
+    for p in 0..pages {
+        match p % 11 {
+            0 | 5 => r.resize(r.len() + PAGE_SIZE, 0),
+            1 => r.extend_from_slice(&(p as u64 * 0x0101).to_le_bytes().repeat(PAGE_SIZE / 8)),
+            2 => r.extend_from_slice(&[0xAB; PAGE_SIZE]),
+            3 | 7 => {
+                let start = r.len() - 3 * PAGE_SIZE;
+                r.extend_from_within(start..start + PAGE_SIZE)
+            }
+            4 => {
+                for _ in 0..PAGE_SIZE / 8 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    r.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            _ => {
+                let line =
+                    format!("page {p} of the guest: the quick brown fox jumps over the lazy dog\n");
+                let bytes = line.as_bytes();
+                for i in 0..PAGE_SIZE {
+                    r.push(bytes[i % bytes.len()]);
+                }
+            }
+        }
+    }
+    r
+}
+
+fn stream(shape: GuestShape, ram: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    build_stream(ram, &mut s, &BuildOptions::new(shape, ram.len() as u64)).unwrap();
+    s
+}
+
+fn save(s: &[u8], codec: CodecChoice, block_pages: usize, window_pages: usize) -> Vec<u8> {
+    let mut img = Vec::new();
+    let opts = SaveOptions {
+        codec,
+        block_pages,
+        window_pages,
+        threads: 2,
+    };
+    save_stream(s, &mut img, &opts, &|_| {}).unwrap();
+    img
+}
+
+fn restore(img: Vec<u8>) -> Result<Vec<u8>, ImageError> {
+    let r = ImageReader::open(img)?;
+    let mut out = Vec::new();
+    restore_stream(&r, &mut out, 2, &|_| {})?;
+    Ok(out)
+}
+
+#[test]
+fn both_shapes_all_codecs_round_trip_byte_for_byte() {
+    let ram = ram(3000);
+    for shape in [GuestShape::Pv, GuestShape::Hvm] {
+        let s = stream(shape, &ram);
+        for (codec, bp, win) in [
+            (CodecChoice::Fixed(Codec::Snap), 16, 4096),
+            (CodecChoice::Fixed(Codec::Zstd(3)), 16, 700),
+            (CodecChoice::Auto, 1, 100),
+            (CodecChoice::Fixed(Codec::Zstd(1)), 256, 1),
+        ] {
+            let img = save(&s, codec, bp, win);
+            assert!(
+                img.len() < s.len() / 2,
+                "{shape:?} {codec}: image {} of stream {}",
+                img.len(),
+                s.len()
+            );
+            assert!(
+                restore(img).unwrap() == s,
+                "{shape:?} {codec} bp {bp}: restore differs"
+            );
+        }
+    }
+}
+
+#[test]
+fn extracts_every_page_and_names_pages_without_data() {
+    let ram = ram(2500);
+    for shape in [GuestShape::Pv, GuestShape::Hvm] {
+        let img = save(&stream(shape, &ram), CodecChoice::Auto, 16, 512);
+        let r = ImageReader::open(img).unwrap();
+        for pfn in 0..2500u64 {
+            let want = &ram[pfn as usize * PAGE_SIZE..][..PAGE_SIZE];
+            match r.extract(pfn) {
+                Ok(page) => assert!(page == want, "{shape:?} pfn {pfn:#x} differs"),
+                Err(ImageError::PfnHasNoData { .. }) => {
+                    assert!(
+                        !page_has_data(builder_page_type(shape, pfn)),
+                        "pfn {pfn:#x}"
+                    )
+                }
+                Err(e) => panic!("pfn {pfn:#x}: {e}"),
+            }
+        }
+        assert!(matches!(
+            r.extract(2500),
+            Err(ImageError::PfnNotFound(2500))
+        ));
+        let c = r.index().counts();
+        assert!(
+            c.zero > 0 && c.word > 0 && c.dup > 0 && c.block > 0 && c.nodata > 0,
+            "{c:?}"
+        );
+    }
+}
+
+fn corrupt_check(img: &[u8], at: usize) -> ImageError {
+    let mut bad = img.to_vec();
+    bad[at] ^= 0x55;
+    match ImageReader::open(bad) {
+        Err(e) => e,
+        Ok(r) => {
+            let mut out = Vec::new();
+            restore_stream(&r, &mut out, 1, &|_| {}).unwrap_err()
+        }
+    }
+}
+
+#[test]
+fn damaged_images_give_clear_errors() {
+    let s = stream(GuestShape::Hvm, &ram(600));
+    let img = save(&s, CodecChoice::Fixed(Codec::Snap), 16, 4096);
+    let r = ImageReader::open(img.clone()).unwrap();
+    let b = r.index().blocks[3];
+    // A flipped byte inside a block.
+    let e = corrupt_check(&img, b.offset as usize + 40);
+    assert!(
+        matches!(e, ImageError::BlockChecksum { block: 3, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("corrupted block 3"));
+    // Single-page extraction from that block says the same.
+    let mut bad = img.clone();
+    bad[b.offset as usize + 40] ^= 1;
+    let r2 = ImageReader::open(bad).unwrap();
+    let pfn = r2
+        .index()
+        .pages
+        .iter()
+        .find(|p| {
+            matches!(
+                p.class,
+                remoca_saverestore::image::PageClass::Block { block: 3, .. }
+            )
+        })
+        .map(|p| p.word & 0x000f_ffff_ffff_ffff)
+        .unwrap();
+    assert!(matches!(
+        r2.extract(pfn),
+        Err(ImageError::BlockChecksum { block: 3, .. })
+    ));
+    // Truncated anywhere.
+    for cut in [10, 100, img.len() / 2, img.len() - 1] {
+        let e = ImageReader::open(img[..cut].to_vec()).unwrap_err();
+        assert!(matches!(e, ImageError::Truncated(_)), "cut {cut}: {e}");
+    }
+    // Wrong magic and version.
+    assert!(matches!(corrupt_check(&img, 0), ImageError::BadMagic));
+    let mut v2 = img.clone();
+    v2[8] = 2;
+    assert!(matches!(
+        ImageReader::open(v2),
+        Err(ImageError::UnsupportedVersion(2))
+    ));
+    // A verbatim frame damaged: named with its offset.
+    let last = r.index().blocks.last().unwrap();
+    let e = corrupt_check(&img, (last.offset + last.frame_len as u64) as usize + 20);
+    assert!(matches!(e, ImageError::Corrupt { .. }), "{e}");
+    // The index damaged.
+    let e = corrupt_check(&img, r.frames_end() as usize + 20);
+    assert!(
+        matches!(e, ImageError::Corrupt { .. } | ImageError::BadIndex(_)),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_streams_are_refused_on_save() {
+    let s = stream(GuestShape::Hvm, &ram(100));
+    let mut img = Vec::new();
+    let e = save_stream(
+        &s[..s.len() - 5],
+        &mut img,
+        &SaveOptions::default(),
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("input stream"), "{e}");
+    assert!(matches!(
+        ImageReader::open(img),
+        Err(ImageError::Truncated(_))
+    ));
+}

@@ -7,7 +7,8 @@
 //!   large odd step so successive requests are scattered over the image (qemu-img bench
 //!   has no random mode; offsets advance by the step modulo the image size), IOPS.
 //!
-//! Each server gets its own copy of the template for writes, so every row starts from the
+//! Every row but the first write pass is the median of `reps` rounds over the three
+//! targets. Each server gets its own copy of the template for writes, so every row starts from the
 //! same bytes. The overlay is fresh at the start; the sequential write allocates every
 //! cluster, so the 4 KiB write rows measure overwrites of allocated clusters.
 
@@ -34,6 +35,8 @@ pub struct BenchConfig {
     pub count: u64,
     /// Where the images go (default: a temporary directory).
     pub dir: Option<PathBuf>,
+    /// Repetitions per row (the median is reported).
+    pub reps: usize,
 }
 
 /// Why the benchmark could not run.
@@ -68,6 +71,7 @@ pub struct Row {
 pub struct Report {
     pub size: u64,
     pub count: u64,
+    pub reps: usize,
     pub rows: Vec<Row>,
 }
 
@@ -75,9 +79,11 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "remoca bench blkback: {} MiB raw template, {} requests per 4 KiB run, unix sockets",
+            "remoca bench blkback: {} MiB raw template, {} requests per 4 KiB run, \
+             median of {} rounds, unix sockets",
             self.size >> 20,
-            self.count
+            self.count,
+            self.reps
         )?;
         writeln!(
             f,
@@ -252,6 +258,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     write_pattern(&template, size)?;
     for p in [&qemu_copy, &plain_copy, &source] {
         std::fs::copy(&template, p)?;
+        // No writeback of the copies during the runs.
+        File::open(p)?.sync_all()?;
     }
     let _ = std::fs::remove_file(&overlay);
 
@@ -327,40 +335,62 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
         uri(&rsock, "overlay"),
     ];
     let mut rows = Vec::new();
-    let mut measure =
-        |name: &str, unit: &'static str, f: &dyn Fn(&str) -> Result<f64, BenchError>| {
-            let mut v = [0f64; 3];
+    let mut measure = |name: &str,
+                       unit: &'static str,
+                       reps: usize,
+                       f: &dyn Fn(&str) -> Result<f64, BenchError>| {
+        // `reps` rounds over the three targets; the median of each.
+        let mut v: [Vec<f64>; 3] = Default::default();
+        for _ in 0..reps {
             for (i, t) in targets.iter().enumerate() {
-                v[i] = f(t)?;
+                v[i].push(f(t)?);
             }
-            let row = Row {
-                name: name.into(),
-                unit,
-                qemu: v[0],
-                remoca: v[1],
-                overlay: v[2],
-            };
-            eprintln!(
-                "{name}: qemu-nbd {:.0}, remoca {:.0}, overlay {:.0} {unit}",
-                v[0], v[1], v[2]
-            );
-            let _ = io::stderr().flush();
-            rows.push(row);
-            Ok::<(), BenchError>(())
+        }
+        let med = |x: &mut Vec<f64>| {
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
         };
+        let (q, r, o) = (med(&mut v[0]), med(&mut v[1]), med(&mut v[2]));
+        eprintln!("{name}: qemu-nbd {q:.0}, remoca {r:.0}, overlay {o:.0} {unit}");
+        let _ = io::stderr().flush();
+        rows.push(Row {
+            name: name.into(),
+            unit,
+            qemu: q,
+            remoca: r,
+            overlay: o,
+        });
+        Ok::<(), BenchError>(())
+    };
     let count = cfg.count;
-    measure("seq read 1 MiB", "MB/s", &|u| seq_read(u, size))?;
-    measure("4 KiB read QD1", "IOPS", &|u| small_io(u, count, 1, false))?;
-    measure("4 KiB read QD16", "IOPS", &|u| {
+    let reps = cfg.reps.max(1);
+    measure("seq read 1 MiB", "MB/s", reps, &|u| seq_read(u, size))?;
+    measure("4 KiB read QD1", "IOPS", reps, &|u| {
+        small_io(u, count, 1, false)
+    })?;
+    measure("4 KiB read QD16", "IOPS", reps, &|u| {
         small_io(u, count, 16, false)
     })?;
-    measure("seq write 1 MiB", "MB/s", &|u| seq_write(&source, u, size))?;
-    measure("4 KiB write QD1", "IOPS", &|u| small_io(u, count, 1, true))?;
-    measure("4 KiB write QD16", "IOPS", &|u| {
+    // The first write pass allocates every overlay cluster; the raw files are preallocated.
+    measure("seq write 1 MiB, first pass", "MB/s", 1, &|u| {
+        seq_write(&source, u, size)
+    })?;
+    measure("seq write 1 MiB", "MB/s", reps, &|u| {
+        seq_write(&source, u, size)
+    })?;
+    measure("4 KiB write QD1", "IOPS", reps, &|u| {
+        small_io(u, count, 1, true)
+    })?;
+    measure("4 KiB write QD16", "IOPS", reps, &|u| {
         small_io(u, count, 16, true)
     })?;
 
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
-    Ok(Report { size, count, rows })
+    Ok(Report {
+        size,
+        count,
+        reps,
+        rows,
+    })
 }

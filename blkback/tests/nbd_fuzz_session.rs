@@ -12,7 +12,10 @@ use remoca_blkback::{Disk, Exports};
 use tokio::io::AsyncWriteExt;
 
 fn session(input: Vec<u8>) -> bool {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(1 << 20));
         let exports = Exports::from_disks(vec![(String::new(), String::new(), disk)]).unwrap();
@@ -36,7 +39,9 @@ fn session(input: Vec<u8>) -> bool {
 
 /// Client flags, STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO "".
 fn valid_prefix() -> Vec<u8> {
-    let mut b = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes().to_vec();
+    let mut b = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
     let mut opt = |o: u32, d: &[u8]| {
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&o.to_be_bytes());
@@ -58,9 +63,22 @@ fn valid_prefix() -> Vec<u8> {
 /// Requests with a valid magic and random fields (lengths kept small so WRITE payloads
 /// mostly arrive).
 fn request() -> impl Strategy<Value = Vec<u8>> {
-    (any::<u16>(), 0u16..10, any::<u64>(), 0u64..(2 << 20), 0u32..70000, proptest::collection::vec(any::<u8>(), 0..64))
+    (
+        any::<u16>(),
+        0u16..10,
+        any::<u64>(),
+        0u64..(2 << 20),
+        0u32..70000,
+        proptest::collection::vec(any::<u8>(), 0..64),
+    )
         .prop_map(|(flags, command, cookie, offset, len, tail)| {
-            let h = RequestHeader { flags: flags & 0x3f, command, cookie, offset, len };
+            let h = RequestHeader {
+                flags: flags & 0x3f,
+                command,
+                cookie,
+                offset,
+                len,
+            };
             let mut b = encode_request(&h).to_vec();
             b.extend_from_slice(&tail);
             b

@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// Directory for the images (default: a fresh temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Repetitions per row; the median is printed.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 /// The `--config` file.
@@ -363,6 +366,7 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         size: a.size,
         count: a.count,
         dir: a.dir,
+        reps: a.reps,
     };
     let report = remoca_blkback::bench::run(&cfg)?;
     print!("{report}");

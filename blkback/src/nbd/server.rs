@@ -122,7 +122,11 @@ where
 {
     let (notify, _) = broadcast::channel::<()>(1);
     let (done, _) = mpsc::channel::<()>(1);
-    let handler = Handler { exports, shutdown: Shutdown::new(notify.subscribe()), _done: done };
+    let handler = Handler {
+        exports,
+        shutdown: Shutdown::new(notify.subscribe()),
+        _done: done,
+    };
     handler.run(reader, writer, "stream".into()).await;
 }
 

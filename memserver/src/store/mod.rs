@@ -78,6 +78,9 @@ pub struct Store {
     limit: AtomicU64,
     host_available: AtomicU64,
     sample: Mutex<Sample>,
+    /// Lock-free copies of `sample` for the hot path: nanoseconds since `started`, and used.
+    sampled_at: AtomicU64,
+    sampled_used: AtomicU64,
     generation: AtomicU64,
     pools: [PoolState; 2],
     clock: Clock,
@@ -99,6 +102,8 @@ impl Store {
                 at: Instant::now(),
                 used: 0,
             }),
+            sampled_at: AtomicU64::new(0),
+            sampled_used: AtomicU64::new(0),
             generation: AtomicU64::new(1),
             pools: Default::default(),
             clock: Clock::default(),
@@ -152,6 +157,9 @@ impl Store {
         self.limit.store(limit.min(self.config.capacity), Relaxed);
         s.at = Instant::now();
         s.used = used;
+        self.sampled_at
+            .store(self.started.elapsed().as_nanos() as u64, Relaxed);
+        self.sampled_used.store(used, Relaxed);
         drop(s);
         // The host shrank under us: give back ephemeral pages until under the limit again.
         while self.used.load(Relaxed) > self.limit.load(Relaxed) {
@@ -162,11 +170,14 @@ impl Store {
     }
 
     fn maybe_resample(&self) {
-        let due = {
-            let s = self.sample.lock();
-            s.at.elapsed() >= RESAMPLE_EVERY
-                || self.used.load(Relaxed).abs_diff(s.used) >= RESAMPLE_GROWTH
-        };
+        let now = self.started.elapsed().as_nanos() as u64;
+        let due = now.saturating_sub(self.sampled_at.load(Relaxed))
+            >= RESAMPLE_EVERY.as_nanos() as u64
+            || self
+                .used
+                .load(Relaxed)
+                .abs_diff(self.sampled_used.load(Relaxed))
+                >= RESAMPLE_GROWTH;
         if due {
             self.resample();
         }
@@ -548,7 +559,8 @@ mod tests {
                 std::thread::spawn(move || {
                     let (mut ok, mut full) = (0u64, 0u64);
                     for k in (t..pages).step_by(4) {
-                        let pool = if k % 2 == 0 {
+                        // Two thirds persistent: that pool alone is oversubscribed 4/3.
+                        let pool = if k % 3 == 0 {
                             Pool::Ephemeral
                         } else {
                             Pool::Persistent

@@ -5,12 +5,18 @@
 //! * [`codec`]: the block codecs; [`classify`]: zero / single-word / hashed pages.
 //! * [`save`] / [`restore`]: the parallel pipelines between the two.
 
+pub mod bench;
 pub mod classify;
 pub mod codec;
+pub mod dest;
 pub mod image;
+pub mod inspect;
+pub mod nfs;
+pub mod progress;
 pub mod restore;
 pub mod save;
 pub mod stream;
+pub mod xl;
 
 pub use codec::{Codec, CodecChoice};
 pub use image::{ImageError, ImageReader, ReadAt};

@@ -172,7 +172,22 @@ impl<R: ReadAt> ImageReader<R> {
     /// # Errors
     /// Reading the first frame failed.
     pub fn config_json(&self) -> Result<Option<String>, ImageError> {
-        let (fh, payload) = read_frame_at(&self.storage, FileHeader::LEN as u64)?;
+        // The first window's blocks come first: skip them by their headers.
+        let mut off = FileHeader::LEN as u64;
+        let (fh, payload) = loop {
+            if off >= self.trailer.index_offset {
+                return Ok(None);
+            }
+            let mut hb = [0u8; FrameHeader::LEN];
+            self.storage
+                .read_exact_at(&mut hb, off)
+                .map_err(|e| io_err(e, "a frame header"))?;
+            let fh = FrameHeader::decode(&hb, off)?;
+            if fh.kind != FrameKind::Block {
+                break read_frame_at(&self.storage, off)?;
+            }
+            off += FrameHeader::LEN as u64 + fh.len as u64;
+        };
         if fh.kind != FrameKind::Verbatim || payload.len() < 52 {
             return Ok(None);
         }

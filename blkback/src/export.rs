@@ -25,6 +25,9 @@ pub struct ExportConfig {
     pub overlay: Option<PathBuf>,
     /// Refuse writes.
     pub read_only: bool,
+    /// Minimum block size clients must align requests to (a power of two, 1..=65536;
+    /// 1 = byte-granular). Misaligned requests get EINVAL.
+    pub min_block: u32,
 }
 
 /// Why the exports could not be opened.
@@ -36,6 +39,8 @@ pub enum ExportError {
     DuplicateName(String),
     #[error("export name is longer than {MAX_NAME_LEN} bytes")]
     NameTooLong,
+    #[error("export {0:?}: block size {1} is not a power of two between 1 and 65536")]
+    BadBlockSize(String, u32),
     #[error("export {name:?}: template")]
     Template {
         name: String,
@@ -108,6 +113,8 @@ pub struct Export {
     pub description: String,
     pub disk: Arc<dyn Disk>,
     pub stats: ExportStats,
+    /// Requests must be aligned to this (see [`ExportConfig::min_block`]).
+    pub min_block: u32,
 }
 
 /// All exports, by name.
@@ -155,7 +162,28 @@ impl Exports {
             };
             disks.push((c.name.clone(), description, disk));
         }
-        Self::from_disks(disks)
+        let mut exports = Self::from_disks(disks)?;
+        for c in configs {
+            exports = exports.with_min_block(&c.name, c.min_block)?;
+        }
+        Ok(exports)
+    }
+
+    /// Require requests to `name` to be aligned to `min_block` bytes. Only before the
+    /// exports are shared (cloned).
+    ///
+    /// # Errors
+    /// [`ExportError::BadBlockSize`] for a size that is not a power of two up to 64 KiB.
+    pub fn with_min_block(mut self, name: &str, min_block: u32) -> Result<Self, ExportError> {
+        if !min_block.is_power_of_two() || min_block > 65536 {
+            return Err(ExportError::BadBlockSize(name.to_owned(), min_block));
+        }
+        if let Some(e) = Arc::get_mut(&mut self.by_name).and_then(|m| m.get_mut(name)) {
+            if let Some(e) = Arc::get_mut(e) {
+                e.min_block = min_block;
+            }
+        }
+        Ok(self)
     }
 
     /// Build exports from already-opened disks (name, description, disk).
@@ -179,6 +207,7 @@ impl Exports {
                 description,
                 disk,
                 stats: ExportStats::default(),
+                min_block: 1,
             };
             by_name.insert(name, Arc::new(e));
         }
@@ -226,6 +255,7 @@ mod tests {
             template: "/nonexistent/t.raw".into(),
             overlay: None,
             read_only: true,
+            min_block: 1,
         };
         let e = Exports::open(&[cfg]).unwrap_err();
         assert!(e.to_string().contains("vm1"));

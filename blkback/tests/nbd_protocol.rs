@@ -369,3 +369,29 @@ fn shutdown_ends_open_connections() {
     drop(s); // joins the server thread: returns although `c` is still connected
     assert!(c.read(0, 4).is_err());
 }
+
+#[test]
+fn misaligned_requests_get_einval_when_a_block_size_is_set() {
+    let d: Arc<dyn Disk> = Arc::new(MemDisk::new(SIZE));
+    let exports = Exports::from_disks(vec![("aligned".into(), String::new(), d)])
+        .unwrap()
+        .with_min_block("aligned", 512)
+        .unwrap();
+    let s = Server::start(exports);
+    let mut c = s.connect("aligned", true);
+    assert_eq!(c.command(CMD_READ, 0, 100, 512).unwrap(), EINVAL);
+    assert_eq!(c.command(CMD_READ, 0, 512, 100).unwrap(), EINVAL);
+    assert_eq!(c.command(CMD_TRIM, 0, 1, 512).unwrap(), EINVAL);
+    let r = c.write(7, &[1; 512], false);
+    assert!(matches!(r, Err(ClientError::Errno(EINVAL))), "{r:?}");
+    c.write(512, &[1; 512], false).unwrap();
+    assert_eq!(c.read(512, 512).unwrap(), vec![1; 512]);
+    assert!(Exports::from_disks(vec![(
+        "x".into(),
+        String::new(),
+        Arc::new(MemDisk::new(8)) as Arc<dyn Disk>
+    )])
+    .unwrap()
+    .with_min_block("x", 3)
+    .is_err());
+}

@@ -27,7 +27,8 @@ pub struct BlkbackArgs {
     /// Unix socket path to listen on.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// An export: `name=NAME,template=PATH[,overlay=PATH][,readonly]`. Repeat for more.
+    /// An export: `name=NAME,template=PATH[,overlay=PATH][,readonly][,block-size=N]`.
+    /// Repeat for more.
     #[arg(long = "export", value_name = "SPEC")]
     export: Vec<String>,
 }
@@ -103,6 +104,13 @@ struct ExportEntry {
     overlay: Option<PathBuf>,
     #[serde(default)]
     readonly: bool,
+    /// Minimum block size requests must be aligned to (default 1: byte-granular).
+    #[serde(default = "byte_granular")]
+    block_size: u32,
+}
+
+fn byte_granular() -> u32 {
+    1
 }
 
 impl From<ExportEntry> for ExportConfig {
@@ -112,20 +120,30 @@ impl From<ExportEntry> for ExportConfig {
             template: e.template,
             overlay: e.overlay,
             read_only: e.readonly,
+            min_block: e.block_size,
         }
     }
 }
 
-/// Parse `name=NAME,template=PATH[,overlay=PATH][,readonly]`.
+/// Parse `name=NAME,template=PATH[,overlay=PATH][,readonly][,block-size=N]`.
 fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
     let (mut name, mut template, mut overlay, mut read_only) = (None, None, None, false);
+    let mut min_block = 1;
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("name", v)) => name = Some(v.to_owned()),
             Some(("template", v)) => template = Some(PathBuf::from(v)),
             Some(("overlay", v)) => overlay = Some(PathBuf::from(v)),
+            Some(("block-size", v)) => {
+                min_block = v
+                    .parse()
+                    .with_context(|| format!("--export {spec:?}: bad block-size"))?
+            }
             None if part == "readonly" => read_only = true,
-            _ => bail!("--export {spec:?}: unknown item {part:?} (expected name=, template=, overlay=, readonly)"),
+            _ => bail!(
+                "--export {spec:?}: unknown item {part:?} \
+                 (expected name=, template=, overlay=, readonly, block-size=)"
+            ),
         }
     }
     let name = name.with_context(|| format!("--export {spec:?}: missing name="))?;
@@ -135,6 +153,7 @@ fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
         template,
         overlay,
         read_only,
+        min_block,
     })
 }
 

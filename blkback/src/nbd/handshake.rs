@@ -197,7 +197,11 @@ where
                     reply(w, h.option, REP_INFO, &d).await?;
                 }
                 let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                for v in [1, PREFERRED_BLOCK, MAX_PAYLOAD] {
+                for v in [
+                    export.min_block,
+                    PREFERRED_BLOCK.max(export.min_block),
+                    MAX_PAYLOAD,
+                ] {
                     bs.extend_from_slice(&v.to_be_bytes());
                 }
                 reply(w, h.option, REP_INFO, &bs).await?;

@@ -284,6 +284,11 @@ async fn decode<R: AsyncRead + Unpin>(
 ) -> io::Result<Decoded> {
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let (offset, len) = (h.offset, u64::from(h.len));
+    let mb = u64::from(export.min_block);
+    let misaligned = matches!(
+        h.command,
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE
+    ) && (offset % mb != 0 || len % mb != 0);
     if h.command == CMD_WRITE {
         // The payload follows whatever we think of the request: consume it first.
         if h.len > MAX_PAYLOAD {
@@ -298,10 +303,22 @@ async fn decode<R: AsyncRead + Unpin>(
         if h.flags & !CMD_FLAGS_KNOWN != 0 {
             return Ok(Decoded::Reply(EINVAL, "unknown command flags"));
         }
+        if misaligned {
+            return Ok(Decoded::Reply(
+                EINVAL,
+                "request not aligned to the minimum block size",
+            ));
+        }
         return Ok(Decoded::Run(Op::Write { offset, data, fua }));
     }
     if h.flags & !CMD_FLAGS_KNOWN != 0 {
         return Ok(Decoded::Reply(EINVAL, "unknown command flags"));
+    }
+    if misaligned {
+        return Ok(Decoded::Reply(
+            EINVAL,
+            "request not aligned to the minimum block size",
+        ));
     }
     Ok(match h.command {
         CMD_READ if h.len > MAX_PAYLOAD => {

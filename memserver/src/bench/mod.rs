@@ -7,6 +7,7 @@
 //! (`batch` pages per request: GET-BATCH / PUT-BATCH for the memserver, a multi-key `get` and
 //! pipelined `set`s for memcached). ops/s and MB/s count pages; latency is per request.
 
+mod full_client;
 mod loadgen;
 mod memcached;
 mod tcp_ceiling;
@@ -240,6 +241,16 @@ pub fn run(cfg: &BenchConfig) -> Result<String, BenchError> {
                     );
                 }
             }
+        }
+        let _ = writeln!(report);
+        let _ = writeln!(report, "through the real client (AEAD sealing, location map, 4 pooled connections), pages/s:");
+        for (what, get) in [("get", true), ("put", false)] {
+            let mut line = format!("  {what:<4}");
+            for (tasks, batch) in [(1usize, 1usize), (16, 1), (16, cfg.batch.max(2))] {
+                let r = full_client::measure(ms_addr, tasks, batch, get, Duration::from_secs_f64(cfg.seconds)).await?;
+                let _ = write!(line, "   {tasks} callers x batch {batch}: {r:>8.0} ({:.0} MB/s)", r * VALUE_LEN as f64 / 1e6);
+            }
+            let _ = writeln!(report, "{line}");
         }
         let _ = writeln!(report);
         let _ = writeln!(

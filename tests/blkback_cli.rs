@@ -5,6 +5,7 @@ mod blkback_harness;
 use std::process::Command;
 
 use blkback_harness::*;
+use remoca_blkback::nbd::{client, wire};
 
 #[test]
 fn image_commands_manage_overlays_and_refuse_bad_input() {
@@ -129,4 +130,36 @@ fn config_file_serves_several_exports() {
     std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nbogus = 1\n").unwrap();
     let e = run_err(remoca().arg("blkback").arg("--config").arg(&cfg));
     assert!(e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn a_missing_template_does_not_stop_the_other_exports() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let (t, o) = template_and_overlay(dir.path(), 1 << 20);
+    let gone = dir.path().join("gone.raw");
+    let srv = Server::tcp(&[spec("vm", &t, Some(&o)), spec("broken", &gone, None)]);
+    run_ok(Command::new("nbdinfo").arg(srv.uri("vm")));
+    let out = Command::new("nbdinfo")
+        .arg(srv.uri("broken"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the broken export must be refused");
+    // The refusal carries the cause (nbdinfo does not print server messages; read it raw).
+    let mut s = std::net::TcpStream::connect(&srv.addr).unwrap();
+    client::start_handshake(&mut s).unwrap();
+    let mut d = 6u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"broken");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    let replies = client::option(&mut s, wire::OPT_INFO, &d).unwrap();
+    let (kind, msg) = replies.last().unwrap();
+    assert_eq!(*kind, wire::REP_ERR_UNKNOWN);
+    let msg = String::from_utf8_lossy(msg);
+    assert!(
+        msg.contains("unavailable") && msg.contains("gone.raw"),
+        "{msg}"
+    );
+    // Still serving after the refusal.
+    run_ok(Command::new("nbdinfo").arg(srv.uri("vm")));
+    srv.stop();
 }

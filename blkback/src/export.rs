@@ -121,52 +121,111 @@ pub struct Export {
 #[derive(Debug, Clone)]
 pub struct Exports {
     by_name: Arc<BTreeMap<String, Arc<Export>>>,
+    unavailable: Arc<BTreeMap<String, String>>,
+}
+
+/// Open one export's disk stack: (disk, description).
+fn open_one(c: &ExportConfig) -> Result<(Arc<dyn Disk>, String), ExportError> {
+    let terr = |source| ExportError::Template {
+        name: c.name.clone(),
+        source,
+    };
+    Ok(match &c.overlay {
+        Some(ov) => {
+            let base: Arc<dyn Disk> = Arc::new(RawFile::open_read_only(&c.template).map_err(terr)?);
+            let overlay =
+                Overlay::open(ov, base, c.read_only).map_err(|source| ExportError::Overlay {
+                    name: c.name.clone(),
+                    source,
+                })?;
+            let d = format!("overlay {} over {}", ov.display(), c.template.display());
+            (Arc::new(overlay), d)
+        }
+        None => {
+            let raw = if c.read_only {
+                RawFile::open_read_only(&c.template)
+            } else {
+                RawFile::open_read_write(&c.template)
+            };
+            (
+                Arc::new(raw.map_err(terr)?),
+                format!("raw {}", c.template.display()),
+            )
+        }
+    })
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 impl Exports {
-    /// Open every configured export.
+    /// Open every configured export; any failure is an error.
     ///
     /// # Errors
     /// [`ExportError`] naming the export and the file that failed.
     pub fn open(configs: &[ExportConfig]) -> Result<Self, ExportError> {
-        let mut disks = Vec::new();
+        let (exports, mut failed) = Self::open_available(configs)?;
+        match failed.is_empty() {
+            true => Ok(exports),
+            false => Err(failed.remove(0)),
+        }
+    }
+
+    /// Open every export that can be opened. Exports that fail (a missing template, an
+    /// overlay for another template, ...) are returned as errors and kept as *unavailable*:
+    /// clients asking for them get an error naming the cause, while the other exports are
+    /// served. A daemon serving many VMs uses this so one broken disk does not stop the rest.
+    ///
+    /// # Errors
+    /// [`ExportError::Empty`], [`ExportError::DuplicateName`], [`ExportError::NameTooLong`],
+    /// [`ExportError::BadBlockSize`], or the first failure when no export could be opened.
+    pub fn open_available(
+        configs: &[ExportConfig],
+    ) -> Result<(Self, Vec<ExportError>), ExportError> {
+        let mut seen = std::collections::BTreeSet::new();
         for c in configs {
-            let terr = |source| ExportError::Template {
-                name: c.name.clone(),
-                source,
-            };
-            let (disk, description): (Arc<dyn Disk>, String) = match &c.overlay {
-                Some(ov) => {
-                    let base: Arc<dyn Disk> =
-                        Arc::new(RawFile::open_read_only(&c.template).map_err(terr)?);
-                    let overlay = Overlay::open(ov, base, c.read_only).map_err(|source| {
-                        ExportError::Overlay {
-                            name: c.name.clone(),
-                            source,
-                        }
-                    })?;
-                    let d = format!("overlay {} over {}", ov.display(), c.template.display());
-                    (Arc::new(overlay), d)
+            if !seen.insert(c.name.as_str()) {
+                return Err(ExportError::DuplicateName(c.name.clone()));
+            }
+        }
+        let mut disks = Vec::new();
+        let mut failed = Vec::new();
+        let mut unavailable = BTreeMap::new();
+        for c in configs {
+            match open_one(c) {
+                Ok((disk, description)) => disks.push((c.name.clone(), description, disk)),
+                Err(e) => {
+                    unavailable.insert(c.name.clone(), error_chain(&e));
+                    failed.push(e);
                 }
-                None => {
-                    let raw = if c.read_only {
-                        RawFile::open_read_only(&c.template)
-                    } else {
-                        RawFile::open_read_write(&c.template)
-                    };
-                    (
-                        Arc::new(raw.map_err(terr)?),
-                        format!("raw {}", c.template.display()),
-                    )
-                }
-            };
-            disks.push((c.name.clone(), description, disk));
+            }
+        }
+        if disks.is_empty() && !failed.is_empty() {
+            return Err(failed.remove(0));
         }
         let mut exports = Self::from_disks(disks)?;
-        for c in configs {
+        for c in configs
+            .iter()
+            .filter(|c| !unavailable.contains_key(&c.name))
+        {
             exports = exports.with_min_block(&c.name, c.min_block)?;
         }
-        Ok(exports)
+        exports.unavailable = Arc::new(unavailable);
+        Ok((exports, failed))
+    }
+
+    /// Why the configured export `name` is not served, if it failed to open.
+    pub fn unavailable(&self, name: &str) -> Option<&str> {
+        self.unavailable.get(name).map(String::as_str)
     }
 
     /// Require requests to `name` to be aligned to `min_block` bytes. Only before the
@@ -212,6 +271,7 @@ impl Exports {
             by_name.insert(name, Arc::new(e));
         }
         Ok(Self {
+            unavailable: Arc::new(BTreeMap::new()),
             by_name: Arc::new(by_name),
         })
     }
@@ -260,5 +320,34 @@ mod tests {
         let e = Exports::open(&[cfg]).unwrap_err();
         assert!(e.to_string().contains("vm1"));
         assert!(matches!(Exports::open(&[]), Err(ExportError::Empty)));
+    }
+
+    #[test]
+    fn open_available_serves_what_opens_and_remembers_why_the_rest_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.raw");
+        std::fs::write(&good, vec![0u8; 4096]).unwrap();
+        let cfg = |name: &str, t: PathBuf| ExportConfig {
+            name: name.into(),
+            template: t,
+            overlay: None,
+            read_only: true,
+            min_block: 1,
+        };
+        let configs = [
+            cfg("good", good.clone()),
+            cfg("bad", dir.path().join("gone.raw")),
+        ];
+        let (ex, failed) = Exports::open_available(&configs).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert!(ex.get("good").is_some());
+        assert!(ex.get("bad").is_none());
+        assert!(ex.unavailable("bad").unwrap().contains("gone.raw"));
+        assert!(Exports::open(&configs).is_err());
+        let dup = [cfg("a", good.clone()), cfg("a", good)];
+        assert!(matches!(
+            Exports::open_available(&dup),
+            Err(ExportError::DuplicateName(_))
+        ));
     }
 }

@@ -213,7 +213,11 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
     if configs.is_empty() {
         bail!("no exports: give --export name=...,template=... at least once");
     }
-    let exports = Exports::open(&configs).context("cannot open exports")?;
+    // One broken disk must not stop the others: serve what opens, report the rest.
+    let (exports, failed) = Exports::open_available(&configs).context("cannot open exports")?;
+    for e in failed {
+        eprintln!("warning: not serving: {:#}", anyhow::Error::from(e));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

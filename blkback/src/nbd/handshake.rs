@@ -177,7 +177,10 @@ where
                     continue;
                 };
                 let Some(export) = exports.get(&req.name) else {
-                    let msg = format!("no export named {:?}", req.name);
+                    let msg = match exports.unavailable(&req.name) {
+                        Some(why) => format!("export {:?} is unavailable: {why}", req.name),
+                        None => format!("no export named {:?}", req.name),
+                    };
                     reply(w, h.option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
                     continue;
                 };

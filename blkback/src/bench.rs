@@ -3,7 +3,7 @@
 //!
 //! - sequential 1 MiB read and write: `nbdcopy --request-size=1M --connections=1`
 //!   (read to `null:`, write from a local file), MB/s;
-//! - 4 KiB reads and writes at queue depth 1 and 16: `qemu-img bench -s 4096 -d D`, with a
+//! - 4 KiB reads and writes at queue depth 1, 16 and 32: `qemu-img bench -s 4096 -d D`, with a
 //!   large odd step so successive requests are scattered over the image (qemu-img bench
 //!   has no random mode; offsets advance by the step modulo the image size), IOPS.
 //!
@@ -371,6 +371,9 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     measure("4 KiB read QD16", "IOPS", reps, &|u| {
         small_io(u, count, 16, false)
     })?;
+    measure("4 KiB read QD32", "IOPS", reps, &|u| {
+        small_io(u, count, 32, false)
+    })?;
     // The first write pass allocates every overlay cluster; the raw files are preallocated.
     measure("seq write 1 MiB, first pass", "MB/s", 1, &|u| {
         seq_write(&source, u, size)
@@ -383,6 +386,9 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     })?;
     measure("4 KiB write QD16", "IOPS", reps, &|u| {
         small_io(u, count, 16, true)
+    })?;
+    measure("4 KiB write QD32", "IOPS", reps, &|u| {
+        small_io(u, count, 32, true)
     })?;
 
     let _ = stop_tx.send(());

@@ -395,3 +395,37 @@ fn misaligned_requests_get_einval_when_a_block_size_is_set() {
     .with_min_block("x", 3)
     .is_err());
 }
+
+#[test]
+fn fast_zero_fails_with_enotsup_only_when_zeroing_needs_a_data_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Arc<dyn Disk> = Arc::new(MemDisk::read_only(vec![1; SIZE as usize]));
+    let path = dir.path().join("o.ovl");
+    Overlay::create(&path, &*base, 16, "mem").unwrap();
+    let ov: Arc<dyn Disk> = Arc::new(Overlay::open(&path, base, false).unwrap());
+    let s = Server::start(Exports::from_disks(vec![("vm".into(), String::new(), ov)]).unwrap());
+    let mut c = s.connect("vm", true);
+    assert_ne!(c.flags & TFLAG_SEND_FAST_ZERO, 0);
+    // Part of a template cluster: would need a copy-up, so not fast; nothing changes.
+    assert_eq!(
+        c.command(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 100, 4096)
+            .unwrap(),
+        ENOTSUP
+    );
+    assert_eq!(c.read(100, 4).unwrap(), vec![1; 4]);
+    // Whole clusters are a map update: fast.
+    assert_eq!(
+        c.command(
+            CMD_WRITE_ZEROES,
+            CMD_FLAG_FAST_ZERO | CMD_FLAG_FUA,
+            65536,
+            131072
+        )
+        .unwrap(),
+        0
+    );
+    assert_eq!(c.read(65536, 131072).unwrap(), vec![0; 131072]);
+    // Without FAST_ZERO the partial case is done by copy-up.
+    assert_eq!(c.command(CMD_WRITE_ZEROES, 0, 100, 4096).unwrap(), 0);
+    assert_eq!(c.read(96, 8).unwrap(), vec![1, 1, 1, 1, 0, 0, 0, 0]);
+}

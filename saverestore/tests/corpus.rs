@@ -43,9 +43,55 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// A bounded in-memory pipe between the builder thread and the save pipeline.
+struct ChanWriter(std::sync::mpsc::SyncSender<Vec<u8>>);
+struct ChanReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Write for ChanWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0
+            .send(b.to_vec())
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for ChanReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(v) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 fn round_trip(name: &str, shape: GuestShape, codec: CodecChoice) {
     let path = corpus().join(format!("{name}.raw.zst"));
-    let (reader, writer) = io::pipe().unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    let (reader, writer) = (
+        ChanReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        },
+        ChanWriter(tx),
+    );
     let builder = std::thread::spawn(move || {
         let f = std::fs::File::open(path).unwrap();
         let mut d = zstd::stream::read::Decoder::new(f).unwrap();

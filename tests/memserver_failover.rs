@@ -55,7 +55,9 @@ impl Drop for Server {
 }
 
 fn page(k: u64) -> Vec<u8> {
-    (0..4096u64).map(|i| (i ^ k.wrapping_mul(2_654_435_761)) as u8).collect()
+    (0..4096u64)
+        .map(|i| (i ^ k.wrapping_mul(2_654_435_761)) as u8)
+        .collect()
 }
 
 #[test]
@@ -79,7 +81,7 @@ fn kill_9_during_replicated_workload_loses_no_page() {
         let c = Arc::clone(&client);
         std::thread::spawn(move || {
             let mut acked = Vec::new();
-            for k in 0..6000u64 {
+            for k in 0..3000u64 {
                 if c.put(Pool::Persistent, 42, k, &page(k)).is_ok() {
                     acked.push(k);
                 }
@@ -91,7 +93,11 @@ fn kill_9_during_replicated_workload_loses_no_page() {
     let victim = servers[0].addr;
     servers[0].kill9();
     let acked = writer.join().unwrap();
-    assert!(acked.len() > 5000, "the workload continued: {} acked", acked.len());
+    assert!(
+        acked.len() > 2500,
+        "the workload continued: {} acked",
+        acked.len()
+    );
 
     // Every acknowledged page reads back intact (from the replica where needed).
     for chunk in acked.chunks(256) {
@@ -117,7 +123,11 @@ fn kill_9_during_replicated_workload_loses_no_page() {
     for chunk in acked.chunks(256) {
         let got = client.get_batch(Pool::Persistent, 42, chunk).unwrap();
         for (k, g) in chunk.iter().zip(got) {
-            assert_eq!(g.as_deref(), Some(&page(*k)[..]), "page {k} after a second kill");
+            assert_eq!(
+                g.as_deref(),
+                Some(&page(*k)[..]),
+                "page {k} after a second kill"
+            );
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::protocol::Pool;
 /// Client failures.
 pub async fn measure(
     addr: SocketAddr,
+    keys: u64,
     tasks: usize,
     batch: usize,
     get: bool,
@@ -26,9 +27,10 @@ pub async fn measure(
         .await
         .map_err(|e| BenchError::Protocol(e.to_string()))?;
     let page = vec![0x33u8; VALUE_LEN];
-    // Keys 0..4096 of namespace 9, stored once so GETs hit.
-    let keys: Vec<u64> = (0..4096).collect();
-    for c in keys.chunks(256) {
+    // Keys 0..keys of namespace 9, stored once so GETs hit.
+    let nkeys = keys.max(1);
+    let all: Vec<u64> = (0..nkeys).collect();
+    for c in all.chunks(256) {
         let pages: Vec<(u64, &[u8])> = c.iter().map(|k| (*k, &page[..])).collect();
         client
             .put_batch(Pool::Ephemeral, 9, &pages)
@@ -44,7 +46,7 @@ pub async fn measure(
             let mut n = 0u64;
             let mut next = (t * 997) as u64;
             while start.elapsed() < dur {
-                let ks: Vec<u64> = (0..batch as u64).map(|i| (next + i * 13) % 4096).collect();
+                let ks: Vec<u64> = (0..batch as u64).map(|i| (next + i * 13) % nkeys).collect();
                 next = next.wrapping_add(7919);
                 if get {
                     let r = client.get_batch(Pool::Ephemeral, 9, &ks).await?;

@@ -247,7 +247,7 @@ pub fn run(cfg: &BenchConfig) -> Result<String, BenchError> {
         for (what, get) in [("get", true), ("put", false)] {
             let mut line = format!("  {what:<4}");
             for (tasks, batch) in [(1usize, 1usize), (16, 1), (16, cfg.batch.max(2))] {
-                let r = full_client::measure(ms_addr, tasks, batch, get, Duration::from_secs_f64(cfg.seconds)).await?;
+                let r = full_client::measure(ms_addr, cfg.keys, tasks, batch, get, Duration::from_secs_f64(cfg.seconds)).await?;
                 let _ = write!(line, "   {tasks} callers x batch {batch}: {r:>8.0} ({:.0} MB/s)", r * VALUE_LEN as f64 / 1e6);
             }
             let _ = writeln!(report, "{line}");

@@ -295,7 +295,7 @@ impl Client {
             ranked.push(r);
         }
         let mut stored: Vec<Vec<u16>> = vec![Vec::new(); sealed.len()];
-        let mut calls = JoinSet::new();
+        let mut reqs = Vec::new();
         for (server, idxs) in groups {
             for chunk in chunk_entries(&idxs, |i| sealed[i].2.len()) {
                 let entries: Vec<(u64, Bytes)> = chunk
@@ -317,15 +317,10 @@ impl Client {
                         entries,
                     }
                 };
-                let inner = Arc::clone(inner);
-                calls.spawn(async move {
-                    let r = inner.call(server, &req).await;
-                    (server, chunk, r)
-                });
+                reqs.push((server, chunk, req));
             }
         }
-        while let Some(joined) = calls.join_next().await {
-            let (server, chunk, r) = joined.expect("put task panicked");
+        for (server, chunk, r) in inner.call_all(reqs).await {
             match r {
                 Ok(Reply {
                     status: Status::Ok,
@@ -440,7 +435,7 @@ impl Client {
                 }
             }
         }
-        let mut calls = JoinSet::new();
+        let mut reqs = Vec::new();
         for (server, idxs) in groups {
             for chunk in idxs.chunks(MAX_BATCH as usize) {
                 let chunk = chunk.to_vec();
@@ -457,15 +452,10 @@ impl Client {
                         keys: chunk.iter().map(|&i| keys[i]).collect(),
                     }
                 };
-                let inner = Arc::clone(inner);
-                calls.spawn(async move {
-                    let r = inner.call(server, &req).await;
-                    (chunk, r)
-                });
+                reqs.push((server, chunk, req));
             }
         }
-        while let Some(joined) = calls.join_next().await {
-            let (chunk, r) = joined.expect("get task panicked");
+        for (_, chunk, r) in inner.call_all(reqs).await {
             let values: Vec<Option<Bytes>> = match r {
                 Ok(Reply {
                     status: Status::Ok,
@@ -661,6 +651,31 @@ fn chunk_entries(idxs: &[usize], len: impl Fn(usize) -> usize) -> Vec<Vec<usize>
 }
 
 impl Inner {
+    /// Run requests concurrently (inline when there is only one, saving a task hop).
+    async fn call_all<T: Send + 'static>(
+        self: &Arc<Self>,
+        reqs: Vec<(u16, T, Request)>,
+    ) -> Vec<(u16, T, Result<Reply, ClientError>)> {
+        if reqs.len() == 1 {
+            let (s, t, req) = reqs.into_iter().next().expect("one request");
+            let r = self.call(s, &req).await;
+            return vec![(s, t, r)];
+        }
+        let mut set = JoinSet::new();
+        for (s, t, req) in reqs {
+            let me = Arc::clone(self);
+            set.spawn(async move {
+                let r = me.call(s, &req).await;
+                (s, t, r)
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(j) = set.join_next().await {
+            out.push(j.expect("request task panicked"));
+        }
+        out
+    }
+
     async fn call(self: &Arc<Self>, server: u16, req: &Request) -> Result<Reply, ClientError> {
         let link = &self.servers[server as usize];
         let (r, went_down) = link.call(req).await;

@@ -118,6 +118,29 @@ fn kill_9_during_replicated_workload_loses_no_page() {
         assert!(!r.contains(&victim));
     }
 
+    // `remoca memserver stats` shows a person what a survivor holds.
+    let out = Command::new(env!("CARGO_BIN_EXE_remoca"))
+        .args([
+            "memserver",
+            "stats",
+            &servers[2].addr.to_string(),
+            "--key-file",
+        ])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("persistent"), "{table}");
+    assert!(table.contains("42 / persistent"), "{table}");
+    // Without the key the server refuses to answer.
+    let out = Command::new(env!("CARGO_BIN_EXE_remoca"))
+        .args(["memserver", "stats", &servers[2].addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication"));
+
     // A second server dies: the re-replicated copies carry everything.
     servers[1].kill9();
     for chunk in acked.chunks(256) {
@@ -130,4 +153,14 @@ fn kill_9_during_replicated_workload_loses_no_page() {
             );
         }
     }
+
+    // SIGTERM stops the last server gracefully (exit status 0).
+    let pid = servers[2].child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let st = servers[2].child.wait().unwrap();
+    assert!(st.success(), "memserver exited with {st}");
 }

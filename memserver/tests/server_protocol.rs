@@ -300,3 +300,31 @@ async fn graceful_shutdown_answers_what_was_sent() {
     assert_eq!(answered, srv.store.stats().pools[1].puts);
     assert!(answered > 0);
 }
+
+#[tokio::test]
+async fn connection_cap_holds_extra_clients_until_a_slot_frees() {
+    let srv = TestServer::start_with(1 << 20, None, 2);
+    let mut a = Raw::ready(srv.addr, None).await;
+    let _b = Raw::ready(srv.addr, None).await;
+    // The third client connects (kernel backlog) but is not served while two are open.
+    let mut c = Raw::connect(srv.addr).await;
+    c.send(
+        1,
+        &Request::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            client_nonce: [0; 32],
+            client_name: "third".into(),
+        }),
+    )
+    .await;
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(300), c.recv()).await;
+    assert!(waited.is_err(), "served beyond the connection cap");
+    assert_eq!(srv.store.stats().connections, 2);
+    // One leaves: the third is served.
+    assert_eq!(a.call(5, &Request::Ping).await.status, Status::Ok);
+    drop(a);
+    let r = c.recv().await.unwrap();
+    assert_eq!(r.status, Status::Ok);
+    assert!(matches!(r.body, ReplyBody::Hello(_)));
+}

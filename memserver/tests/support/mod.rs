@@ -31,6 +31,10 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(capacity: u64, auth: Option<AuthKey>) -> TestServer {
+        TestServer::start_with(capacity, auth, 64)
+    }
+
+    pub fn start_with(capacity: u64, auth: Option<AuthKey>, max_connections: usize) -> TestServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -46,6 +50,7 @@ impl TestServer {
         let store = Arc::new(Store::new(cfg, Arc::new(ProcMeminfo)));
         let mut config = ServerConfig::new(cfg);
         config.auth_key = auth;
+        config.max_connections = max_connections;
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done) = oneshot::channel();
         let s = Arc::clone(&store);

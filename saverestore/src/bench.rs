@@ -29,6 +29,19 @@ pub struct BenchConfig {
     pub extractions: usize,
 }
 
+/// The NFS mode: the same save over a shaped link to nfs-ganesha, against libnfs `nfs-cp`
+/// of the raw stream.
+#[derive(Debug, Clone)]
+pub struct NfsBenchConfig {
+    pub corpus: PathBuf,
+    pub image: String,
+    pub mib: u64,
+    /// `tbf` rate of the link, e.g. `1gbit`.
+    pub rate: String,
+    /// The `remoca` binary to run inside the client namespace.
+    pub exe: PathBuf,
+}
+
 /// Errors of the benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -38,20 +51,24 @@ pub enum BenchError {
     Image(#[from] crate::ImageError),
     #[error("output")]
     Io(#[from] io::Error),
+    #[error(transparent)]
+    Testbed(#[from] crate::nfs_testbed::TestbedError),
+    #[error("`{0}` failed: {1}")]
+    Tool(String, String),
 }
 
 fn load(cfg: &BenchConfig, name: &str) -> Result<Vec<u8>, BenchError> {
-    let p = cfg.corpus.join(format!("{name}.raw.zst"));
+    load_raw(&cfg.corpus, name, cfg.mib)
+}
+
+fn load_raw(corpus: &std::path::Path, name: &str, mib: u64) -> Result<Vec<u8>, BenchError> {
+    let p = corpus.join(format!("{name}.raw.zst"));
     let err = |e| BenchError::Corpus(p.clone(), e);
     let f = std::fs::File::open(&p).map_err(err)?;
     let mut d = zstd::stream::read::Decoder::new(f).map_err(err)?;
     d.window_log_max(31).map_err(err)?;
     let mut raw = Vec::new();
-    let limit = if cfg.mib == 0 {
-        u64::MAX
-    } else {
-        cfg.mib << 20
-    };
+    let limit = if mib == 0 { u64::MAX } else { mib << 20 };
     d.take(limit).read_to_end(&mut raw).map_err(err)?;
     raw.truncate(raw.len() / 4096 * 4096);
     Ok(raw)
@@ -238,5 +255,111 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
             )?;
         }
     }
+    Ok(())
+}
+
+fn timed(mut c: std::process::Command, what: &str) -> Result<Duration, BenchError> {
+    let t = Instant::now();
+    let o = c.output()?;
+    if !o.status.success() {
+        return Err(BenchError::Tool(
+            what.to_string(),
+            String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        ));
+    }
+    Ok(t.elapsed())
+}
+
+/// Runs the NFS mode and prints its table to `out`.
+///
+/// # Errors
+/// Test bed, corpus, `nfs-cp` or remoca failures.
+pub fn run_nfs(cfg: &NfsBenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
+    let raw = load_raw(&cfg.corpus, &cfg.image, cfg.mib)?;
+    let dir = tempfile::tempdir()?;
+    let xl = dir.path().join("stream.xl");
+    let mut f = io::BufWriter::new(std::fs::File::create(&xl)?);
+    let n = build_stream(
+        &raw[..],
+        &mut f,
+        &BuildOptions::new(GuestShape::Hvm, raw.len() as u64),
+    )?;
+    f.flush()?;
+    drop(f);
+    drop(raw);
+    let bed = crate::nfs_testbed::NfsTestbed::start(Some(&cfg.rate))?;
+    writeln!(
+        out,
+        "remoca bench save --nfs: {} as an HVM stream of {:.1} MiB, client and nfs-ganesha in two namespaces, veth shaped with tbf {}",
+        cfg.image,
+        n as f64 / 1048576.0,
+        cfg.rate
+    )?;
+    writeln!(
+        out,
+        "{:<34} {:>9} {:>10} {:>9} {:>9}",
+        "to the server", "seconds", "MB/s", "on wire", "vs nfs-cp"
+    )?;
+    let mut c = bed.client_cmd(std::path::Path::new("nfs-cp"));
+    c.arg(&xl).arg(bed.url("raw.xl"));
+    let base = timed(c, "nfs-cp (apt-get install libnfs-utils)")?;
+    let wire = std::fs::metadata(bed.export().join("raw.xl"))?.len();
+    writeln!(
+        out,
+        "{:<34} {:>9.2} {:>10.0} {:>8.1}M {:>9}",
+        "libnfs nfs-cp, raw stream",
+        base.as_secs_f64(),
+        mbps(n, base),
+        wire as f64 / 1e6,
+        "1.00x"
+    )?;
+    for (label, codec) in [
+        ("remoca save --codec auto", "auto"),
+        ("remoca save --codec zstd", "zstd"),
+        ("remoca save --codec snap", "snap"),
+    ] {
+        let name = format!("{codec}.rsv");
+        let mut c = bed.client_cmd(&cfg.exe);
+        c.args(["save", "--quiet", "--codec", codec, "--from"])
+            .arg(&xl)
+            .args(["--to", &bed.url(&name)]);
+        let t = timed(c, label)?;
+        let wire = std::fs::metadata(bed.export().join(&name))?.len();
+        writeln!(
+            out,
+            "{label:<34} {:>9.2} {:>10.0} {:>8.1}M {:>8.2}x",
+            t.as_secs_f64(),
+            mbps(n, t),
+            wire as f64 / 1e6,
+            base.as_secs_f64() / t.as_secs_f64()
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<34} {:>9} {:>10}",
+        "from the server", "seconds", "MB/s"
+    )?;
+    let mut c = bed.client_cmd(std::path::Path::new("nfs-cp"));
+    let back = dir.path().join("raw-back.xl");
+    c.arg(bed.url("raw.xl")).arg(&back);
+    let t = timed(c, "nfs-cp read")?;
+    writeln!(
+        out,
+        "{:<34} {:>9.2} {:>10.0}",
+        "libnfs nfs-cp, raw stream",
+        t.as_secs_f64(),
+        mbps(n, t)
+    )?;
+    let mut c = bed.client_cmd(&cfg.exe);
+    c.args(["restore", "--quiet", &bed.url("auto.rsv"), "--to", "-"])
+        .stdout(std::process::Stdio::null());
+    let t = timed(c, "remoca restore")?;
+    writeln!(
+        out,
+        "{:<34} {:>9.2} {:>10.0}",
+        "remoca restore (auto image)",
+        t.as_secs_f64(),
+        mbps(n, t)
+    )?;
     Ok(())
 }

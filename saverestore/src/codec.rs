@@ -49,6 +49,7 @@ pub enum CodecError {
 }
 
 thread_local! {
+    static SNAP_C: RefCell<snap::raw::Encoder> = RefCell::new(snap::raw::Encoder::new());
     static ZSTD_C: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static ZSTD_D: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }

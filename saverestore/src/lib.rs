@@ -12,6 +12,7 @@ pub mod dest;
 pub mod image;
 pub mod inspect;
 pub mod nfs;
+pub mod nfs_testbed;
 pub mod progress;
 pub mod restore;
 pub mod save;

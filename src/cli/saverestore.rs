@@ -95,6 +95,13 @@ pub struct BenchArgs {
     /// Single-page extractions to time.
     #[arg(long, default_value_t = 2000)]
     extractions: usize,
+    /// Second mode: save over a shaped link to nfs-ganesha in a network namespace and
+    /// compare with libnfs `nfs-cp` of the raw stream (root; first image only).
+    #[arg(long)]
+    nfs: bool,
+    /// tbf rate of the NFS link.
+    #[arg(long, default_value = "1gbit")]
+    rate: String,
 }
 
 fn parse_pfn(s: &str) -> Result<u64, String> {
@@ -252,6 +259,20 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         "hvm" => GuestShape::Hvm,
         s => bail!("unknown shape {s:?}: pv or hvm"),
     };
+    if a.nfs {
+        let cfg = bench::NfsBenchConfig {
+            corpus,
+            image: a
+                .images
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "ram-work".into()),
+            mib: a.mib,
+            rate: a.rate,
+            exe: std::env::current_exe().context("locating the remoca binary")?,
+        };
+        return bench::run_nfs(&cfg, &mut io::stdout().lock()).context("bench save --nfs");
+    }
     let cfg = bench::BenchConfig {
         corpus,
         images: a.images,

@@ -67,6 +67,7 @@ pub struct StreamParser<R> {
 }
 
 const TRAILING_CHUNK: usize = 1 << 20;
+const RESERVE_AHEAD: usize = 8 + 8 * 1024 + 1024 * PAGE_SIZE;
 
 impl<R: Read> StreamParser<R> {
     /// A parser positioned at the start of an `xl save` file.
@@ -127,6 +128,9 @@ impl<R: Read> StreamParser<R> {
         what: &'static str,
     ) -> Result<(), StreamError> {
         let start = out.len();
+        // Up to one full PAGE_DATA record is reserved at once; beyond that the buffer grows
+        // with the bytes that actually arrive.
+        out.reserve(len.min(RESERVE_AHEAD));
         let got = (&mut self.input)
             .take(len as u64)
             .read_to_end(out)

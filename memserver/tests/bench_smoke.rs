@@ -13,6 +13,7 @@ fn bench_runs_both_systems_through_every_cell() {
         batch: 4,
         connections: 2,
         memcached: "memcached".into(),
+        rounds: 1,
     };
     let report =
         run(&cfg).unwrap_or_else(|e| panic!("bench failed (is memcached installed?): {e}"));

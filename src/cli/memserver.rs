@@ -60,7 +60,7 @@ pub struct BenchArgs {
     /// Memory for both servers.
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     memory: u64,
-    /// Seconds per measured cell.
+    /// Seconds per measured cell and system (split over the rounds).
     #[arg(long, default_value_t = 1.5)]
     seconds: f64,
     /// Distinct 4 KiB keys preloaded and used.
@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// Client connections the outstanding requests are spread over.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Alternating rounds per cell (median reported), to damp noise from other load.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// memcached binary.
     #[arg(long, default_value = "memcached")]
     memcached: PathBuf,
@@ -156,6 +159,7 @@ pub fn bench(args: BenchArgs, _g: &Global) -> anyhow::Result<()> {
         batch: args.batch,
         connections: args.connections,
         memcached: args.memcached,
+        rounds: args.rounds,
     };
     let report = bench::run(&cfg).context("memserver benchmark")?;
     print!("{report}");

@@ -10,7 +10,7 @@
 //! reverse (inserts push their slot after releasing the shard).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -35,12 +35,18 @@ pub struct Evicted {
 #[derive(Debug, Default)]
 pub struct Clock {
     fifo: Mutex<VecDeque<Slot>>,
-    compact_needed: AtomicBool,
 }
 
 impl Clock {
     /// Record a freshly inserted page; compact when stale slots dominate.
-    pub fn push(&self, namespace: u64, key: u64, generation: u64, live_pages: u64) {
+    pub fn push(
+        &self,
+        namespace: u64,
+        key: u64,
+        generation: u64,
+        live_pages: u64,
+        pool: &DashMap<u64, Arc<Namespace>>,
+    ) {
         let mut q = self.fifo.lock();
         q.push_back(Slot {
             namespace,
@@ -48,9 +54,10 @@ impl Clock {
             generation,
         });
         if q.len() as u64 > 2 * live_pages + 4096 {
-            // Only compaction needs the maps; do it without the fast path's help.
-            drop(q);
-            self.compact_needed.store(true, Relaxed);
+            // Overwrites and deletes left stale slots; drop them here so the FIFO stays
+            // proportional to the pool even when nothing is ever evicted. The threshold grows
+            // with the pool, so this costs O(1) amortised per insertion.
+            q.retain(|s| is_live(pool, s));
         }
     }
 
@@ -61,9 +68,6 @@ impl Clock {
         pool: &DashMap<u64, Arc<Namespace>>,
     ) -> Option<(Evicted, Arc<Namespace>)> {
         let mut q = self.fifo.lock();
-        if self.compact_needed.swap(false, Relaxed) {
-            q.retain(|s| is_live(pool, s));
-        }
         // Every live slot is looked at most twice (once to clear its bit, once to evict).
         let mut budget = 2 * q.len() + 1;
         while let Some(slot) = q.pop_front() {
@@ -116,4 +120,31 @@ fn is_live(pool: &DashMap<u64, Arc<Namespace>>, s: &Slot) -> bool {
     pool.get(&s.namespace)
         .and_then(|ns| ns.pages.get(&s.key).map(|e| e.generation == s.generation))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::namespace::Entry;
+
+    #[test]
+    fn fifo_stays_proportional_under_overwrites_without_eviction() {
+        let pool: DashMap<u64, Arc<Namespace>> = DashMap::new();
+        let ns = Arc::new(Namespace::default());
+        pool.insert(1, Arc::clone(&ns));
+        let clock = Clock::default();
+        for generation in 0..100_000u64 {
+            ns.pages
+                .insert(7, Entry::new(bytes::Bytes::new(), generation));
+            clock.push(1, 7, generation, 1, &pool);
+        }
+        assert!(
+            clock.len() <= 2 + 4096 + 1,
+            "{} slots for one page",
+            clock.len()
+        );
+        // The one live page is still evictable.
+        assert!(clock.evict_one(&pool).is_some());
+        assert!(ns.pages.is_empty());
+    }
 }

@@ -281,7 +281,8 @@ impl Store {
         ps.counters.add_page(cost);
         if pool == Pool::Ephemeral {
             let live = ps.counters.pages.load(Relaxed);
-            self.clock.push(namespace, key, generation, live);
+            self.clock
+                .push(namespace, key, generation, live, &ps.namespaces);
         }
         if ns.dropped.load(Relaxed) {
             // Raced with DROP-NAMESPACE: the namespace is gone, so is this page.

@@ -17,6 +17,7 @@
 //! - [`nbd`]: the NBD server (fixed newstyle, structured replies, block status).
 //! - [`commit`]: fold an overlay into a new template.
 //! - [`memory`]: an in-memory `Disk` for tests.
+//! - [`workers`]: the pool of threads that run blocking disk requests for the frontends.
 
 pub mod bench;
 pub mod commit;
@@ -27,6 +28,7 @@ pub mod nbd;
 pub mod overlay;
 pub mod raw;
 pub mod request;
+pub mod workers;
 
 pub use disk::{Disk, DiskError, Extent, WriteFlags, ZeroFlags};
 pub use export::{ExportConfig, ExportStats, Exports};

@@ -16,6 +16,7 @@ use super::handshake::{negotiate, HandshakeError};
 use super::shutdown::Shutdown;
 use super::transmission::serve;
 use crate::export::{ExportStats, Exports};
+use crate::workers::{WorkerPool, DEFAULT_WORKERS};
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -34,6 +35,8 @@ pub enum Listener {
 pub enum ServerError {
     #[error("accept failed")]
     Accept(#[source] io::Error),
+    #[error("cannot start the I/O worker threads")]
+    Workers(#[source] io::Error),
 }
 
 /// Serve `exports` on `listener` until `shutdown` completes.
@@ -48,6 +51,8 @@ pub async fn run(
     let (notify, _) = broadcast::channel::<()>(1);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let workers =
+        Arc::new(WorkerPool::new(DEFAULT_WORKERS, "nbd-io").map_err(ServerError::Workers)?);
     let accept_loop = async {
         loop {
             let permit = limit
@@ -58,6 +63,7 @@ pub async fn run(
             let handler = Handler {
                 exports: exports.clone(),
                 shutdown: Shutdown::new(notify.subscribe()),
+                workers: workers.clone(),
                 _done: done_tx.clone(),
             };
             match &listener {
@@ -122,9 +128,14 @@ where
 {
     let (notify, _) = broadcast::channel::<()>(1);
     let (done, _) = mpsc::channel::<()>(1);
+    let Ok(workers) = WorkerPool::new(2, "nbd-io") else {
+        tracing::warn!("cannot start worker threads");
+        return;
+    };
     let handler = Handler {
         exports,
         shutdown: Shutdown::new(notify.subscribe()),
+        workers: Arc::new(workers),
         _done: done,
     };
     handler.run(reader, writer, "stream".into()).await;
@@ -134,6 +145,7 @@ where
 struct Handler {
     exports: Exports,
     shutdown: Shutdown,
+    workers: Arc<WorkerPool>,
     _done: mpsc::Sender<()>,
 }
 
@@ -167,7 +179,15 @@ impl Handler {
         let structured = session.structured;
         let served = async {
             tracing::info!(structured, "client connected");
-            if let Err(e) = serve(&mut reader, writer, session, &mut self.shutdown).await {
+            if let Err(e) = serve(
+                &mut reader,
+                writer,
+                session,
+                &self.workers,
+                &mut self.shutdown,
+            )
+            .await
+            {
                 tracing::info!(error = %e, "connection ended with an error");
             }
         };

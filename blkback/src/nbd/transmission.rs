@@ -1,7 +1,7 @@
 //! The transmission phase: read requests, run them on worker threads, send replies.
 //!
 //! ```text
-//!   reader (this task) ──Op──▶ spawn_blocking: request::execute ──frame──▶ writer task
+//!   reader (this task) ──Op──▶ WorkerPool: request::execute ──frame──▶ writer task
 //!        │  at most MAX_IN_FLIGHT requests outstanding (a semaphore)            │
 //!        └── header errors that need no disk (bad flags, bad command) ──────────┘
 //! ```
@@ -23,6 +23,7 @@ use super::wire::*;
 use crate::disk::{DiskError, Extent};
 use crate::export::{Export, ExportStats};
 use crate::request::{execute, Completion, Op};
+use crate::workers::WorkerPool;
 
 /// Requests one connection may have outstanding.
 pub const MAX_IN_FLIGHT: u32 = 64;
@@ -174,6 +175,7 @@ pub async fn serve<R, W>(
     reader: &mut R,
     writer: W,
     session: Session,
+    workers: &Arc<WorkerPool>,
     shutdown: &mut Shutdown,
 ) -> Result<(), TransmissionError>
 where
@@ -188,7 +190,10 @@ where
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
-    let result = read_requests(reader, &export, &replier, &tx, &in_flight, shutdown).await;
+    let result = read_requests(
+        reader, &export, &replier, &tx, &in_flight, workers, shutdown,
+    )
+    .await;
     // Answer everything outstanding before closing.
     let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
     drop(tx);
@@ -219,6 +224,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     replier: &Replier,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     in_flight: &Arc<Semaphore>,
+    workers: &WorkerPool,
     shutdown: &mut Shutdown,
 ) -> Result<(), TransmissionError> {
     loop {
@@ -253,7 +259,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             .expect("semaphore never closed");
         let (export, replier, tx) = (export.clone(), replier.clone(), tx.clone());
         let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
-        tokio::task::spawn_blocking(move || {
+        workers.submit(move || {
             count(&export.stats, &op);
             let frame = match execute(&*export.disk, op, replier.read_headroom()) {
                 Ok(Completion::Read { buf, headroom }) => {

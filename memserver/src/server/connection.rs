@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::Shutdown;
 use crate::protocol::auth::AuthKey;
 use crate::protocol::control::{self, HelloReply, NONCE_LEN};
-use crate::protocol::frame::{Header, Opcode, Status, PROTOCOL_VERSION};
+use crate::protocol::frame::{Header, Opcode, Status, FLAG_REPLY, PROTOCOL_VERSION};
 use crate::protocol::message::ReplyWriter;
 use crate::protocol::{decode, FrameError, Request};
 use crate::store::{PutError, Store};
@@ -101,6 +101,8 @@ impl Handler {
         let (mut rd, mut wr) = socket.into_split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::with_capacity(READ_CHUNK);
+        // Replies ready to send: header runs from `out` and stored values, not copied.
+        let mut segs: Vec<Bytes> = Vec::new();
         let mut closing = false;
         while !closing {
             // Execute every whole frame already buffered.
@@ -110,7 +112,7 @@ impl Handler {
                         let h = frame.header;
                         match Request::from_frame(frame) {
                             Ok((_, req)) => {
-                                if self.execute(&h, req, &mut out) == Flow::Close {
+                                if self.execute(&h, req, &mut out, &mut segs) == Flow::Close {
                                     closing = true;
                                     break;
                                 }
@@ -131,8 +133,10 @@ impl Handler {
                 }
             }
             if !out.is_empty() {
-                wr.write_all(&out).await?;
-                out.clear();
+                segs.push(out.split().freeze());
+            }
+            if !segs.is_empty() {
+                write_segments(&mut wr, &mut segs).await?;
             }
             if closing || self.shutdown.is_shutdown() {
                 break;
@@ -173,7 +177,13 @@ impl Handler {
         ReplyWriter { out }.error(&h, Status::Malformed, &e.to_string());
     }
 
-    fn execute(&mut self, h: &Header, req: Request, out: &mut BytesMut) -> Flow {
+    fn execute(
+        &mut self,
+        h: &Header,
+        req: Request,
+        out: &mut BytesMut,
+        segs: &mut Vec<Bytes>,
+    ) -> Flow {
         let mut w = ReplyWriter { out };
         match (&self.phase, req) {
             (Phase::AwaitHello, Request::Hello(hello)) => {
@@ -233,13 +243,19 @@ impl Handler {
                 Flow::Close
             }
             (Phase::Ready, req) => {
-                self.execute_ready(h, req, &mut w);
+                self.execute_ready(h, req, &mut w, segs);
                 Flow::Continue
             }
         }
     }
 
-    fn execute_ready(&self, h: &Header, req: Request, w: &mut ReplyWriter<'_>) {
+    fn execute_ready(
+        &self,
+        h: &Header,
+        req: Request,
+        w: &mut ReplyWriter<'_>,
+        segs: &mut Vec<Bytes>,
+    ) {
         let store = &self.store;
         match req {
             Request::Hello(_) | Request::Auth { .. } => {
@@ -260,7 +276,10 @@ impl Handler {
                 namespace,
                 key,
             } => match store.get(pool, namespace, key) {
-                Some(v) => w.payload(h, &v),
+                Some(v) => {
+                    reply_head(w.out, h, v.len());
+                    push_value(w.out, segs, v);
+                }
                 None => w.status(h, Status::NotFound),
             },
             Request::Delete {
@@ -295,7 +314,24 @@ impl Handler {
                     .iter()
                     .map(|k| store.get(pool, namespace, *k))
                     .collect();
-                w.values(h, &vals);
+                let len: usize = vals
+                    .iter()
+                    .map(|v| 5 + v.as_ref().map_or(0, Bytes::len))
+                    .sum();
+                reply_head(w.out, h, len);
+                for v in vals {
+                    match v {
+                        Some(v) => {
+                            w.out.put_u8(Status::Ok as u8);
+                            w.out.put_u32_le(v.len() as u32);
+                            push_value(w.out, segs, v);
+                        }
+                        None => {
+                            w.out.put_u8(Status::NotFound as u8);
+                            w.out.put_u32_le(0);
+                        }
+                    }
+                }
             }
             Request::DeleteBatch {
                 pool,
@@ -335,6 +371,65 @@ impl Handler {
             }
         }
     }
+}
+
+/// Values at least this long are sent from the store's own buffer (vectored write).
+const ZERO_COPY_MIN: usize = 1024;
+
+/// An Ok reply header for `req` with `len` payload bytes.
+fn reply_head(out: &mut BytesMut, req: &Header, len: usize) {
+    let mut h = *req;
+    h.flags = FLAG_REPLY;
+    h.status = Status::Ok;
+    h.payload_len = len as u32;
+    h.write(out);
+}
+
+/// Append a value to the reply stream: small ones are copied into `out`, large ones end the
+/// current run of `out` and go out as their own segment, without a copy.
+fn push_value(out: &mut BytesMut, segs: &mut Vec<Bytes>, v: Bytes) {
+    if v.len() < ZERO_COPY_MIN {
+        out.extend_from_slice(&v);
+        return;
+    }
+    if !out.is_empty() {
+        segs.push(out.split().freeze());
+    }
+    segs.push(v);
+}
+
+/// Write every segment, in order, with vectored writes.
+async fn write_segments(wr: &mut OwnedWriteHalf, segs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut i = 0;
+    loop {
+        while i < segs.len() && segs[i].is_empty() {
+            i += 1;
+        }
+        if i == segs.len() {
+            break;
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = segs[i..]
+            .iter()
+            .take(256)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let l = segs[i].len();
+            if n >= l {
+                n -= l;
+                i += 1;
+            } else {
+                segs[i].advance(n);
+                n = 0;
+            }
+        }
+    }
+    segs.clear();
+    Ok(())
 }
 
 /// Copy a value out of the read buffer so a stored page pins only its own bytes.

@@ -7,7 +7,8 @@
 //!   large odd step so successive requests are scattered over the image (qemu-img bench
 //!   has no random mode; offsets advance by the step modulo the image size), IOPS.
 //!
-//! Every row but the first write pass is the median of `reps` rounds over the three
+//! `sync` runs before every measurement so no target pays for another's writeback. Every
+//! row but the first write pass is the median of `reps` rounds over the three
 //! targets. Each server gets its own copy of the template for writes, so every row starts from the
 //! same bytes. The overlay is fresh at the start; the sequential write allocates every
 //! cluster, so the 4 KiB write rows measure overwrites of allocated clusters.
@@ -343,6 +344,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
         let mut v: [Vec<f64>; 3] = Default::default();
         for _ in 0..reps {
             for (i, t) in targets.iter().enumerate() {
+                // Start each run without another target's dirty pages being written back.
+                let _ = Command::new("sync").status();
                 v[i].push(f(t)?);
             }
         }

@@ -49,6 +49,7 @@ pub enum CodecError {
 }
 
 thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static SNAP_C: RefCell<snap::raw::Encoder> = RefCell::new(snap::raw::Encoder::new());
     static ZSTD_C: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static ZSTD_D: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
@@ -68,34 +69,34 @@ impl Codec {
     /// # Errors
     /// Codec errors (none expected for valid levels).
     pub fn compress(self, src: &[u8], dst: &mut Vec<u8>) -> Result<(), CodecError> {
-        match self {
-            Codec::Snap => {
-                let start = dst.len();
-                dst.resize(start + snap::raw::max_compress_len(src.len()), 0);
-                let n = snap::raw::Encoder::new()
-                    .compress(src, &mut dst[start..])
-                    .map_err(CodecError::Snap)?;
-                dst.truncate(start + n);
-                Ok(())
-            }
-            Codec::Zstd(level) => ZSTD_C.with(|c| {
-                let mut c = c.borrow_mut();
-                if c.as_ref().map(|(l, _)| *l) != Some(level) {
-                    *c = Some((
-                        level,
-                        zstd::bulk::Compressor::new(level).map_err(CodecError::Zstd)?,
-                    ));
+        // Compress into a per-thread scratch buffer (zeroed once) and copy the result, rather
+        // than zeroing a worst-case-sized tail of `dst` for every block.
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = match self {
+                Codec::Snap => {
+                    let bound = snap::raw::max_compress_len(src.len());
+                    if scratch.len() < bound {
+                        scratch.resize(bound, 0);
+                    }
+                    SNAP_C.with(|e| e.borrow_mut().compress(src, &mut scratch[..])).map_err(CodecError::Snap)?
                 }
-                let (_, comp) = c.as_mut().expect("set above");
-                let start = dst.len();
-                dst.resize(start + zstd::zstd_safe::compress_bound(src.len()), 0);
-                let n = comp
-                    .compress_to_buffer(src, &mut dst[start..])
-                    .map_err(CodecError::Zstd)?;
-                dst.truncate(start + n);
-                Ok(())
-            }),
-        }
+                Codec::Zstd(level) => ZSTD_C.with(|c| {
+                    let mut c = c.borrow_mut();
+                    if c.as_ref().map(|(l, _)| *l) != Some(level) {
+                        *c = Some((level, zstd::bulk::Compressor::new(level).map_err(CodecError::Zstd)?));
+                    }
+                    let (_, comp) = c.as_mut().expect("set above");
+                    let bound = zstd::zstd_safe::compress_bound(src.len());
+                    if scratch.len() < bound {
+                        scratch.resize(bound, 0);
+                    }
+                    comp.compress_to_buffer(src, &mut scratch[..]).map_err(CodecError::Zstd)
+                })?,
+            };
+            dst.extend_from_slice(&scratch[..n]);
+            Ok(())
+        })
     }
 }
 

@@ -77,19 +77,25 @@ fn kill_9_during_replicated_workload_loses_no_page() {
     cfg.request_timeout = Duration::from_secs(5);
     let client = Arc::new(BlockingClient::connect(cfg, 2).unwrap());
 
+    let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let c = Arc::clone(&client);
+        let progress = Arc::clone(&progress);
         std::thread::spawn(move || {
             let mut acked = Vec::new();
             for k in 0..3000u64 {
                 if c.put(Pool::Persistent, 42, k, &page(k)).is_ok() {
                     acked.push(k);
                 }
+                progress.store(acked.len(), std::sync::atomic::Ordering::Relaxed);
             }
             acked
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // kill -9 once the workload is well under way.
+    while progress.load(std::sync::atomic::Ordering::Relaxed) < 200 && !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let victim = servers[0].addr;
     servers[0].kill9();
     let acked = writer.join().unwrap();

@@ -229,8 +229,10 @@ async fn crashed_server_loses_no_persistent_page_and_is_re_replicated() {
     let refs: Vec<&TestServer> = servers.iter().collect();
     let c = Client::connect(config(&refs, 2)).await.unwrap();
     // A replicated workload; a server crashes in the middle of it.
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let c = c.clone();
+        let progress = progress.clone();
         tokio::spawn(async move {
             let mut acked = Vec::new();
             for k in 0..600u64 {
@@ -247,14 +249,16 @@ async fn crashed_server_loses_no_persistent_page_and_is_re_replicated() {
                         acked.extend(batch.iter().map(|(k, _)| *k));
                     }
                 }
-                if k % 100 == 0 {
-                    tokio::task::yield_now().await;
-                }
+                progress.store(acked.len(), std::sync::atomic::Ordering::Relaxed);
+                tokio::task::yield_now().await;
             }
             acked
         })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Crash a server once the workload is well under way.
+    while progress.load(std::sync::atomic::Ordering::Relaxed) < 100 && !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let victim = servers[0].addr;
     servers[0].crash();
     let acked = writer.await.unwrap();

@@ -29,6 +29,8 @@ use crate::protocol::{decode, FrameError, Request};
 use crate::store::{PutError, Store};
 
 const READ_CHUNK: usize = 256 << 10;
+/// How long a closing connection keeps draining input so its last replies are not reset.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 enum Phase {
     AwaitHello,
@@ -166,7 +168,16 @@ impl Handler {
         while let Some(late) = self.late_rx.recv().await {
             wr.write_all(&late).await?;
         }
-        flush_and_close(&mut wr).await
+        flush_and_close(&mut wr).await?;
+        // Lingering close: closing a socket with unread input makes the kernel send a reset,
+        // which can destroy replies the client has not read yet. Discard input until the
+        // client closes too (or briefly, if it does not).
+        let mut scratch = vec![0u8; 64 << 10];
+        let _ = tokio::time::timeout(LINGER, async {
+            while matches!(rd.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        Ok(())
     }
 
     fn malformed(&self, h: Option<&Header>, e: &FrameError, out: &mut BytesMut) {

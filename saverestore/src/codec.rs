@@ -79,19 +79,25 @@ impl Codec {
                     if scratch.len() < bound {
                         scratch.resize(bound, 0);
                     }
-                    SNAP_C.with(|e| e.borrow_mut().compress(src, &mut scratch[..])).map_err(CodecError::Snap)?
+                    SNAP_C
+                        .with(|e| e.borrow_mut().compress(src, &mut scratch[..]))
+                        .map_err(CodecError::Snap)?
                 }
                 Codec::Zstd(level) => ZSTD_C.with(|c| {
                     let mut c = c.borrow_mut();
                     if c.as_ref().map(|(l, _)| *l) != Some(level) {
-                        *c = Some((level, zstd::bulk::Compressor::new(level).map_err(CodecError::Zstd)?));
+                        *c = Some((
+                            level,
+                            zstd::bulk::Compressor::new(level).map_err(CodecError::Zstd)?,
+                        ));
                     }
                     let (_, comp) = c.as_mut().expect("set above");
                     let bound = zstd::zstd_safe::compress_bound(src.len());
                     if scratch.len() < bound {
                         scratch.resize(bound, 0);
                     }
-                    comp.compress_to_buffer(src, &mut scratch[..]).map_err(CodecError::Zstd)
+                    comp.compress_to_buffer(src, &mut scratch[..])
+                        .map_err(CodecError::Zstd)
                 })?,
             };
             dst.extend_from_slice(&scratch[..n]);

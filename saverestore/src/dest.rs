@@ -84,6 +84,7 @@ pub struct LocalSink {
     file: Option<io::BufWriter<File>>,
     tmp: PathBuf,
     dest: PathBuf,
+    renamed: bool,
 }
 
 /// Temporary name used beside `dest`.
@@ -110,6 +111,7 @@ impl LocalSink {
             file: Some(io::BufWriter::with_capacity(4 << 20, file)),
             tmp,
             dest: dest.to_path_buf(),
+            renamed: false,
         })
     }
 }
@@ -146,6 +148,7 @@ impl Sink for LocalSink {
             let f = w.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()?;
             fs::rename(&self.tmp, &self.dest)?;
+            self.renamed = true;
             if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
                 // Make the rename durable too; not every filesystem allows it.
                 let _ = File::open(dir).and_then(|d| d.sync_all());
@@ -158,7 +161,8 @@ impl Sink for LocalSink {
 
 impl Drop for LocalSink {
     fn drop(&mut self) {
-        if self.file.take().is_some() || self.tmp.exists() && !self.dest.exists() {
+        if !self.renamed {
+            self.file.take();
             let _ = fs::remove_file(&self.tmp);
         }
     }

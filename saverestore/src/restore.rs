@@ -48,7 +48,6 @@ where
         .build()
         .map_err(ImageError::ThreadPool)?;
     let index = img.index();
-    let block_pages = img.header().block_pages;
     // For every page that has duplicates: the entry of its last duplicate.
     let mut dup_last: HashMap<u64, u64> = HashMap::new();
     for (i, e) in index.pages.iter().enumerate() {
@@ -197,7 +196,6 @@ where
         let written = writer.join().expect("writer thread panicked");
         let (n, crc) = written.map_err(ImageError::Output)?;
         walked?;
-        let _ = block_pages;
         if entry != index.pages.len() || next_block != index.blocks.len() as u64 {
             return Err(ImageError::Truncated(format!(
                 "frames hold {entry} of {} pages and {next_block} of {} blocks",

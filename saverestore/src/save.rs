@@ -221,6 +221,16 @@ fn write_loop<W: Write + ?Sized>(
     out.flush()
 }
 
+/// Pages that are consecutive slices of one record, as one slice of that record.
+fn contiguous<'a>(pages: &[(&'a [u8], &'a [u8], usize)]) -> Option<&'a [u8]> {
+    let (rec, _, first) = pages[0];
+    let ok = pages
+        .iter()
+        .enumerate()
+        .all(|(i, &(r, _, at))| std::ptr::eq(r, rec) && at == first + i);
+    ok.then(|| &rec[first * PAGE_SIZE..(first + pages.len()) * PAGE_SIZE])
+}
+
 struct SaveState {
     bp: usize,
     codec: Codec,
@@ -261,18 +271,24 @@ impl SaveState {
 
     /// Builds the frames of one window: its blocks first, then its records in order.
     fn window(&mut self, events: &[Event]) -> Result<Vec<Vec<u8>>, ImageError> {
-        let pages: Vec<&[u8]> = events
+        // (the record's page bytes, the page, its index in the record)
+        let pages: Vec<(&[u8], &[u8], usize)> = events
             .iter()
             .filter_map(|e| match e {
-                Event::Pages(r) => Some(r.pages.chunks_exact(PAGE_SIZE)),
+                Event::Pages(r) => Some(
+                    r.pages
+                        .chunks_exact(PAGE_SIZE)
+                        .enumerate()
+                        .map(|(i, p)| (&r.pages[..], p, i)),
+                ),
                 Event::Verbatim { .. } => None,
             })
             .flatten()
             .collect();
-        let contents: Vec<Content> = pages.par_iter().map(|p| classify(p)).collect();
+        let contents: Vec<Content> = pages.par_iter().map(|p| classify(p.1)).collect();
 
         let first_block = self.index.blocks.len() as u64;
-        let mut unique: Vec<&[u8]> = Vec::new();
+        let mut unique: Vec<(&[u8], &[u8], usize)> = Vec::new();
         let mut ci = 0usize;
         for ev in events {
             let Event::Pages(rec) = ev else { continue };
@@ -314,13 +330,20 @@ impl SaveState {
         let mut frames: Vec<Vec<u8>> = unique
             .par_chunks(self.bp)
             .map(|chunk| {
-                let mut raw = Vec::with_capacity(chunk.len() * PAGE_SIZE);
-                for p in chunk {
-                    raw.extend_from_slice(p);
+                let len = chunk.len() * PAGE_SIZE;
+                let mut f = Vec::with_capacity(FrameHeader::LEN + len / 2);
+                f.resize(FrameHeader::LEN, 0);
+                // Most unique pages sit next to each other in their record: compress them in
+                // place; gather only blocks that straddle gaps (zero, duplicate, no-data pages).
+                match contiguous(chunk) {
+                    Some(run) => codec.compress(run, &mut f),
+                    None => codec.compress(
+                        &chunk.iter().map(|p| p.1).collect::<Vec<_>>().concat(),
+                        &mut f,
+                    ),
                 }
-                let mut f = vec![0u8; FrameHeader::LEN];
-                codec.compress(&raw, &mut f).map_err(ImageError::Compress)?;
-                FrameHeader::seal(&mut f, FrameKind::Block, codec.id(), raw.len() as u32);
+                .map_err(ImageError::Compress)?;
+                FrameHeader::seal(&mut f, FrameKind::Block, codec.id(), len as u32);
                 Ok(f)
             })
             .collect::<Result<_, ImageError>>()?;

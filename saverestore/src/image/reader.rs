@@ -216,8 +216,7 @@ impl<R: ReadAt> ImageReader<R> {
             let mut hb = [0u8; FrameHeader::LEN];
             seq.read(&mut hb)?;
             let fh = FrameHeader::decode(&hb, off)?;
-            let mut payload = vec![0u8; fh.len as usize];
-            seq.read(&mut payload)?;
+            let payload = seq.read_vec(fh.len as usize)?;
             if !fh.check(&hb, &payload) {
                 return Err(match fh.kind {
                     FrameKind::Block => ImageError::BlockChecksum {
@@ -330,6 +329,40 @@ impl<'a, R: ReadAt + ?Sized> SeqReader<'a, R> {
             pos,
             end,
         }
+    }
+
+    /// Reads `n` bytes into a new vector (filled by copying, never zeroed first).
+    fn read_vec(&mut self, n: usize) -> Result<Vec<u8>, ImageError> {
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            self.fill()?;
+            let in_buf = (self.pos - self.buf_start) as usize;
+            let take = (self.buf.len() - in_buf).min(n - v.len());
+            v.extend_from_slice(&self.buf[in_buf..in_buf + take]);
+            self.pos += take as u64;
+        }
+        Ok(v)
+    }
+
+    /// Makes sure the buffer holds the byte at `pos`.
+    fn fill(&mut self) -> Result<(), ImageError> {
+        if self.pos - self.buf_start < self.buf.len() as u64 && self.pos >= self.buf_start {
+            return Ok(());
+        }
+        let left = self.end.saturating_sub(self.pos);
+        if left == 0 {
+            return Err(ImageError::Corrupt {
+                offset: self.pos,
+                what: "frame runs into the index".into(),
+            });
+        }
+        let n = left.min(CHUNK as u64) as usize;
+        self.buf.resize(n, 0);
+        self.s
+            .read_exact_at(&mut self.buf, self.pos)
+            .map_err(|e| io_err(e, "the frames"))?;
+        self.buf_start = self.pos;
+        Ok(())
     }
 
     fn read(&mut self, out: &mut [u8]) -> Result<(), ImageError> {

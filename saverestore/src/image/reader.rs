@@ -5,7 +5,7 @@ use super::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
 use super::index::{Index, PageClass};
 use super::{ImageError, ReadAt, MAX_INDEX_RAW};
 use crate::codec;
-use crate::stream::format::{page_has_data, page_pfn, page_type, page_type_name, PAGE_SIZE};
+use crate::stream::format::{page_pfn, page_type, page_type_name, PAGE_SIZE};
 
 /// An open image.
 #[derive(Debug)]
@@ -393,9 +393,4 @@ impl<'a, R: ReadAt + ?Sized> SeqReader<'a, R> {
         }
         Ok(())
     }
-}
-
-/// Whether an index entry's word says the page carries data.
-pub fn entry_has_data(word: u64) -> bool {
-    page_has_data(page_type(word))
 }

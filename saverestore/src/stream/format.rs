@@ -70,7 +70,8 @@ pub const PT_L4TAB_PINNED: u8 = 0xC;
 pub const PT_BROKEN: u8 = 0xD;
 pub const PT_XALLOC: u8 = 0xE;
 pub const PT_XTAB: u8 = 0xF;
-/// Xen's `MAX_BATCH_SIZE`; we accept larger counts as long as the length is within limits.
+/// Xen's `MAX_BATCH_SIZE`: its writer never sends more pfns in one PAGE_DATA record. The
+/// parser accepts larger counts as long as the record length is within limits.
 pub const MAX_BATCH_SIZE: u32 = 1024;
 
 /// Rounds a record body length up to the 8-byte record alignment.

@@ -21,6 +21,21 @@ pub struct Global {
     pub verbose: u8,
 }
 
+impl Global {
+    /// Open the Xen host this command works on.
+    ///
+    /// # Errors
+    /// A bad `--backend` value, or `real` forced on a host without Xen (naming what is missing).
+    pub fn host(&self) -> anyhow::Result<remoca_xen::Host> {
+        let choice: remoca_xen::BackendChoice = self.backend.parse()?;
+        let host = remoca_xen::open(choice)?;
+        if let Some(why) = host.fallback_reason() {
+            tracing::info!("Xen is not available ({why}); using the simulated host");
+        }
+        Ok(host)
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "remoca", version, about = "Dom0 toolkit for Xen hosts", long_about = None)]
 pub struct Cli {

@@ -83,6 +83,8 @@ pub struct Host {
     pub paging: Arc<dyn MemPaging>,
     #[cfg(any(test, feature = "sim"))]
     sim: Option<sim::SimHost>,
+    #[cfg(any(test, feature = "sim"))]
+    attached: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Host {
@@ -125,12 +127,20 @@ fn open_real() -> Result<Host> {
         evtchn: Arc::new(real::XenEvtchn::load()?),
         #[cfg(any(test, feature = "sim"))]
         sim: None,
+        #[cfg(any(test, feature = "sim"))]
+        attached: None,
     })
 }
 
 #[cfg(any(test, feature = "sim"))]
 fn open_sim(fallback_reason: Option<String>) -> Result<Host> {
-    let mut host = Host::from_sim(sim::SimHost::new());
+    // A `remoca up` on the simulated host serves its xenstore; join it so commands in other
+    // shells see the same host. Otherwise, a fresh demo host for this process alone.
+    let socket = sim::attached::default_socket();
+    let mut host = match sim::attached::attach(&socket) {
+        Ok(host) => host,
+        Err(_) => Host::from_sim(sim::SimHost::demo()?),
+    };
     host.fallback_reason = fallback_reason;
     Ok(host)
 }
@@ -160,6 +170,7 @@ impl Host {
             evtchn: s.clone(),
             paging: s,
             sim: Some(sim),
+            attached: None,
         }
     }
 
@@ -167,6 +178,12 @@ impl Host {
     #[cfg(any(test, feature = "sim"))]
     pub fn sim(&self) -> Option<&sim::SimHost> {
         self.sim.as_ref()
+    }
+
+    /// Whether this host is the simulated one served by another process (`remoca up`).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn attached_to(&self) -> Option<&std::path::Path> {
+        self.attached.as_deref()
     }
 
     pub fn kind(&self) -> BackendKind {

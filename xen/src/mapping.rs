@@ -105,7 +105,11 @@ impl Mapping {
         // SAFETY: in bounds (checked above) of a live, writable mapping; `data` is a
         // separate buffer.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().wrapping_add(offset), data.len());
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.ptr.as_ptr().wrapping_add(offset),
+                data.len(),
+            );
         }
         Ok(())
     }

@@ -108,7 +108,30 @@ impl RealXenStore {
     /// # Errors
     /// The errno of the open (`ENOENT` no xenstore here, `EACCES` not root).
     pub fn open() -> Result<Self> {
-        let (writer, reader, endpoint) = Conn::open()?;
+        Self::start(Conn::open()?)
+    }
+
+    /// Connect to a xenstore socket at a given path (the simulated host's, in `remoca up`).
+    ///
+    /// # Errors
+    /// The errno of the connect (`ENOENT`, `ECONNREFUSED` when nothing serves there).
+    pub fn connect(path: &std::path::Path) -> Result<Self> {
+        let stream = UnixStream::connect(path).map_err(|e| Error::Call {
+            op: format!("connecting to xenstore at {}", path.display()),
+            source: e,
+        })?;
+        let reader = stream.try_clone().map_err(|e| Error::Call {
+            op: format!("cloning {}", path.display()),
+            source: e,
+        })?;
+        Self::start((
+            Conn::Socket(stream),
+            Conn::Socket(reader),
+            path.display().to_string(),
+        ))
+    }
+
+    fn start((writer, reader, endpoint): (Conn, Conn, String)) -> Result<Self> {
         let shared = Arc::new(Shared {
             writer: Mutex::new(writer),
             waiting: Mutex::new(HashMap::new()),

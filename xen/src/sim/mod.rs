@@ -10,14 +10,17 @@
 //! loads the page and resumes with a correctly versioned response); and fault injection.
 //! See `docs/xen-interface.md` for what it does not model.
 
+pub mod attached;
 mod evtchn;
 pub mod faults;
 mod grants;
 mod memory;
 mod paging;
+pub mod server;
 mod xenstore;
 
 pub use faults::Fault;
+pub use server::StoreServer;
 pub use xenstore::{SimStoreConn, SimXenstore};
 
 use std::collections::{BTreeMap, HashMap};
@@ -180,6 +183,17 @@ impl SimHost {
         host.create_domain(DomainSpec::pv("Domain-0", 4096))
             .expect("creating the simulated dom0");
         host
+    }
+
+    /// The demo host `remoca up` and the CLI use on a machine without Xen: dom0 and one PV
+    /// guest, `demo`, of 64 MiB.
+    ///
+    /// # Errors
+    /// Memory allocation failure.
+    pub fn demo() -> Result<Self> {
+        let host = SimHost::new();
+        host.create_domain(DomainSpec::pv("demo", 16384))?;
+        Ok(host)
     }
 
     /// One page of shared memory outside any domain (ring tests, vm_event rings).

@@ -163,6 +163,28 @@ pub fn split_strings(payload: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The name an `ERROR` reply carries for `errno` (xenstored's `xsd_errors` table).
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EINVAL => "EINVAL",
+        libc::EACCES => "EACCES",
+        libc::EEXIST => "EEXIST",
+        libc::EISDIR => "EISDIR",
+        libc::ENOENT => "ENOENT",
+        libc::ENOMEM => "ENOMEM",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        libc::ENOSYS => "ENOSYS",
+        libc::EROFS => "EROFS",
+        libc::EBUSY => "EBUSY",
+        libc::EAGAIN => "EAGAIN",
+        libc::EISCONN => "EISCONN",
+        libc::E2BIG => "E2BIG",
+        libc::EPERM => "EPERM",
+        _ => "EIO",
+    }
+}
+
 /// The errno named by an `ERROR` reply; unknown names map to `EIO`.
 pub fn errno_from_name(payload: &[u8]) -> i32 {
     let name = payload.strip_suffix(&[0]).unwrap_or(payload);

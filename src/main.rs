@@ -4,6 +4,7 @@
 //! the library needs and calls a library `run`. No logic lives here.
 
 mod cli;
+mod up;
 
 use clap::Parser;
 

@@ -190,6 +190,13 @@ impl Host {
         self.kind
     }
 
+    /// Record why the simulator is used instead of real Xen (for status output).
+    #[must_use]
+    pub fn with_fallback_reason(mut self, reason: String) -> Host {
+        self.fallback_reason = Some(reason);
+        self
+    }
+
     /// Why `auto` chose the simulator, if it did.
     pub fn fallback_reason(&self) -> Option<&str> {
         self.fallback_reason.as_deref()

@@ -1,0 +1,170 @@
+//! The `remoca up` config file: TOML, every key optional.
+//!
+//! The defaults are the embedded `default.toml` itself: the user's file is laid over it
+//! key by key and the result is checked with `deny_unknown_fields`, so the documented file
+//! and the defaults cannot drift apart and a misspelt key is named in the error.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The embedded defaults, printed by `remoca up --print-config`.
+pub const DEFAULT: &str = include_str!("default.toml");
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub host: HostSection,
+    pub memserver: MemserverSection,
+    pub blkback: BlkbackSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    pub backend: String,
+    pub state_dir: PathBuf,
+    pub sim_xenstore_socket: PathBuf,
+    pub status_interval: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemserverSection {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "size")]
+    pub capacity: u64,
+    #[serde(deserialize_with = "size")]
+    pub headroom: u64,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkbackSection {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "size")]
+    pub demo_disk: u64,
+    #[serde(default)]
+    pub export: Vec<ExportSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    pub name: String,
+    pub template: PathBuf,
+    pub overlay: Option<PathBuf>,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    remoca_memserver::byte_size::parse_size(&s).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// The defaults alone.
+    pub fn default_config() -> anyhow::Result<Config> {
+        Config::from_str_over_defaults("", Path::new("<defaults>"))
+    }
+
+    /// Read `path` and lay it over the defaults.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax, an unknown key (named), or a bad value.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Config::from_str_over_defaults(&text, path)
+    }
+
+    fn from_str_over_defaults(text: &str, origin: &Path) -> anyhow::Result<Config> {
+        let mut base: toml::Table = toml::from_str(DEFAULT).context("embedded default config")?;
+        let user: toml::Table = toml::from_str(text)
+            .with_context(|| format!("{}: not valid TOML", origin.display()))?;
+        merge(&mut base, user, "").with_context(|| format!("{}: bad config", origin.display()))?;
+        let cfg: Config = toml::Value::Table(base)
+            .try_into()
+            .with_context(|| format!("{}: bad config", origin.display()))?;
+        cfg.check()
+            .with_context(|| format!("{}: bad config", origin.display()))?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if !(self.host.status_interval > 0.0 && self.host.status_interval <= 3600.0) {
+            bail!("host.status_interval must be between 0 and 3600 seconds");
+        }
+        self.host
+            .backend
+            .parse::<remoca_xen::BackendChoice>()
+            .context("host.backend")?;
+        if self.memserver.enabled && self.memserver.capacity == 0 {
+            bail!("memserver.capacity must be more than 0");
+        }
+        Ok(())
+    }
+}
+
+/// Lay `user` over `base`. Tables merge; anything else replaces. A key the defaults do not
+/// have is an error naming its full path (arrays of tables such as `blkback.export` are
+/// checked by the typed parse instead).
+fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> anyhow::Result<()> {
+    for (key, value) in user {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &path)?,
+            (Some(toml::Value::Table(_)), _) => bail!("`{path}` must be a table"),
+            (Some(slot), v) => *slot = v,
+            (None, v @ toml::Value::Array(_)) if path == "blkback.export" => {
+                base.insert(key, v);
+            }
+            (None, _) => bail!("unknown key `{path}`"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<Config> {
+        Config::from_str_over_defaults(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults_parse_and_user_keys_override() {
+        let d = Config::default_config().unwrap();
+        assert_eq!(d.host.backend, "auto");
+        assert_eq!(d.memserver.capacity, 256 << 20);
+        let c = parse(
+            "[memserver]\ncapacity = \"1G\"\n[[blkback.export]]\nname = \"a\"\ntemplate = \"/t\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.memserver.capacity, 1 << 30);
+        assert_eq!(c.memserver.headroom, d.memserver.headroom);
+        assert_eq!(c.blkback.export.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        let msg = |t: &str| format!("{:#}", parse(t).unwrap_err());
+        assert!(msg("[memserver]\ncapcity = \"1G\"\n").contains("memserver.capcity"));
+        assert!(msg("[nosuch]\n").contains("nosuch"));
+        assert!(msg("[memserver]\ncapacity = \"lots\"\n").contains("lots"));
+        assert!(msg("[host]\nbackend = \"kvm\"\n").contains("host.backend"));
+        assert!(msg("[[blkback.export]]\nname = \"a\"\ntemplat = \"/t\"\n").contains("templat"));
+        assert!(msg("[memserver\n").contains("not valid TOML"));
+    }
+}

@@ -1,0 +1,393 @@
+//! `remoca up`: the long-running Dom0 service set.
+//!
+//! One process opens the Xen host (real, or the simulated host with a demo domain), starts
+//! every enabled service on one tokio runtime, publishes where each listens under
+//! `/tool/remoca/up/` in xenstore, prints a status line every few seconds, and on SIGINT or
+//! SIGTERM stops the services (each finishes its in-flight requests) and removes what it
+//! published. Each later service plugs in here as one `start_*` function and one status
+//! column.
+//!
+//! ```text
+//!   remoca up ── Host (real | sim + xenstore socket)
+//!        ├── memserver   (tokio task: remoca_memserver::server::serve)
+//!        ├── blkback NBD (tokio task: remoca_blkback::nbd::run)
+//!        └── status      (every host.status_interval seconds)
+//! ```
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use remoca_blkback::nbd::{self, Listener};
+use remoca_blkback::overlay::Overlay;
+use remoca_blkback::raw::RawFile;
+use remoca_blkback::{ExportConfig, Exports};
+use remoca_memserver::byte_size::format_size;
+use remoca_memserver::protocol::auth::AuthKey;
+use remoca_memserver::server::ServerConfig;
+use remoca_memserver::store::{Store, StoreConfig};
+use remoca_xen::sim::{SimHost, StoreServer};
+use remoca_xen::xenstore::Tx;
+use remoca_xen::{BackendChoice, Host};
+use tokio::sync::watch;
+
+pub use config::Config;
+
+/// Where `up` publishes its services in xenstore.
+pub const XENSTORE_DIR: &str = "/tool/remoca/up";
+
+/// What the command line adds to the config file.
+#[derive(Debug)]
+pub struct Options {
+    pub config: Config,
+    /// `--backend`, when given, wins over `host.backend`.
+    pub backend: Option<BackendChoice>,
+    /// Stop by itself after this long (demos and tests); otherwise run until a signal.
+    pub duration: Option<Duration>,
+}
+
+/// Run the service set until SIGINT/SIGTERM or `duration`.
+///
+/// # Errors
+/// Anything that stops a service from starting: Xen absent with `backend = "real"`, another
+/// `up` already serving the simulated host, a port in use, a missing template.
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let cfg = &opts.config;
+    let state_dir = state_dir(&cfg.host.state_dir)?;
+    let choice = match opts.backend {
+        Some(c) => c,
+        None => cfg.host.backend.parse()?,
+    };
+    let (host, _store_server) = open_host(choice, cfg, &state_dir)?;
+    println!("remoca up: {} Xen host", describe(&host));
+    for d in host.domains()? {
+        println!(
+            "  domain {:>4} {:<24} {:>6} MiB",
+            d.domid,
+            d.name,
+            d.tot_pages * 4 / 1024
+        );
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(serve(&host, cfg, &state_dir, opts.duration));
+    // Whatever happened, take down what we published.
+    let _ = host.store.rm(Tx::NONE, XENSTORE_DIR);
+    result
+}
+
+fn describe(host: &Host) -> String {
+    match host.fallback_reason() {
+        Some(why) => format!("simulated ({why})"),
+        None => host.kind().to_string(),
+    }
+}
+
+fn state_dir(configured: &Path) -> anyhow::Result<PathBuf> {
+    let dir = if configured.as_os_str().is_empty() {
+        remoca_xen::sim::attached::default_socket()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir)
+    } else {
+        configured.to_path_buf()
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The host, and on the simulated host the server of its xenstore (dropped last).
+fn open_host(
+    choice: BackendChoice,
+    cfg: &Config,
+    state_dir: &Path,
+) -> anyhow::Result<(Host, Option<StoreServer>)> {
+    let fallback = match choice {
+        BackendChoice::Real => return Ok((remoca_xen::open(BackendChoice::Real)?, None)),
+        BackendChoice::Sim => None,
+        BackendChoice::Auto => match remoca_xen::open(BackendChoice::Real) {
+            Ok(host) => return Ok((host, None)),
+            Err(remoca_xen::Error::Absent { reason }) => Some(reason),
+            Err(e) => return Err(e).context("Xen is present but cannot be opened"),
+        },
+    };
+    let sim = SimHost::demo()?;
+    let socket = if cfg.host.sim_xenstore_socket.as_os_str().is_empty() {
+        if std::env::var_os("REMOCA_SIM_XENSTORE").is_some() {
+            remoca_xen::sim::attached::default_socket()
+        } else {
+            state_dir.join("sim-xenstored.socket")
+        }
+    } else {
+        cfg.host.sim_xenstore_socket.clone()
+    };
+    let server = StoreServer::start(sim.xenstore().clone(), &socket).with_context(|| {
+        format!(
+            "cannot serve the simulated xenstore at {} (is another `remoca up` running?)",
+            socket.display()
+        )
+    })?;
+    println!(
+        "simulated xenstore at {} (remoca xen store ... reaches it)",
+        socket.display()
+    );
+    let mut host = Host::from_sim(sim);
+    if let Some(reason) = fallback {
+        host = host.with_fallback_reason(reason);
+    }
+    Ok((host, Some(server)))
+}
+
+/// A running service's status column.
+type StatusFn = Box<dyn Fn() -> String + Send>;
+
+async fn serve(
+    host: &Host,
+    cfg: &Config,
+    state_dir: &Path,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut columns: Vec<StatusFn> = Vec::new();
+    host.store.mkdir(Tx::NONE, XENSTORE_DIR)?;
+    host.store.write(
+        Tx::NONE,
+        &format!("{XENSTORE_DIR}/pid"),
+        std::process::id().to_string().as_bytes(),
+    )?;
+
+    if cfg.memserver.enabled {
+        let (addr, status) = start_memserver(cfg, &mut tasks, stop_rx.clone()).await?;
+        publish(host, "memserver", &addr.to_string())?;
+        println!("memserver listening on {addr}");
+        columns.push(status);
+    }
+    if cfg.blkback.enabled {
+        let (addr, status) = start_blkback(cfg, state_dir, &mut tasks, stop_rx.clone()).await?;
+        publish(host, "blkback/nbd", &addr.to_string())?;
+        println!("blkback NBD listening on {addr}");
+        columns.push(status);
+    }
+    println!("running; Ctrl-C stops");
+
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(cfg.host.status_interval);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let until = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until);
+    let reason = loop {
+        tokio::select! {
+            _ = ticker.tick() => status_line(host, started, &columns),
+            _ = tokio::signal::ctrl_c() => break "interrupt",
+            _ = term.recv() => break "SIGTERM",
+            () = &mut until => break "--duration elapsed",
+            Some(res) = tasks.join_next() => {
+                // A service ending by itself is a failure: stop the others and say why.
+                let _ = stop_tx.send(true);
+                while tasks.join_next().await.is_some() {}
+                match res {
+                    Ok(Err(e)) => return Err(e),
+                    Ok(Ok(())) => bail!("a service stopped unexpectedly"),
+                    Err(e) => bail!("a service panicked: {e}"),
+                }
+            }
+        }
+    };
+    println!("stopping ({reason})");
+    let _ = stop_tx.send(true);
+    while let Some(res) = tasks.join_next().await {
+        res.context("service task")??;
+    }
+    status_line(host, started, &columns);
+    println!("stopped");
+    Ok(())
+}
+
+fn publish(host: &Host, key: &str, value: &str) -> anyhow::Result<()> {
+    host.store
+        .write(Tx::NONE, &format!("{XENSTORE_DIR}/{key}"), value.as_bytes())
+        .with_context(|| format!("publishing {key} in xenstore"))
+}
+
+fn status_line(host: &Host, started: Instant, columns: &[StatusFn]) {
+    let doms = host
+        .domains()
+        .map(|d| d.len().to_string())
+        .unwrap_or_else(|e| format!("? ({e})"));
+    let mut line = format!("[{:>6.0}s] domains {doms}", started.elapsed().as_secs_f64());
+    for c in columns {
+        line.push_str(" | ");
+        line.push_str(&c());
+    }
+    println!("{line}");
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+type Tasks = tokio::task::JoinSet<anyhow::Result<()>>;
+
+async fn start_memserver(
+    cfg: &Config,
+    tasks: &mut Tasks,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, StatusFn)> {
+    let m = &cfg.memserver;
+    let mut config = ServerConfig::new(StoreConfig {
+        capacity: m.capacity,
+        headroom: m.headroom,
+    });
+    if !m.key_file.as_os_str().is_empty() {
+        let bytes = std::fs::read(&m.key_file)
+            .with_context(|| format!("memserver.key_file {}", m.key_file.display()))?;
+        config.auth_key = Some(
+            AuthKey::from_secret(&bytes)
+                .with_context(|| format!("memserver.key_file {}", m.key_file.display()))?,
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(m.listen)
+        .await
+        .with_context(|| format!("memserver cannot listen on {}", m.listen))?;
+    let addr = listener.local_addr()?;
+    let store = Arc::new(Store::with_proc_meminfo(config.store));
+    let status_store = store.clone();
+    tasks.spawn(async move {
+        remoca_memserver::server::serve(listener, store, config, stopped(stop))
+            .await
+            .context("memserver")
+    });
+    let status: StatusFn = Box::new(move || {
+        let s = status_store.stats();
+        let puts: u64 = s.pools.iter().map(|p| p.puts).sum();
+        let hits: u64 = s.pools.iter().map(|p| p.hits).sum();
+        format!(
+            "memserver {} of {} used, {} puts, {} hits, {} clients",
+            format_size(s.used),
+            format_size(s.limit),
+            puts,
+            hits,
+            s.connections
+        )
+    });
+    Ok((addr, status))
+}
+
+async fn start_blkback(
+    cfg: &Config,
+    state_dir: &Path,
+    tasks: &mut Tasks,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, StatusFn)> {
+    let b = &cfg.blkback;
+    let configs: Vec<ExportConfig> = if b.export.is_empty() {
+        vec![demo_disk(state_dir, b.demo_disk)?]
+    } else {
+        b.export
+            .iter()
+            .map(|e| ExportConfig {
+                name: e.name.clone(),
+                template: e.template.clone(),
+                overlay: e.overlay.clone(),
+                read_only: e.readonly,
+                min_block: 1,
+            })
+            .collect()
+    };
+    let (exports, failed) = Exports::open_available(&configs).context("blkback exports")?;
+    for e in failed {
+        eprintln!(
+            "warning: blkback is not serving: {:#}",
+            anyhow::Error::from(e)
+        );
+    }
+    for e in exports.iter() {
+        println!(
+            "  export {:?}: {} ({})",
+            e.name,
+            e.description,
+            format_size(e.disk.size())
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(b.listen)
+        .await
+        .with_context(|| format!("blkback cannot listen on {}", b.listen))?;
+    let addr = listener.local_addr()?;
+    let served = exports.clone();
+    tasks.spawn(async move {
+        let res = nbd::run(Listener::Tcp(listener), served.clone(), stopped(stop)).await;
+        served.flush_all();
+        res.context("blkback NBD server")
+    });
+    let status: StatusFn = Box::new(move || {
+        let (mut r, mut w, mut c) = (0, 0, 0);
+        for e in exports.iter() {
+            let s = e.stats.snapshot();
+            r += s.bytes_read;
+            w += s.bytes_written;
+            c += s.connections;
+        }
+        format!(
+            "blkback read {} written {} ({} connections)",
+            format_size(r),
+            format_size(w),
+            c
+        )
+    });
+    Ok((addr, status))
+}
+
+/// A demo template (a 4 KiB pattern block every MiB, the rest sparse) and an overlay over it,
+/// made once in the state directory and reused on later runs.
+fn demo_disk(state_dir: &Path, size: u64) -> anyhow::Result<ExportConfig> {
+    use std::os::unix::fs::FileExt;
+    if size == 0 || size % (1 << 20) != 0 {
+        bail!("blkback.demo_disk must be a positive whole number of MiB");
+    }
+    let template = state_dir.join("demo-template.raw");
+    let overlay = state_dir.join("demo.overlay");
+    let fresh_template = std::fs::metadata(&template)
+        .map(|m| m.len() != size)
+        .unwrap_or(true);
+    if fresh_template {
+        let f = std::fs::File::create(&template)
+            .with_context(|| format!("creating {}", template.display()))?;
+        f.set_len(size)?;
+        for mib in 0..size >> 20 {
+            let mut block = vec![0u8; 4096];
+            let text = format!("remoca demo disk, MiB {mib}\n");
+            block[..text.len()].copy_from_slice(text.as_bytes());
+            f.write_all_at(&block, mib << 20)?;
+        }
+        f.sync_all()?;
+        let _ = std::fs::remove_file(&overlay);
+    }
+    if !overlay.exists() {
+        let t = RawFile::open_read_only(&template).context("opening the demo template")?;
+        Overlay::create(&overlay, &t, 16, &template.display().to_string())
+            .with_context(|| format!("creating {}", overlay.display()))?;
+    }
+    Ok(ExportConfig {
+        name: "demo".into(),
+        template,
+        overlay: Some(overlay),
+        read_only: false,
+        min_block: 1,
+    })
+}

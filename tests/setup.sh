@@ -1,0 +1,41 @@
+#!/bin/bash
+# Install what remoca's test suite needs on a fresh Debian 12 machine, idempotently:
+# Debian packages (QEMU, NBD tools, Xen headers, NFS server, memcached, ...) and the guest
+# kernel the blkback guest test boots. Run as root (CI machines are); safe to re-run.
+set -euo pipefail
+
+PACKAGES=(
+  qemu-utils qemu-system-x86        # qemu-img/qemu-io/qemu-nbd baselines; guest boots; Xen under QEMU
+  libnbd-bin                        # nbdinfo, nbdcopy: independent NBD clients
+  libxen-dev                        # headers for the ABI layout test (never linked)
+  nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils   # real NFS server for save/restore to nfs://
+  memcached                         # baseline of the memory-server benchmark smoke test
+  iproute2                          # network namespaces and veth for the NFS test bed
+  busybox-static cpio e2fsprogs zstd xz-utils util-linux   # guest and dom0 initramfs builders
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  case "$p" in \#*) continue ;; esac
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/setup.sh: missing packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The packaged ganesha and rpcbind services must not hold the ports the tests' own
+# instances use (tests start their own inside network namespaces).
+for svc in nfs-ganesha rpcbind rpcbind.socket; do
+  systemctl stop "$svc" >/dev/null 2>&1 || true
+done
+
+KERNEL_DIR=${REMOCA_GUEST_KERNEL:-/var/tmp/remoca-guest-kernel}
+if [ ! -e "$KERNEL_DIR/vmlinuz" ]; then
+  "$(dirname "$0")/../blkback/tests/guest/fetch-kernel.sh" "$KERNEL_DIR"
+fi
+echo "tests/setup.sh: test dependencies present"

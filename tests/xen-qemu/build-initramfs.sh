@@ -102,7 +102,8 @@ done
 unset LD_LIBRARY_PATH
 # glibc dlopen()s libgcc_s for pthread_cancel; without it xl create aborts with
 # "libgcc_s.so.1 must be installed for pthread_cancel to work".
-libgcc=$(ldconfig -p | awk '$1 == "libgcc_s.so.1" && /x86-64/ {print $NF; exit}')
+# (awk reads to the end: an early exit would SIGPIPE ldconfig, fatal under pipefail)
+libgcc=$(ldconfig -p | awk '$1 == "libgcc_s.so.1" && /x86-64/ && !n++ {print $NF}')
 [ -n "$libgcc" ] || die "libgcc_s.so.1 not found on the host (libgcc-s1)"
 mkdir -p "$D$(dirname "$libgcc")"
 cp -L "$libgcc" "$D$libgcc"
@@ -134,10 +135,11 @@ addmod() { # NAME: dependencies first, then NAME
     grep -q "/${1}.ko\|/${n}.ko" "$KMOD/modules.builtin" && { log "module $1 is built in"; return 0; }
     die "kernel module $1 not found in $KMOD"
   fi
+  # The .modinfo section holds NUL-terminated "depends=a,b" (module names, - or _).
   case $f in
-    *.ko) deps=$(tr '\0' '\n' < "$f" | sed -n 's/^depends=//p' | head -n1) ;;
-    *.ko.xz) deps=$(xz -dc "$f" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1) ;;
-    *.ko.zst) deps=$(zstd -dc "$f" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1) ;;
+    *.ko) deps=$(tr '\0' '\n' < "$f" | awk '/^depends=/ && !n++ {print substr($0, 9)}') ;;
+    *.ko.xz) deps=$(xz -dc "$f" | tr '\0' '\n' | awk '/^depends=/ && !n++ {print substr($0, 9)}') ;;
+    *.ko.zst) deps=$(zstd -dc "$f" | tr '\0' '\n' | awk '/^depends=/ && !n++ {print substr($0, 9)}') ;;
     *) die "unknown module file type $f" ;;
   esac
   for d in ${deps//,/ }; do addmod "$d"; done

@@ -121,20 +121,27 @@ guest_console 10
 sleep 2 # let the guest settle
 mark "find-marker begin"
 if run 300 remoca --backend real xen find-marker "$GUEST" "$MARKER"; then
+  found=yes
   result xen-foreign-map-marker PASS
 else
+  found=no
   result xen-foreign-map-marker FAIL
 fi
 # The converse: a marker no guest frame holds must not be reported as found (it is, however,
-# in dom0's memory: in xl's and remoca's argv).
+# in dom0's memory: in remoca's argv). Only meaningful when the real marker was found, since a
+# find-marker that cannot scan at all also "does not find" it.
 absent=REMOCA-MARKER-$(tr -d '-' < /proc/sys/kernel/random/uuid | cut -c1-16)
-out=$(run 300 remoca --backend real xen find-marker "$GUEST" "$absent")
-rc=$?
-echo "$out"
-if [ $rc -ne 0 ] && ! echo "$out" | grep -q 'marker found'; then
-  result xen-foreign-map-absent-marker PASS
+if [ $found = yes ]; then
+  out=$(run 300 remoca --backend real xen find-marker "$GUEST" "$absent")
+  rc=$?
+  echo "$out"
+  if [ $rc -ne 0 ] && ! echo "$out" | grep -q 'marker found'; then
+    result xen-foreign-map-absent-marker PASS
+  else
+    result xen-foreign-map-absent-marker FAIL
+  fi
 else
-  result xen-foreign-map-absent-marker FAIL
+  result xen-foreign-map-absent-marker SKIP
 fi
 mark "find-marker end"
 

@@ -19,7 +19,7 @@ if [ -z "$kpkg" ]; then
   meta=$(apt-cache show --no-all-versions linux-image-amd64 2>/dev/null) ||
     die "apt knows no linux-image-amd64: run apt-get update (Debian 12 sources needed)"
   kpkg=$(printf '%s\n' "$meta" | sed -n 's/^Depends: //p' | tr ',|' '\n' | sed -E 's/^ +//; s/[ (].*//' |
-    grep -E '^linux-image-6\.1\.[0-9]+-[0-9]+-amd64$' | head -n1) ||
+    awk '/^linux-image-6\.1\.[0-9]+-[0-9]+-amd64$/ && !n++' | grep .) ||
     die "linux-image-amd64 does not depend on a linux-image-6.1.*-amd64 package (not Debian 12?): $(printf '%s\n' "$meta" | grep '^Depends:')"
 fi
 
@@ -64,6 +64,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   log "all ${#want[@]} debs cached in $DEBS"
 fi
+# Drop debs apt no longer points at (older versions), so the cache does not grow without bound.
+for f in "$DEBS"/*.deb; do
+  case " ${want[*]} " in *" ${f##*/} "*) ;; *) log "removing stale ${f##*/}"; rm -f "$f" ;; esac
+done
 
 # Extract once per deb set; the stamp lists the exact files extracted.
 stamp=$(printf '%s\n' "${want[@]}" | sort)

@@ -47,10 +47,10 @@ secs() { perl -e 'printf "%.1f", $ARGV[1] - $ARGV[0]' "$1" "$2"; }
 t0=$(now)
 
 log "fetch: Debian Xen 4.17, Linux 6.1, busybox-static into $WORK"
-"$XENQEMU_DIR/fetch.sh"
+"$XENQEMU_DIR/fetch.sh" || die "fetching the Debian packages failed (see above)"
 t1=$(now)
 log "build: initramfs images (remoca from $REMOCA_BIN)"
-"$XENQEMU_DIR/build-initramfs.sh"
+"$XENQEMU_DIR/build-initramfs.sh" || die "building the initramfs images failed (see above)"
 t2=$(now)
 
 # boot.sh runs in the background so that a TERM/INT to this script is handled at once: the

@@ -96,13 +96,28 @@ impl Drop for StoreServer {
     }
 }
 
+/// Where replies and watch events of one connection go.
+type Writer = Arc<Mutex<dyn Write + Send>>;
+
 fn serve_connection(store: SimXenstore, conn: UnixStream) {
     let Ok(writer) = conn.try_clone() else { return };
-    let writer = Arc::new(Mutex::new(writer));
+    serve_stream(&store, conn, Arc::new(Mutex::new(writer)));
+}
+
+/// Answer the requests read from `input` as one dom0 connection would, until the input ends
+/// or a frame is malformed, and return every reply and watch event written. The daemon's
+/// per-connection loop; public so the fuzz target drives the same code.
+pub fn serve_bytes(store: &SimXenstore, input: &[u8]) -> Vec<u8> {
+    let output = Arc::new(Mutex::new(Vec::new()));
+    serve_stream(store, input, output.clone());
+    let out = output.lock().clone();
+    out
+}
+
+fn serve_stream(store: &SimXenstore, mut reader: impl Read, writer: Writer) {
     let xs = store.connect(0);
     // Watches registered on this connection, by (path, token); dropping one unregisters it.
     let mut watches: HashMap<(String, String), Watch> = HashMap::new();
-    let mut reader = conn;
     loop {
         let mut head = [0u8; HEADER_LEN];
         if reader.read_exact(&mut head).is_err() {
@@ -136,7 +151,7 @@ fn nul(s: &str) -> Vec<u8> {
 }
 
 fn send(
-    writer: &Mutex<UnixStream>,
+    writer: &Mutex<dyn Write + Send>,
     ty: MsgType,
     req_id: u32,
     tx_id: u32,
@@ -158,7 +173,7 @@ fn answer(
     h: &Header,
     body: &[u8],
     watches: &mut HashMap<(String, String), Watch>,
-    writer: &Arc<Mutex<UnixStream>>,
+    writer: &Writer,
 ) -> Result<Vec<u8>> {
     let tx = Tx(h.tx_id);
     // The first string (the path, usually) and what follows its NUL.
@@ -295,6 +310,48 @@ mod tests {
         assert_eq!(client.read(Tx::NONE, "/tool/x").unwrap(), b"1");
         drop(server);
         assert!(!sock.exists());
+    }
+
+    #[test]
+    fn byte_streams_get_replies_until_a_malformed_frame() {
+        let store = SimXenstore::new();
+        let frame = |ty: MsgType, req_id: u32, payload: &[u8]| {
+            let mut f = Header {
+                msg_type: ty,
+                req_id,
+                tx_id: 0,
+                len: payload.len() as u32,
+            }
+            .encode()
+            .to_vec();
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut input = frame(MsgType::Write, 1, b"/a\0hello");
+        input.extend(frame(MsgType::Read, 2, b"/a\0"));
+        input.extend(frame(MsgType::Read, 3, b"/missing\0"));
+        // An oversize length ends the connection; the read after it is never answered.
+        let mut bad = frame(MsgType::Read, 4, b"");
+        bad[12..16].copy_from_slice(&(wire::PAYLOAD_MAX as u32 + 1).to_le_bytes());
+        input.extend(bad);
+        input.extend(frame(MsgType::Read, 5, b"/a\0"));
+        let out = serve_bytes(&store, &input);
+        let mut replies = Vec::new();
+        let mut rest = &out[..];
+        while rest.len() >= HEADER_LEN {
+            let h = Header::decode(rest[..HEADER_LEN].try_into().unwrap()).unwrap();
+            let end = HEADER_LEN + h.len as usize;
+            replies.push((h.req_id, h.msg_type, rest[HEADER_LEN..end].to_vec()));
+            rest = &rest[end..];
+        }
+        assert_eq!(
+            replies,
+            vec![
+                (1, MsgType::Write, b"OK\0".to_vec()),
+                (2, MsgType::Read, b"hello".to_vec()),
+                (3, MsgType::Error, b"ENOENT\0".to_vec()),
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ PACKAGES=(
   nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils   # real NFS server for save/restore to nfs://
   memcached                         # baseline of the memory-server benchmark smoke test
   iproute2                          # network namespaces and veth for the NFS test bed
-  busybox-static cpio e2fsprogs zstd xz-utils util-linux   # guest and dom0 initramfs builders
+  busybox-static cpio e2fsprogs zstd xz-utils util-linux perl binutils   # guest and dom0 initramfs builders
 )
 
 missing=()

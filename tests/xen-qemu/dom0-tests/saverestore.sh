@@ -43,7 +43,8 @@ rm -f "$T/g2.xl"
 check saverestore-extract-page sh -c "remoca extract '$T/g.rsv' --pfn 0x100 --out '$T/p' && [ \$(stat -c %s '$T/p') -eq 4096 ]"
 check saverestore-restore-domain remoca restore --quiet "$T/g.rsv" --domain
 check saverestore-guest-runs wait_running
-rm -f "$T/g.xl" "$T/g.rsv"
+# Keep g.rsv: if the next steps fail, recover() restores the guest from it.
+rm -f "$T/g.xl"
 check saverestore-save-domain remoca save --quiet --domain "$G" --to "$T/g3.rsv"
 check saverestore-domain-saved gone
 check saverestore-restore-domain-again remoca restore --quiet "$T/g3.rsv" --domain

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  NBD clients ─▶ nbd::server ─┐                      ┌─▶ Overlay (per VM, slow device)
-//!  (blkif ring, later) ────────┼─▶ request::execute ─▶│        │ clusters never written
+//!  blkif rings (Xen) ─────────┼─▶ request::execute ─▶│        │ clusters never written
 //!                              │   (worker threads)   │        ▼
 //!                              │                      └─▶ RawFile template (read-only)
 //! ```
@@ -18,8 +18,10 @@
 //! - [`commit`]: fold an overlay into a new template.
 //! - [`memory`]: an in-memory `Disk` for tests.
 //! - [`workers`]: the pool of threads that run blocking disk requests for the frontends.
+//! - [`blkif`]: the Xen blkif backend (xenbus handshake, ring loop) over `remoca-xen`.
 
 pub mod bench;
+pub mod blkif;
 pub mod commit;
 pub mod disk;
 pub mod export;

@@ -1,0 +1,503 @@
+//! The request loop of one connected device: the frontend's ring mapped through the grant
+//! tables, its event channel bound, requests decoded by [`super::parse`] and run on the
+//! shared [`WorkerPool`], data moved by grant copy, responses posted with Xen's
+//! notification hold-off.
+//!
+//! ```text
+//!  ring thread:  wait(evtchn) -> unmask -> next_request* -> parse -> submit(job)
+//!                     ^              (rejected requests are answered at once)
+//!                     +-- final_check_for_requests (re-arms req_event) --+
+//!  worker:       [indirect pages] -> grant copy in -> Disk -> grant copy out
+//!                -> lock ring: push_response, publish, notify if rsp_event asks
+//! ```
+//!
+//! Invariants: a request is answered exactly once, whatever happens to it (a malformed
+//! request, a bad grant or a disk error is `BLKIF_RSP_ERROR` for that request only; the
+//! ring keeps serving). Teardown stops consuming, waits until every consumed request is
+//! answered, then drops the ring mapping and unbinds the port, so nothing stays mapped.
+//! Only a frontend whose producer index is impossible stops the ring.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use remoca_xen::abi::blkif::{
+    Request, Request32, Response, Response32, RSP_EOPNOTSUPP, RSP_ERROR, RSP_OKAY,
+};
+use remoca_xen::ring::{BackRing, RingError};
+use remoca_xen::{
+    DomId, EventChannelHandle, GrantCopy, GrantHandle, GrantRef, Host, Port, PAGE_SIZE,
+};
+
+use crate::disk::check_range;
+use crate::export::ExportStats;
+use crate::request::{execute, Completion, Op};
+use crate::workers::WorkerPool;
+
+use super::params::ResolvedDisk;
+use super::parse::{
+    entry_bytes_32, entry_bytes_64, parse_indirect_segments, parse_request, Abi, BlkifOp,
+    BlkifRequest, DataSegment, Limits, SECTOR_SIZE, SEGMENT_SIZE,
+};
+use super::xenbus::FrontendRing;
+use super::BlkifError;
+
+/// How often an idle ring thread looks at its stop flag.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// Guest-triggered warnings logged per device before going quiet (then every 1000th).
+const LOUD_REJECTS: u64 = 8;
+
+/// The ring in the frontend's ABI (closed set).
+#[derive(Debug)]
+enum Ring {
+    X64(BackRing<Request, Response>),
+    X32(BackRing<Request32, Response32>),
+}
+
+impl Ring {
+    fn next(&mut self) -> Result<Option<Vec<u8>>, RingError> {
+        Ok(match self {
+            Ring::X64(r) => r.next_request()?.map(|e| entry_bytes_64(&e).to_vec()),
+            Ring::X32(r) => r.next_request()?.map(|e| entry_bytes_32(&e).to_vec()),
+        })
+    }
+
+    fn push(&mut self, id: u64, operation: u8, status: i16) {
+        match self {
+            Ring::X64(r) => r.push_response(Response {
+                id,
+                operation,
+                status,
+                ..Response::default()
+            }),
+            Ring::X32(r) => r.push_response(Response32 {
+                id,
+                operation,
+                pad: 0,
+                status,
+            }),
+        }
+    }
+
+    fn publish(&mut self) -> bool {
+        match self {
+            Ring::X64(r) => r.publish(),
+            Ring::X32(r) => r.publish(),
+        }
+    }
+
+    fn final_check(&mut self) -> Result<bool, RingError> {
+        match self {
+            Ring::X64(r) => r.final_check_for_requests(),
+            Ring::X32(r) => r.final_check_for_requests(),
+        }
+    }
+
+    fn in_flight(&self) -> u32 {
+        match self {
+            Ring::X64(r) => r.in_flight(),
+            Ring::X32(r) => r.in_flight(),
+        }
+    }
+}
+
+/// Counters of one device.
+#[derive(Debug, Default)]
+pub struct RingStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// State the ring thread and the workers share.
+struct Shared {
+    name: String,
+    dom: DomId,
+    abi: Abi,
+    limits: Limits,
+    /// `None` once torn down (the mapping is released with it).
+    ring: Mutex<Option<Ring>>,
+    /// Signalled when the last in-flight request is answered.
+    idle: Condvar,
+    evtchn: Box<dyn EventChannelHandle>,
+    port: Port,
+    grants: Box<dyn GrantHandle>,
+    disk: ResolvedDisk,
+    discard: bool,
+    stats: Arc<RingStats>,
+}
+
+/// A running request loop; [`Dataplane::stop`] tears it down.
+pub(crate) struct Dataplane {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("device", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Dataplane::start`] needs.
+pub(crate) struct Connect<'a> {
+    pub host: &'a Host,
+    pub name: String,
+    pub dom: DomId,
+    pub ring: &'a FrontendRing,
+    pub disk: ResolvedDisk,
+    pub discard: bool,
+    pub limits: Limits,
+    pub pool: Arc<WorkerPool>,
+    /// Resume a ring a previous backend process served (requests between `rsp_prod` and
+    /// `req_prod` are replayed) instead of starting from a fresh ring.
+    pub attach: bool,
+    pub stats: Arc<RingStats>,
+}
+
+impl Dataplane {
+    /// Map the ring, bind the event channel and start the ring thread.
+    ///
+    /// # Errors
+    /// [`BlkifError::Xen`] from mapping or binding (nothing stays mapped or bound), or
+    /// [`BlkifError::Frontend`] for a ring too small to hold a request.
+    pub fn start(c: Connect<'_>) -> Result<Dataplane, BlkifError> {
+        let grants = c.host.grants.open()?;
+        let map = Arc::new(grants.map(c.dom, &c.ring.refs, true)?);
+        let bad_ring = |e: RingError| BlkifError::Frontend(e.to_string());
+        let ring = match (c.ring.abi, c.attach) {
+            (Abi::X86_64, false) => Ring::X64(BackRing::new(map).map_err(bad_ring)?),
+            (Abi::X86_64, true) => Ring::X64(BackRing::attach(map).map_err(bad_ring)?),
+            (Abi::X86_32, false) => Ring::X32(BackRing::new(map).map_err(bad_ring)?),
+            (Abi::X86_32, true) => Ring::X32(BackRing::attach(map).map_err(bad_ring)?),
+        };
+        let evtchn = c.host.evtchn.open()?;
+        let port = evtchn.bind_interdomain(c.dom, c.ring.port)?;
+        let shared = Arc::new(Shared {
+            name: c.name,
+            dom: c.dom,
+            abi: c.ring.abi,
+            limits: c.limits,
+            ring: Mutex::new(Some(ring)),
+            idle: Condvar::new(),
+            evtchn,
+            port,
+            grants,
+            disk: c.disk,
+            discard: c.discard,
+            stats: c.stats,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (shared, stop, pool) = (shared.clone(), stop.clone(), c.pool);
+            std::thread::Builder::new()
+                .name(format!("blkif-{}", shared.name))
+                .spawn(move || ring_loop(&shared, &stop, &pool))
+                .map_err(BlkifError::Thread)?
+        };
+        Ok(Dataplane {
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop consuming requests, wait until every consumed one is answered, unmap the ring
+    /// and unbind the event channel.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut ring = self.shared.ring.lock();
+        while ring.as_ref().is_some_and(|r| r.in_flight() > 0) {
+            self.shared.idle.wait(&mut ring);
+        }
+        *ring = None;
+        drop(ring);
+        if let Err(e) = self.shared.evtchn.unbind(self.shared.port) {
+            tracing::warn!(device = %self.shared.name, error = %e, "unbinding the event channel");
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // A dataplane dropped without stop() (a panic unwinding) still stops its thread.
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn ring_loop(shared: &Arc<Shared>, stop: &AtomicBool, pool: &WorkerPool) {
+    let span = tracing::info_span!("blkif", device = %shared.name);
+    let _enter = span.enter();
+    loop {
+        // Read the flag before the consume pass: once it is set, one more whole pass runs,
+        // so whatever the frontend published before teardown began is answered.
+        let stopping = stop.load(Ordering::Acquire);
+        let mut jobs = Vec::new();
+        let mut broken = None;
+        let more = {
+            let mut guard = shared.ring.lock();
+            let Some(ring) = guard.as_mut() else { return };
+            loop {
+                match ring.next() {
+                    Ok(Some(entry)) => {
+                        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        match parse_request(shared.abi, &entry, shared.limits) {
+                            Ok(req) => jobs.push(req),
+                            Err(rej) => {
+                                let n = shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                                if n < LOUD_REJECTS || n % 1000 == 0 {
+                                    tracing::warn!(id = rej.id, reason = %rej.reason, rejected = n + 1, "malformed request");
+                                }
+                                ring.push(rej.id, rej.operation, rej.status);
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        broken = Some(e);
+                        break;
+                    }
+                }
+            }
+            if ring.publish() {
+                shared.notify();
+            }
+            if broken.is_some() {
+                false
+            } else {
+                match ring.final_check() {
+                    Ok(more) => more,
+                    Err(e) => {
+                        broken = Some(e);
+                        false
+                    }
+                }
+            }
+        };
+        for req in jobs {
+            let s = shared.clone();
+            pool.submit(move || s.serve(req));
+        }
+        if let Some(e) = broken {
+            tracing::error!(error = %e, "frontend broke the ring protocol; no more requests are taken from it");
+            return;
+        }
+        if stopping {
+            return;
+        }
+        if more {
+            continue;
+        }
+        match shared.evtchn.wait(IDLE_TICK) {
+            Ok(Some(p)) => {
+                if let Err(e) = shared.evtchn.unmask(p) {
+                    tracing::warn!(error = %e, "unmasking the event channel");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "waiting on the event channel");
+                return;
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Kick the frontend. Called with the ring lock held, so teardown cannot unbind the port
+    /// between the last response and its notification.
+    fn notify(&self) {
+        if let Err(e) = self.evtchn.notify(self.port) {
+            tracing::warn!(device = %self.name, error = %e, "notifying the frontend");
+        }
+    }
+
+    /// Run one request on a worker and answer it.
+    fn serve(&self, req: BlkifRequest) {
+        let status = match self.execute(&req) {
+            Ok(()) => RSP_OKAY,
+            Err(status) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = &self.disk.export {
+                    ExportStats::add(&e.stats.errors, 1);
+                }
+                status
+            }
+        };
+        let mut guard = self.ring.lock();
+        if let Some(ring) = guard.as_mut() {
+            ring.push(req.id, req.response_operation(), status);
+            if ring.publish() {
+                self.notify();
+            }
+            if ring.in_flight() == 0 {
+                self.idle.notify_all();
+            }
+        }
+    }
+
+    fn execute(&self, req: &BlkifRequest) -> Result<(), i16> {
+        match &req.op {
+            BlkifOp::Read { sector, segments } => self.read(*sector, segments),
+            BlkifOp::Write { sector, segments } => self.write(*sector, segments, false),
+            BlkifOp::Flush { sector, segments } => {
+                self.run(Op::Flush)?;
+                self.count(|s| &s.flushes, 1);
+                if segments.is_empty() {
+                    Ok(())
+                } else {
+                    self.write(*sector, segments, true)
+                }
+            }
+            BlkifOp::Discard {
+                sector,
+                nr_sectors,
+                secure,
+            } => {
+                if *secure || !self.discard {
+                    return Err(RSP_EOPNOTSUPP);
+                }
+                let len = nr_sectors.checked_mul(SECTOR_SIZE).ok_or(RSP_ERROR)?;
+                self.run(Op::Discard {
+                    offset: sector * SECTOR_SIZE,
+                    len,
+                    fua: false,
+                })?;
+                self.count(|s| &s.trims, 1);
+                Ok(())
+            }
+            BlkifOp::Indirect {
+                write,
+                sector,
+                nr_segments,
+                pages,
+            } => {
+                let segments = self.indirect_segments(pages, usize::from(*nr_segments))?;
+                if *write {
+                    self.write(*sector, &segments, false)
+                } else {
+                    self.read(*sector, &segments)
+                }
+            }
+        }
+    }
+
+    fn count(&self, counter: impl Fn(&ExportStats) -> &AtomicU64, n: u64) {
+        if let Some(e) = &self.disk.export {
+            ExportStats::add(counter(&e.stats), n);
+        }
+    }
+
+    fn run(&self, op: Op) -> Result<Option<Vec<u8>>, i16> {
+        match execute(&*self.disk.disk, op, 0) {
+            Ok(Completion::Read { buf, .. }) => Ok(Some(buf)),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::debug!(device = %self.name, error = %e.error, "disk request failed");
+                Err(RSP_ERROR)
+            }
+        }
+    }
+
+    fn copy(&self, ops: &mut [GrantCopy<'_>]) -> Result<(), i16> {
+        self.grants.copy(ops).map_err(|e| {
+            let n = self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            if n < LOUD_REJECTS || n % 1000 == 0 {
+                tracing::warn!(device = %self.name, error = %e, "grant copy failed");
+            }
+            RSP_ERROR
+        })
+    }
+
+    fn checked_range(&self, sector: u64, segments: &[DataSegment]) -> Result<(u64, usize), i16> {
+        let total: usize = segments.iter().map(DataSegment::len).sum();
+        let offset = sector * SECTOR_SIZE;
+        check_range(offset, total as u64, self.disk.disk.size()).map_err(|_| RSP_ERROR)?;
+        Ok((offset, total))
+    }
+
+    fn read(&self, sector: u64, segments: &[DataSegment]) -> Result<(), i16> {
+        let (offset, total) = self.checked_range(sector, segments)?;
+        let buf = self
+            .run(Op::Read {
+                offset,
+                len: total as u32,
+            })?
+            .unwrap_or_default();
+        let mut ops = Vec::with_capacity(segments.len());
+        let mut rest: &[u8] = &buf;
+        for s in segments {
+            let (head, tail) = rest.split_at(s.len());
+            ops.push(GrantCopy::ToGuest {
+                dom: self.dom,
+                gref: s.gref,
+                offset: s.offset(),
+                buf: head,
+            });
+            rest = tail;
+        }
+        self.copy(&mut ops)?;
+        self.count(|s| &s.reads, 1);
+        self.count(|s| &s.bytes_read, total as u64);
+        Ok(())
+    }
+
+    fn write(&self, sector: u64, segments: &[DataSegment], fua: bool) -> Result<(), i16> {
+        if self.disk.read_only {
+            return Err(RSP_ERROR);
+        }
+        let (offset, total) = self.checked_range(sector, segments)?;
+        let mut data = vec![0u8; total];
+        {
+            let mut ops = Vec::with_capacity(segments.len());
+            let mut rest: &mut [u8] = &mut data;
+            for s in segments {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(s.len());
+                ops.push(GrantCopy::FromGuest {
+                    dom: self.dom,
+                    gref: s.gref,
+                    offset: s.offset(),
+                    buf: head,
+                });
+                rest = tail;
+            }
+            self.copy(&mut ops)?;
+        }
+        self.run(Op::Write { offset, data, fua })?;
+        self.count(|s| &s.writes, 1);
+        self.count(|s| &s.bytes_written, total as u64);
+        Ok(())
+    }
+
+    /// Fetch the segment descriptors of an indirect request from its granted pages.
+    fn indirect_segments(&self, pages: &[GrantRef], count: usize) -> Result<Vec<DataSegment>, i16> {
+        let mut bytes = vec![0u8; count * SEGMENT_SIZE];
+        {
+            let mut ops = Vec::with_capacity(pages.len());
+            for (gref, chunk) in pages.iter().zip(bytes.chunks_mut(PAGE_SIZE)) {
+                ops.push(GrantCopy::FromGuest {
+                    dom: self.dom,
+                    gref: *gref,
+                    offset: 0,
+                    buf: chunk,
+                });
+            }
+            self.copy(&mut ops)?;
+        }
+        parse_indirect_segments(&bytes, count).map_err(|reason| {
+            let n = self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            if n < LOUD_REJECTS || n % 1000 == 0 {
+                tracing::warn!(device = %self.name, %reason, "malformed indirect segment");
+            }
+            RSP_ERROR
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! The xenbus side of one blkif device: states, the keys the backend publishes and the
+//! ring description the frontend publishes (`io/xenbus.h`, `io/blkif.h`).
+//!
+//! ```text
+//!  toolstack: backend + frontend dirs, both state 1
+//!  backend:   features, sectors, info ........................ state 2 (InitWait)
+//!  frontend:  ring-ref[N], event-channel, protocol ............ state 3 (Initialised)
+//!  backend:   map ring, bind event channel .................... state 4 (Connected)
+//!  frontend:  ................................................. state 4
+//!  either:    5 (Closing) -> backend drains, unmaps, unbinds -> 6 (Closed)
+//! ```
+
+use remoca_xen::xenstore::{read_string, with_transaction};
+use remoca_xen::{GrantRef, Port, Tx, XenStore};
+
+use super::parse::Abi;
+use super::BlkifError;
+
+/// `enum xenbus_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XenbusState {
+    Unknown = 0,
+    Initialising = 1,
+    InitWait = 2,
+    Initialised = 3,
+    Connected = 4,
+    Closing = 5,
+    Closed = 6,
+    Reconfiguring = 7,
+    Reconfigured = 8,
+}
+
+impl XenbusState {
+    /// Parse a `state` value; anything unreadable is `Unknown`, as xenbus treats it.
+    pub fn parse(s: &str) -> XenbusState {
+        match s.trim().parse::<u32>() {
+            Ok(1) => XenbusState::Initialising,
+            Ok(2) => XenbusState::InitWait,
+            Ok(3) => XenbusState::Initialised,
+            Ok(4) => XenbusState::Connected,
+            Ok(5) => XenbusState::Closing,
+            Ok(6) => XenbusState::Closed,
+            Ok(7) => XenbusState::Reconfiguring,
+            Ok(8) => XenbusState::Reconfigured,
+            _ => XenbusState::Unknown,
+        }
+    }
+
+    /// The number written to xenstore.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// `VDISK_CDROM`, `VDISK_REMOVABLE`, `VDISK_READONLY` for the `info` key.
+pub const VDISK_CDROM: u32 = 1;
+pub const VDISK_READONLY: u32 = 4;
+
+/// What the backend tells the frontend about the disk and itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    /// Size in 512-byte sectors.
+    pub sectors: u64,
+    pub info: u32,
+    pub discard: bool,
+    pub max_indirect_segments: u16,
+    pub max_ring_page_order: u32,
+}
+
+/// Read a key as text; `Ok(None)` when it does not exist.
+///
+/// # Errors
+/// Xenstore errors other than `ENOENT`.
+pub fn read_opt(store: &dyn XenStore, path: &str) -> Result<Option<String>, BlkifError> {
+    match read_string(store, Tx::NONE, path) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_errno(libc::ENOENT) => Ok(None),
+        Err(e) => Err(BlkifError::Xen(e)),
+    }
+}
+
+/// Read a state node; a missing node is `Unknown` (the device is gone).
+///
+/// # Errors
+/// Xenstore errors other than `ENOENT`.
+pub fn read_state(store: &dyn XenStore, path: &str) -> Result<XenbusState, BlkifError> {
+    Ok(read_opt(store, &format!("{path}/state"))?
+        .map_or(XenbusState::Unknown, |s| XenbusState::parse(&s)))
+}
+
+/// Write our `state`.
+///
+/// # Errors
+/// Xenstore errors.
+pub fn write_state(
+    store: &dyn XenStore,
+    backend: &str,
+    state: XenbusState,
+) -> Result<(), BlkifError> {
+    store.write(
+        Tx::NONE,
+        &format!("{backend}/state"),
+        state.code().to_string().as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Publish the features and disk properties, then move to `state`, in one transaction so
+/// a frontend that sees the state also sees every key.
+///
+/// # Errors
+/// Xenstore errors.
+pub fn publish(
+    store: &dyn XenStore,
+    backend: &str,
+    f: &Features,
+    state: XenbusState,
+) -> Result<(), BlkifError> {
+    with_transaction(store, 16, |tx| {
+        let w = |k: &str, v: String| store.write(tx, &format!("{backend}/{k}"), v.as_bytes());
+        w("feature-flush-cache", "1".into())?;
+        w("feature-barrier", "0".into())?;
+        w("feature-persistent", "0".into())?;
+        if f.discard {
+            w("feature-discard", "1".into())?;
+            w("discard-granularity", "4096".into())?;
+            w("discard-alignment", "0".into())?;
+            w("discard-secure", "0".into())?;
+        } else {
+            w("feature-discard", "0".into())?;
+        }
+        if f.max_indirect_segments > 0 {
+            w(
+                "feature-max-indirect-segments",
+                f.max_indirect_segments.to_string(),
+            )?;
+        }
+        w("max-ring-page-order", f.max_ring_page_order.to_string())?;
+        w("sectors", f.sectors.to_string())?;
+        w("info", f.info.to_string())?;
+        w("sector-size", "512".into())?;
+        w("physical-sector-size", "512".into())?;
+        w("state", state.code().to_string())?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The ring as the frontend described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendRing {
+    /// Grant refs of the ring pages, in order (`ring-ref` or `ring-ref0..N-1`).
+    pub refs: Vec<GrantRef>,
+    /// The frontend's unbound port.
+    pub port: Port,
+    pub abi: Abi,
+}
+
+fn parse_num<T: std::str::FromStr>(path: &str, v: &str) -> Result<T, BlkifError> {
+    v.trim()
+        .parse()
+        .map_err(|_| BlkifError::Frontend(format!("{path}: {v:?} is not a number")))
+}
+
+/// Read `ring-page-order` + `ring-ref%u` (or `ring-ref`), `event-channel` and `protocol`.
+///
+/// # Errors
+/// [`BlkifError::Frontend`] for missing or malformed keys, an order above
+/// `max_order`, multi-queue, or an ABI other than x86.
+pub fn read_frontend_ring(
+    store: &dyn XenStore,
+    frontend: &str,
+    max_order: u32,
+) -> Result<FrontendRing, BlkifError> {
+    let key = |k: &str| format!("{frontend}/{k}");
+    let need = |k: &str| -> Result<String, BlkifError> {
+        read_opt(store, &key(k))?
+            .ok_or_else(|| BlkifError::Frontend(format!("{} is missing", key(k))))
+    };
+    if let Some(q) = read_opt(store, &key("multi-queue-num-queues"))? {
+        if parse_num::<u32>(&key("multi-queue-num-queues"), &q)? > 1 {
+            return Err(BlkifError::Frontend(
+                "frontend asks for several queues; this backend offers one".into(),
+            ));
+        }
+    }
+    let refs = match read_opt(store, &key("ring-page-order"))? {
+        Some(o) => {
+            let order: u32 = parse_num(&key("ring-page-order"), &o)?;
+            if order > max_order {
+                return Err(BlkifError::Frontend(format!(
+                    "ring-page-order {order} is above max-ring-page-order {max_order}"
+                )));
+            }
+            (0..1u32 << order)
+                .map(|i| {
+                    let k = format!("ring-ref{i}");
+                    parse_num(&key(&k), &need(&k)?)
+                })
+                .collect::<Result<Vec<GrantRef>, _>>()?
+        }
+        None => vec![parse_num(&key("ring-ref"), &need("ring-ref")?)?],
+    };
+    let port = parse_num(&key("event-channel"), &need("event-channel")?)?;
+    let protocol = read_opt(store, &key("protocol"))?;
+    let abi = Abi::from_protocol(protocol.as_deref().map(str::trim))
+        .map_err(|p| BlkifError::Frontend(format!("protocol {p:?} is not supported")))?;
+    Ok(FrontendRing { refs, port, abi })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_parse_like_xenbus() {
+        assert_eq!(XenbusState::parse("4"), XenbusState::Connected);
+        assert_eq!(XenbusState::parse("6\n"), XenbusState::Closed);
+        assert_eq!(XenbusState::parse("x"), XenbusState::Unknown);
+        assert_eq!(XenbusState::parse("99"), XenbusState::Unknown);
+        assert_eq!(XenbusState::InitWait.code(), 2);
+    }
+}

@@ -39,6 +39,9 @@ use crate::journal::{Journal, JournalError};
 use crate::store::{PageStore, StoreError};
 use crate::victim::Clock;
 
+/// KiB in a page (xenstore sizes are in KiB).
+pub const PAGE_KIB: u64 = (PAGE_SIZE / 1024) as u64;
+
 /// How long evictions pause after the store refused a batch.
 const PUT_RETRY: Duration = Duration::from_secs(1);
 
@@ -134,7 +137,7 @@ pub struct PagerStats {
 
 impl std::fmt::Display for PagerStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kib = |p: u64| p * (PAGE_SIZE as u64 / 1024);
+        let kib = |p: u64| p * PAGE_KIB;
         write!(
             f,
             "dom {} resident {} KiB, out {} KiB, target {}; evicted {}, faults {}, busy {}/{}",
@@ -220,7 +223,7 @@ pub fn target_path(dom: DomId) -> String {
 }
 
 fn kib_to_pages(kib: u64) -> u64 {
-    kib / (PAGE_SIZE as u64 / 1024)
+    kib / PAGE_KIB
 }
 
 /// Fetch a page and check it is the copy the journal recorded.

@@ -276,3 +276,41 @@ fn enable_failure_says_why() {
     assert!(matches!(e, PagerError::Unavailable { .. }), "{e}");
     assert!(e.to_string().contains("not HVM"), "{e}");
 }
+
+#[test]
+fn run_pager_publishes_status_and_stops_with_every_page_back() {
+    use remoca_paging::service::{pager_status, run_pager, status_path, PagerRunConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let guest = Guest::new(64);
+    let dir = tempfile::tempdir().unwrap();
+    let status = guest
+        .host
+        .store
+        .watch(&status_path(guest.dom), "test")
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = {
+        let (host, stop) = (guest.host.clone(), stop.clone());
+        let mut cfg = PagerRunConfig::new("guest", dir.path().to_path_buf());
+        cfg.target_kib = Some(32 * 4);
+        cfg.batch = 8;
+        cfg.status_interval = std::time::Duration::ZERO;
+        std::thread::spawn(move || run_pager(&host, cfg, &stop, |_| {}))
+    };
+    // Wait (on the xenstore watch) until the pager reports the guest at its target.
+    loop {
+        status.next().expect("xenstore watch");
+        if pager_status(&guest.host, guest.dom).as_deref() == Some("out 128 KiB / tgt 128 KiB") {
+            break;
+        }
+    }
+    assert_eq!(guest.paged_pages(), 32);
+    guest.check_all();
+    stop.store(true, Ordering::Relaxed);
+    let report = runner.join().unwrap().unwrap();
+    assert!(report.paged_back >= 32);
+    assert_eq!(guest.paged_pages(), 0);
+    assert!(!guest.crashed());
+    assert_eq!(pager_status(&guest.host, guest.dom), None);
+}

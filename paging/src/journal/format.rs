@@ -14,7 +14,8 @@
 //! ```
 //!
 //! All integers little-endian. `len` is at most [`MAX_PAYLOAD`], checked before anything is
-//! allocated; unknown kinds and payloads of the wrong size are errors. A record cut short
+//! allocated; unknown kinds, payloads of the wrong size and a non-zero reserved byte are
+//! errors, so every record has exactly one encoding. A record cut short
 //! at the end of the file (a crash mid-append) decodes as [`Decoded::Incomplete`] so the
 //! reader can truncate the torn tail; a checksum mismatch is [`FormatError::Checksum`].
 
@@ -53,6 +54,8 @@ pub enum FormatError {
     Size { kind: u8, len: usize },
     #[error("record checksum mismatch")]
     Checksum,
+    #[error("record with reserved byte {0:#x} (must be zero)")]
+    Reserved(u8),
 }
 
 /// Encode the file header.
@@ -137,6 +140,9 @@ pub fn decode_record(buf: &[u8]) -> Result<Decoded, FormatError> {
     if crc32c::crc32c(&buf[..4 + len]) != crc {
         return Err(FormatError::Checksum);
     }
+    if buf[3] != 0 {
+        return Err(FormatError::Reserved(buf[3]));
+    }
     let p = &buf[4..4 + len];
     let u64_at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().expect("8 bytes"));
     let rec = match (kind, len) {
@@ -204,6 +210,12 @@ mod tests {
         assert_eq!(decode_record(&buf), Err(FormatError::Checksum));
         let huge = [0xff, 0xff, 1, 0];
         assert_eq!(decode_record(&huge), Err(FormatError::TooLong(0xffff)));
+        let mut reserved = Vec::new();
+        encode_record(&Record::In { gfn: 1 }, &mut reserved);
+        reserved[3] = 1;
+        let crc = crc32c::crc32c(&reserved[..12]);
+        reserved[12..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_record(&reserved), Err(FormatError::Reserved(1)));
     }
 
     #[test]

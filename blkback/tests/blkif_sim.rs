@@ -1081,3 +1081,70 @@ fn restarted_backend_reattaches_and_answers_requests_left_on_the_ring() {
     let _ = OP_DISCARD;
     let _ = OP_FLUSH_DISKCACHE;
 }
+
+#[test]
+fn unusable_devices_are_refused_without_stopping_the_others() {
+    let h = Host0::new();
+    let img = image(h.dir.path(), "ok.raw", 256, 41);
+    let server = h.serve(BlkifConfig::default());
+    let dom = h.guest("mixed");
+    h.add_disk(dom, 51712, "raw:/nonexistent/disk.raw", "w");
+    h.add_disk(dom, 51728, &format!("vhd:{}", img.display()), "w");
+    h.add_disk(dom, 51744, &format!("raw:{}", img.display()), "w");
+    let mut f = Front::connect(&h, dom, 51744, Setup { slot: 1, ..X64 });
+    let (st, got) = f.read(0, f.pages(0, 1));
+    assert_eq!((st, got), (RSP_OKAY, file_bytes(&img, 0, PAGE)));
+    for devid in [51712, 51728] {
+        let be = backend_path(dom, devid);
+        assert_eq!(
+            h.read(&format!("{be}/state")).as_deref(),
+            Some("1"),
+            "{devid}"
+        );
+        assert_eq!(
+            h.read(&format!("{be}/sectors")),
+            None,
+            "{devid} offered a disk"
+        );
+    }
+
+    // A frontend speaking an ABI this backend does not: the device closes, nothing mapped.
+    let dom2 = h.guest("arm");
+    h.add_disk(dom2, 51712, &format!("raw:{}", img.display()), "w");
+    let be = backend_path(dom2, 51712);
+    h.wait_state(&be, 2);
+    let gref = h.sim.grant_access(dom2, 0, 0, false).unwrap();
+    let port = h.sim.evtchn_alloc_unbound(dom2, 0).unwrap();
+    let guest = h.sim.xenstore().connect(dom2);
+    let fe = frontend_path(dom2, 51712);
+    for (k, v) in [
+        ("ring-ref", gref.to_string()),
+        ("event-channel", port.to_string()),
+        ("protocol", "arm-abi".into()),
+        ("state", "3".into()),
+    ] {
+        guest
+            .write(Tx::NONE, &format!("{fe}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    h.wait_state(&be, 6);
+    h.sim.revoke_grant(dom2, gref).unwrap();
+    // A ring order above the offer is refused the same way.
+    let dom3 = h.guest("greedy");
+    h.add_disk(dom3, 51712, &format!("raw:{}", img.display()), "w");
+    let be = backend_path(dom3, 51712);
+    h.wait_state(&be, 2);
+    let guest = h.sim.xenstore().connect(dom3);
+    let fe = frontend_path(dom3, 51712);
+    for (k, v) in [
+        ("ring-page-order", "9".to_string()),
+        ("event-channel", "1".into()),
+        ("state", "3".into()),
+    ] {
+        guest
+            .write(Tx::NONE, &format!("{fe}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    h.wait_state(&be, 6);
+    server.shutdown().unwrap();
+}

@@ -211,6 +211,7 @@ pub fn read_frontend_ring(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use remoca_xen::sim::SimHost;
 
     #[test]
     fn states_parse_like_xenbus() {
@@ -219,5 +220,73 @@ mod tests {
         assert_eq!(XenbusState::parse("x"), XenbusState::Unknown);
         assert_eq!(XenbusState::parse("99"), XenbusState::Unknown);
         assert_eq!(XenbusState::InitWait.code(), 2);
+    }
+
+    #[test]
+    fn frontend_ring_keys_are_read_and_checked() {
+        let sim = SimHost::new();
+        let fe = "/local/domain/3/device/vbd/51712";
+        let w = |k: &str, v: &str| {
+            sim.write(Tx::NONE, &format!("{fe}/{k}"), v.as_bytes())
+                .unwrap()
+        };
+        let read = || read_frontend_ring(&sim, fe, 4);
+        assert!(matches!(read(), Err(BlkifError::Frontend(m)) if m.contains("ring-ref")));
+        w("ring-ref", "8");
+        w("event-channel", "5");
+        assert_eq!(
+            read().unwrap(),
+            FrontendRing {
+                refs: vec![8],
+                port: 5,
+                abi: Abi::X86_32
+            },
+            "no protocol key means x86_32"
+        );
+        w("protocol", "x86_64-abi");
+        w("ring-page-order", "1");
+        assert!(read().is_err(), "ring-ref1 missing");
+        w("ring-ref0", "10");
+        w("ring-ref1", "11");
+        let r = read().unwrap();
+        assert_eq!((r.refs, r.abi), (vec![10, 11], Abi::X86_64));
+        w("ring-page-order", "5");
+        assert!(read().unwrap_err().to_string().contains("above"));
+        w("ring-page-order", "0");
+        w("ring-ref0", "x");
+        assert!(read().unwrap_err().to_string().contains("not a number"));
+        w("ring-ref0", "10");
+        w("protocol", "arm-abi");
+        assert!(read().unwrap_err().to_string().contains("arm-abi"));
+        w("protocol", "x86_64-abi");
+        w("multi-queue-num-queues", "4");
+        assert!(read().is_err());
+    }
+
+    #[test]
+    fn publish_writes_every_offer_and_the_state_together() {
+        let sim = SimHost::new();
+        let be = "/local/domain/0/backend/vbd3/3/51712";
+        let f = Features {
+            sectors: 2048,
+            info: VDISK_READONLY,
+            discard: false,
+            max_indirect_segments: 0,
+            max_ring_page_order: 2,
+        };
+        publish(&sim, be, &f, XenbusState::InitWait).unwrap();
+        let r = |k: &str| read_opt(&sim, &format!("{be}/{k}")).unwrap();
+        assert_eq!(r("state").as_deref(), Some("2"));
+        assert_eq!(r("sectors").as_deref(), Some("2048"));
+        assert_eq!(r("info").as_deref(), Some("4"));
+        assert_eq!(r("feature-discard").as_deref(), Some("0"));
+        assert_eq!(
+            r("feature-max-indirect-segments"),
+            None,
+            "not offered when 0"
+        );
+        assert_eq!(r("max-ring-page-order").as_deref(), Some("2"));
+        assert_eq!(read_state(&sim, be).unwrap(), XenbusState::InitWait);
+        assert_eq!(read_state(&sim, "/nowhere").unwrap(), XenbusState::Unknown);
     }
 }

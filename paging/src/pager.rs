@@ -482,6 +482,7 @@ impl Pager {
     /// Answer every request on the ring (and retry earlier ones whose page was not
     /// available). Returns the number answered.
     fn serve_faults(&mut self) -> Result<usize, PagerError> {
+        let retries = self.waiting.len();
         let mut todo: Vec<VmEvent> = self.waiting.drain(..).collect();
         while let Some(req) = self.ring.next_request()? {
             self.stats.faults += 1;
@@ -492,7 +493,7 @@ impl Pager {
         }
         let mut answered = 0;
         let mut back_in = Vec::new();
-        for req in todo {
+        for (i, req) in todo.into_iter().enumerate() {
             let p = req.paging_data();
             let gfn = p.gfn;
             let out = self.journal.out().get(&gfn).copied();
@@ -517,7 +518,10 @@ impl Pager {
                         back_in.push(gfn);
                     }
                     Err(e) => {
-                        tracing::error!(dom = self.dom, gfn, error = %e, "fault cannot be served");
+                        // Logged once per fault, not on every retry (a guest can trigger it).
+                        if i >= retries {
+                            tracing::error!(dom = self.dom, gfn, error = %e, "fault cannot be served");
+                        }
                         self.waiting.push_back(req);
                         if self.stats.store_lost.is_none() {
                             self.stats.store_lost = Some(e.to_string());

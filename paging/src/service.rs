@@ -153,6 +153,7 @@ pub fn run_pager(
         cfg.journal_dir.join(format!("dom{dom}.journal")),
     );
     config.batch = cfg.batch;
+    let _span = tracing::info_span!("pager", dom).entered();
     let mut pager = Pager::start(host, config, store)?;
     let mut next_status = Instant::now();
     let mut report = |pager: &Pager, next: &mut Instant| {

@@ -236,79 +236,86 @@ impl Drop for Dataplane {
 fn ring_loop(shared: &Arc<Shared>, stop: &AtomicBool, pool: &WorkerPool) {
     let span = tracing::info_span!("blkif", device = %shared.name);
     let _enter = span.enter();
+    // The ring is read on start (a re-attached ring may hold requests), then only when the
+    // frontend's event fires, as on Xen: the idle tick only looks at the stop flag, so a
+    // frontend or backend that gets the notification hold-off wrong stalls in tests
+    // instead of being rescued by polling.
+    let mut woken = true;
     loop {
         // Read the flag before the consume pass: once it is set, one more whole pass runs,
         // so whatever the frontend published before teardown began is answered.
         let stopping = stop.load(Ordering::Acquire);
-        let mut jobs = Vec::new();
-        let mut broken = None;
-        let more = {
-            let mut guard = shared.ring.lock();
-            let Some(ring) = guard.as_mut() else { return };
-            loop {
-                match ring.next() {
-                    Ok(Some(entry)) => {
-                        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        match parse_request(shared.abi, &entry, shared.limits) {
-                            Ok(req) => jobs.push(req),
-                            Err(rej) => {
-                                let n = shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                                if n < LOUD_REJECTS || n % 1000 == 0 {
-                                    tracing::warn!(id = rej.id, reason = %rej.reason, rejected = n + 1, "malformed request");
-                                }
-                                ring.push(rej.id, rej.operation, rej.status);
-                            }
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        broken = Some(e);
-                        break;
-                    }
+        if woken || stopping {
+            match consume(shared, pool) {
+                Ok(true) if !stopping => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "frontend broke the ring protocol; no more requests are taken from it");
+                    return;
                 }
             }
-            if ring.publish() {
-                shared.notify();
-            }
-            if broken.is_some() {
-                false
-            } else {
-                match ring.final_check() {
-                    Ok(more) => more,
-                    Err(e) => {
-                        broken = Some(e);
-                        false
-                    }
-                }
-            }
-        };
-        for req in jobs {
-            let s = shared.clone();
-            pool.submit(move || s.serve(req));
-        }
-        if let Some(e) = broken {
-            tracing::error!(error = %e, "frontend broke the ring protocol; no more requests are taken from it");
-            return;
         }
         if stopping {
             return;
         }
-        if more {
-            continue;
-        }
-        match shared.evtchn.wait(IDLE_TICK) {
+        woken = match shared.evtchn.wait(IDLE_TICK) {
             Ok(Some(p)) => {
                 if let Err(e) = shared.evtchn.unmask(p) {
                     tracing::warn!(error = %e, "unmasking the event channel");
                 }
+                true
             }
-            Ok(None) => {}
+            Ok(None) => false,
             Err(e) => {
                 tracing::error!(error = %e, "waiting on the event channel");
                 return;
             }
-        }
+        };
     }
+}
+
+/// Take every published request: answer malformed ones at once, hand the rest to the
+/// workers. Returns whether more arrived after re-arming `req_event`.
+fn consume(shared: &Arc<Shared>, pool: &WorkerPool) -> Result<bool, RingError> {
+    let mut jobs = Vec::new();
+    let result = {
+        let mut guard = shared.ring.lock();
+        let Some(ring) = guard.as_mut() else {
+            return Ok(false);
+        };
+        let mut result = Ok(());
+        loop {
+            match ring.next() {
+                Ok(Some(entry)) => {
+                    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    match parse_request(shared.abi, &entry, shared.limits) {
+                        Ok(req) => jobs.push(req),
+                        Err(rej) => {
+                            let n = shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                            if n < LOUD_REJECTS || n % 1000 == 0 {
+                                tracing::warn!(id = rej.id, reason = %rej.reason, rejected = n + 1, "malformed request");
+                            }
+                            ring.push(rej.id, rej.operation, rej.status);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if ring.publish() {
+            shared.notify();
+        }
+        result.and_then(|()| ring.final_check())
+    };
+    for req in jobs {
+        let s = shared.clone();
+        pool.submit(move || s.serve(req));
+    }
+    result
 }
 
 impl Shared {

@@ -205,7 +205,17 @@ const X64: Setup = Setup {
 const SLOT_PAGES: u64 = 1024;
 
 impl Front {
+    /// The whole handshake: [`Front::initialise`], then Connected on both sides.
     fn connect(h: &Host0, dom: DomId, devid: u32, setup: Setup) -> Front {
+        let f = Front::initialise(h, dom, devid, setup);
+        h.wait_state(&backend_path(dom, devid), 4);
+        f.set_state(4);
+        f
+    }
+
+    /// Wait for the backend's InitWait, set up ring, port and data grants, publish them
+    /// and move to Initialised.
+    fn initialise(h: &Host0, dom: DomId, devid: u32, setup: Setup) -> Front {
         let be = backend_path(dom, devid);
         let fe = frontend_path(dom, devid);
         h.wait_state(&be, 2);
@@ -262,8 +272,6 @@ impl Front {
             w("state", "3".into())
         })
         .unwrap();
-        h.wait_state(&be, 4);
-        guest.write(Tx::NONE, &format!("{fe}/state"), b"4").unwrap();
         Front {
             sim: h.sim.clone(),
             dom,
@@ -1146,5 +1154,41 @@ fn unusable_devices_are_refused_without_stopping_the_others() {
             .unwrap();
     }
     h.wait_state(&be, 6);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn connect_failures_release_what_was_taken_and_a_reconnect_succeeds() {
+    let h = Host0::new();
+    let img = image(h.dir.path(), "cf.raw", 256, 43);
+    let server = h.serve(BlkifConfig::default());
+    let dom = h.guest("unlucky");
+    h.add_disk(dom, 51712, &format!("raw:{}", img.display()), "w");
+    let be = backend_path(dom, 51712);
+    for op in ["gnttab.map", "evtchn.bind"] {
+        h.sim
+            .inject(
+                op,
+                Fault::FailNth {
+                    nth: 1,
+                    errno: libc::ENOMEM,
+                },
+            )
+            .unwrap();
+        let mut f = Front::initialise(&h, dom, 51712, X64);
+        h.wait_state(&be, 6);
+        // The ring mapped before a failed bind was released again.
+        f.ring = None;
+        for g in f.ring_grefs.clone() {
+            h.sim
+                .revoke_grant(dom, g)
+                .expect("ring left mapped after a failed connect");
+        }
+        // blkfront starts over.
+        f.set_state(1);
+    }
+    let mut f = Front::connect(&h, dom, 51712, X64);
+    let (st, got) = f.read(0, f.pages(0, 1));
+    assert_eq!((st, got), (RSP_OKAY, file_bytes(&img, 0, PAGE)));
     server.shutdown().unwrap();
 }

@@ -50,8 +50,12 @@ impl Gate {
         st.in_access.insert(gfn);
     }
 
+    /// The access is over. A nomination made while it ran saw the page in use: the access
+    /// touched the page after nomination, so that nomination is void too.
     fn leave(&self, gfn: Gfn) {
-        self.state.lock().in_access.remove(&gfn);
+        let mut st = self.state.lock();
+        st.in_access.remove(&gfn);
+        st.window.remove(&gfn);
     }
 }
 

@@ -178,7 +178,7 @@ fn up_serves_the_demo_host_and_xen_commands_reach_it() {
     if Command::new("qemu-io").arg("--version").output().is_ok() {
         let uri = format!("nbd://{}/demo", nbd.trim());
         let read = ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -v 1M 32", &uri]));
-        assert!(read.contains("remoca demo disk"), "{read}");
+        assert!(read.contains("remoca.demo.disk"), "{read}");
         ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 4k", &uri]));
     }
     up.wait_for("blkback read");

@@ -47,6 +47,7 @@ pub struct MemserverSection {
 pub struct BlkbackSection {
     pub enabled: bool,
     pub listen: SocketAddr,
+    pub blkif: bool,
     #[serde(deserialize_with = "size")]
     pub demo_disk: u64,
     #[serde(default)]

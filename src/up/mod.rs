@@ -11,6 +11,7 @@
 //!   remoca up ── Host (real | sim + xenstore socket)
 //!        ├── memserver   (tokio task: remoca_memserver::server::serve)
 //!        ├── blkback NBD (tokio task: remoca_blkback::nbd::run)
+//!        ├── blkif       (threads: remoca_blkback::blkif::BlkifServer, same exports)
 //!        └── status      (every host.status_interval seconds)
 //! ```
 
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::nbd::{self, Listener};
 use remoca_blkback::overlay::Overlay;
 use remoca_blkback::raw::RawFile;
@@ -172,11 +174,19 @@ async fn serve(
         println!("memserver listening on {addr}");
         columns.push(status);
     }
+    let mut blkif = None;
     if cfg.blkback.enabled {
-        let (addr, status) = start_blkback(cfg, state_dir, &mut tasks, stop_rx.clone()).await?;
+        let (addr, status, exports) =
+            start_blkback(cfg, state_dir, &mut tasks, stop_rx.clone()).await?;
         publish(host, "blkback/nbd", &addr.to_string())?;
         println!("blkback NBD listening on {addr}");
         columns.push(status);
+        if cfg.blkback.blkif {
+            let (server, status) = start_blkif(host, exports)?;
+            println!("blkback serving Xen vbd3 disks (backend/vbd3 in xenstore)");
+            blkif = Some(server);
+            columns.push(status);
+        }
     }
     println!("running; Ctrl-C stops");
 
@@ -211,6 +221,10 @@ async fn serve(
     };
     println!("stopping ({reason})");
     let _ = stop_tx.send(true);
+    if let Some(server) = blkif {
+        // Answers in-flight ring requests, releases rings and event channels; blocking.
+        tokio::task::block_in_place(|| server.shutdown()).context("blkif backend")?;
+    }
     while let Some(res) = tasks.join_next().await {
         res.context("service task")??;
     }
@@ -294,7 +308,7 @@ async fn start_blkback(
     state_dir: &Path,
     tasks: &mut Tasks,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, StatusFn)> {
+) -> anyhow::Result<(SocketAddr, StatusFn, Exports)> {
     let b = &cfg.blkback;
     let configs: Vec<ExportConfig> = if b.export.is_empty() {
         vec![demo_disk(state_dir, b.demo_disk)?]
@@ -330,6 +344,7 @@ async fn start_blkback(
         .with_context(|| format!("blkback cannot listen on {}", b.listen))?;
     let addr = listener.local_addr()?;
     let served = exports.clone();
+    let for_blkif = exports.clone();
     tasks.spawn(async move {
         let res = nbd::run(Listener::Tcp(listener), served.clone(), stopped(stop)).await;
         served.flush_all();
@@ -350,7 +365,32 @@ async fn start_blkback(
             c
         )
     });
-    Ok((addr, status))
+    Ok((addr, status, for_blkif))
+}
+
+fn start_blkif(host: &Host, exports: Exports) -> anyhow::Result<(BlkifServer, StatusFn)> {
+    let server = BlkifServer::spawn(
+        host.clone(),
+        BlkifConfig {
+            exports: Some(exports),
+            ..BlkifConfig::default()
+        },
+    )
+    .context("starting the blkif backend")?;
+    let stats = server.stats().clone();
+    let status: StatusFn = Box::new(move || {
+        let devices = stats.lock();
+        let (mut req, mut err) = (0, 0);
+        for s in devices.values() {
+            req += s.requests.load(std::sync::atomic::Ordering::Relaxed);
+            err += s.errors.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        format!(
+            "blkif {} disks, {req} requests, {err} errors",
+            devices.len()
+        )
+    });
+    Ok((server, status))
 }
 
 /// A demo template (a 4 KiB pattern block every MiB, the rest sparse) and an overlay over it,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::nbd::{self, Listener};
 use remoca_blkback::overlay::{self, header, Overlay};
 use remoca_blkback::raw::RawFile;
@@ -31,6 +32,10 @@ pub struct BlkbackArgs {
     /// Repeat for more.
     #[arg(long = "export", value_name = "SPEC")]
     export: Vec<String>,
+    /// Serve Xen guests' vbd3 disks through the blkif ring too: `auto` does on a Xen host
+    /// (the `--backend` in use is real), `on` also on the simulated host, `off` never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    blkif: String,
 }
 
 #[derive(Debug, Args)]
@@ -218,10 +223,11 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
     for e in failed {
         eprintln!("warning: not serving: {:#}", anyhow::Error::from(e));
     }
+    let blkif = start_blkif(&a.blkif, g, &exports)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let listener = match &bind {
             Bind::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -267,8 +273,33 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
                 e.name, s.reads, s.bytes_read, s.writes, s.bytes_written, s.flushes, s.errors
             );
         }
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    });
+    if let Some(server) = blkif {
+        server.shutdown().context("blkif backend")?;
+    }
+    served
+}
+
+/// The blkif backend beside NBD, when `--blkif` and the host call for it.
+fn start_blkif(mode: &str, g: &Global, exports: &Exports) -> anyhow::Result<Option<BlkifServer>> {
+    if mode == "off" {
+        return Ok(None);
+    }
+    let host = g.host()?;
+    if mode == "auto" && host.kind() != remoca_xen::BackendKind::Real {
+        return Ok(None);
+    }
+    let server = BlkifServer::spawn(
+        host,
+        BlkifConfig {
+            exports: Some(exports.clone()),
+            ..BlkifConfig::default()
+        },
+    )
+    .context("starting the blkif backend")?;
+    println!("serving Xen vbd3 disks (backend/vbd3 in xenstore)");
+    Ok(Some(server))
 }
 
 fn open_template(path: &Path) -> anyhow::Result<Arc<dyn Disk>> {

@@ -3,6 +3,7 @@
 mod bench;
 mod blkback;
 mod memserver;
+mod paging;
 mod saverestore;
 mod up;
 mod xen;
@@ -61,6 +62,11 @@ pub enum Command {
     Extract(saverestore::ExtractArgs),
     /// Describe a remoca save image.
     Inspect(saverestore::InspectArgs),
+    /// Page a domain's memory out to memory servers (hypervisor mem_paging) and back.
+    Pager(paging::PagerArgs),
+    /// Miss-ratio curve of a page-reference trace, drawn in the terminal, with the memory
+    /// size it recommends.
+    Mrc(paging::MrcArgs),
     /// Serve disks over NBD and, on a Xen host, as blkif backends.
     Blkback(blkback::BlkbackArgs),
     /// Manage disk images and copy-on-write overlays.
@@ -94,6 +100,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(a) => saverestore::restore(a, &g),
         Command::Extract(a) => saverestore::extract(a, &g),
         Command::Inspect(a) => saverestore::inspect(a, &g),
+        Command::Pager(a) => paging::pager(a, &g),
+        Command::Mrc(a) => paging::mrc(a, &g),
         Command::Blkback(a) => blkback::run(a, &g),
         Command::Image(a) => blkback::image(a, &g),
         Command::Bench(a) => bench::run(a, &g),

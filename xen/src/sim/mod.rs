@@ -365,8 +365,7 @@ impl SimHost {
     /// # Errors
     /// `NoDomain`, `EINVAL` out of range, `ETIMEDOUT` if no pager brings the page back.
     pub fn guest_write(&self, dom: DomId, gfn: Gfn, offset: usize, data: &[u8]) -> Result<()> {
-        self.guest_touch(dom, gfn)?;
-        let st = self.inner.state.lock();
+        let st = self.guest_touch(dom, gfn)?;
         st.domain(dom)?.memory.write_page(gfn, offset, data)
     }
 
@@ -375,8 +374,7 @@ impl SimHost {
     /// # Errors
     /// As [`SimHost::guest_write`].
     pub fn guest_read(&self, dom: DomId, gfn: Gfn) -> Result<Vec<u8>> {
-        self.guest_touch(dom, gfn)?;
-        let st = self.inner.state.lock();
+        let st = self.guest_touch(dom, gfn)?;
         let mut page = vec![0u8; PAGE_SIZE];
         st.domain(dom)?.memory.read_page(gfn, &mut page)?;
         Ok(page)
@@ -532,10 +530,10 @@ impl SimHost {
             let mut st = self.inner.state.lock();
             let d = st.domain_mut(dom)?;
             for g in &gfns {
+                // A mapped page cannot be evicted (evict checks the count), but mapping a
+                // nominated page is how a pager reads it before evicting: like Xen, that does
+                // not count as the guest touching it.
                 d.map_count[*g as usize] += 1;
-                if let PageState::Nominated { touched } = &mut d.p2m[*g as usize] {
-                    *touched = true;
-                }
             }
         }
         let weak = Arc::downgrade(&self.inner);

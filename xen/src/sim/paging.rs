@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::memory::GuestMemory;
-use super::{PageState, SimHost};
+use super::{HostState, PageState, SimHost};
+use parking_lot::MutexGuard;
 use crate::abi::vm_event::{Paging, VmEvent, FLAG_VCPU_PAUSED, INTERFACE_VERSION};
 use crate::error::{Error, Result};
 use crate::mem_paging::{MemPaging, PagingRing};
@@ -42,8 +43,9 @@ impl SimHost {
             .map_or(0, |p| p.dropped_responses))
     }
 
-    /// A guest access: returns once the page is present, paging it in through the pager.
-    pub(super) fn guest_touch(&self, dom: DomId, gfn: Gfn) -> Result<()> {
+    /// A guest access: returns once the page is present, paging it in through the pager,
+    /// with the host lock still held so the access itself cannot race an eviction.
+    pub(super) fn guest_touch(&self, dom: DomId, gfn: Gfn) -> Result<MutexGuard<'_, HostState>> {
         let deadline = Instant::now() + PAGE_IN_TIMEOUT;
         let mut st = self.inner.state.lock();
         // Once the vCPU blocked on this page it runs again only when the pager's response
@@ -62,16 +64,16 @@ impl SimHost {
                 .get(gfn as usize)
                 .ok_or_else(|| Error::os(format!("guest access to gfn {gfn:#x}"), libc::EINVAL))?;
             match state {
-                PageState::Ram if !blocked => return Ok(()),
+                PageState::Ram if !blocked => return Ok(st),
                 PageState::Ram => {
                     let answered = d.paging.as_mut().is_none_or(|p| p.resumed.remove(&gfn));
                     if answered {
-                        return Ok(());
+                        return Ok(st);
                     }
                 }
                 PageState::Nominated { .. } => {
                     d.p2m[gfn as usize] = PageState::Nominated { touched: true };
-                    return Ok(());
+                    return Ok(st);
                 }
                 PageState::PagedOut => {
                     let Some(p) = d.paging.as_mut() else {

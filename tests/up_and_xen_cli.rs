@@ -189,8 +189,37 @@ fn up_serves_the_demo_host_and_xen_commands_reach_it() {
         .arg(&cfg));
     assert!(e.contains("another `remoca up`"), "{e}");
 
+    // The demo HVM guest runs under the pager, its pages on the memory server, and every
+    // page it reads back is what it wrote.
+    let line = up.wait_for("pager d");
+    let line = line.last().unwrap();
+    assert!(
+        line.contains("demo-hvm") && line.contains(" 0 wrong, 0 failed"),
+        "{line}"
+    );
+
     let (status, lines) = up.terminate();
     assert!(status.success(), "{lines:?}");
+    let last = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("demo-hvm"))
+        .expect("a final status line");
+    assert!(
+        last.contains(" 0 wrong, 0 failed") && last.contains("pages paged back"),
+        "{last}"
+    );
+    assert!(
+        last.contains("memserver 0 B of"),
+        "every page came back from the memory server: {last}"
+    );
+    let accesses: u64 = last
+        .split("demo-hvm ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("an access count");
+    assert!(accesses > 0, "the demo guest ran: {last}");
     assert!(
         lines.iter().any(|l| l.contains("stopping (SIGTERM)")),
         "{lines:?}"

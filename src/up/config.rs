@@ -19,6 +19,20 @@ pub struct Config {
     pub host: HostSection,
     pub memserver: MemserverSection,
     pub blkback: BlkbackSection,
+    pub pager: PagerSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagerSection {
+    pub enabled: bool,
+    pub domains: Vec<String>,
+    #[serde(deserialize_with = "optional_size")]
+    pub target: Option<u64>,
+    #[serde(deserialize_with = "size")]
+    pub demo_size: u64,
+    #[serde(deserialize_with = "size")]
+    pub demo_target: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +83,16 @@ fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     remoca_memserver::byte_size::parse_size(&s).map_err(serde::de::Error::custom)
 }
 
+fn optional_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    remoca_memserver::byte_size::parse_size(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 impl Config {
     /// The defaults alone.
     pub fn default_config() -> anyhow::Result<Config> {
@@ -108,6 +132,12 @@ impl Config {
             .context("host.backend")?;
         if self.memserver.enabled && self.memserver.capacity == 0 {
             bail!("memserver.capacity must be more than 0");
+        }
+        let p = &self.pager;
+        if p.demo_size < 1 << 20 || p.demo_target == 0 || p.demo_target > p.demo_size {
+            bail!(
+                "pager: demo_size must be at least 1M and demo_target between 1 byte and demo_size"
+            );
         }
         Ok(())
     }

@@ -12,10 +12,14 @@
 //!        ├── memserver   (tokio task: remoca_memserver::server::serve)
 //!        ├── blkback NBD (tokio task: remoca_blkback::nbd::run)
 //!        ├── blkif       (threads: remoca_blkback::blkif::BlkifServer, same exports)
+//!        ├── pagers      (a thread per domain: remoca_paging::service::run_pager; on the
+//!        │                simulated host a demo HVM guest with a checking workload)
 //!        └── status      (every host.status_interval seconds)
 //! ```
 
 pub mod config;
+mod demo_guest;
+mod pager;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -95,10 +99,16 @@ fn describe(host: &Host) -> String {
 
 fn state_dir(configured: &Path) -> anyhow::Result<PathBuf> {
     let dir = if configured.as_os_str().is_empty() {
-        remoca_xen::sim::attached::default_socket()
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir)
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) => PathBuf::from(d).join("remoca"),
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                let uid = std::fs::metadata("/proc/self")
+                    .map(|m| m.uid())
+                    .unwrap_or(0);
+                std::env::temp_dir().join(format!("remoca-{uid}"))
+            }
+        }
     } else {
         configured.to_path_buf()
     };
@@ -123,6 +133,10 @@ fn open_host(
         },
     };
     let sim = SimHost::demo()?;
+    if cfg.pager.enabled {
+        let pages = cfg.pager.demo_size / remoca_xen::PAGE_SIZE as u64;
+        sim.create_domain(remoca_xen::sim::DomainSpec::hvm(pager::DEMO_DOMAIN, pages))?;
+    }
     let socket = if cfg.host.sim_xenstore_socket.as_os_str().is_empty() {
         if std::env::var_os("REMOCA_SIM_XENSTORE").is_some() {
             remoca_xen::sim::attached::default_socket()
@@ -150,7 +164,7 @@ fn open_host(
 }
 
 /// A running service's status column.
-type StatusFn = Box<dyn Fn() -> String + Send>;
+pub(crate) type StatusFn = Box<dyn Fn() -> String + Send>;
 
 async fn serve(
     host: &Host,
@@ -188,6 +202,14 @@ async fn serve(
             columns.push(status);
         }
     }
+    let mut pagers = if cfg.pager.enabled {
+        let memserver = published(host, "memserver");
+        let (pagers, status) = pager::start(host, cfg, state_dir, memserver)?;
+        columns.extend(status);
+        pagers
+    } else {
+        pager::Pagers::default()
+    };
     println!("running; Ctrl-C stops");
 
     let started = Instant::now();
@@ -209,6 +231,7 @@ async fn serve(
             () = &mut until => break "--duration elapsed",
             Some(res) = tasks.join_next() => {
                 // A service ending by itself is a failure: stop the others and say why.
+                tokio::task::block_in_place(|| pagers.stop());
                 let _ = stop_tx.send(true);
                 while tasks.join_next().await.is_some() {}
                 match res {
@@ -220,6 +243,8 @@ async fn serve(
         }
     };
     println!("stopping ({reason})");
+    // Pagers first: they page everything back from the memory server before it stops.
+    tokio::task::block_in_place(|| pagers.stop());
     let _ = stop_tx.send(true);
     if let Some(server) = blkif {
         // Answers in-flight ring requests, releases rings and event channels; blocking.
@@ -237,6 +262,14 @@ fn publish(host: &Host, key: &str, value: &str) -> anyhow::Result<()> {
     host.store
         .write(Tx::NONE, &format!("{XENSTORE_DIR}/{key}"), value.as_bytes())
         .with_context(|| format!("publishing {key} in xenstore"))
+}
+
+/// What `up` published under `key`, parsed (the pager finds the memory server this way).
+fn published(host: &Host, key: &str) -> Option<SocketAddr> {
+    remoca_xen::xenstore::read_string(&*host.store, Tx::NONE, &format!("{XENSTORE_DIR}/{key}"))
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn status_line(host: &Host, started: Instant, columns: &[StatusFn]) {

@@ -115,21 +115,37 @@ fn open_real() -> Result<Host> {
     if let Some(reason) = real::absent_reason() {
         return Err(Error::Absent { reason });
     }
-    let ctrl = real::XenCtrl::open()?;
+    let ctrl = real::XenCtrl::open().map_err(root_hint)?;
     Ok(Host {
         kind: BackendKind::Real,
         fallback_reason: None,
         domains: ctrl.clone(),
         paging: ctrl,
-        store: Arc::new(real::RealXenStore::open()?),
-        foreign: Arc::new(real::XenForeignMemory::open()?),
-        grants: Arc::new(real::XenGnttab::load()?),
-        evtchn: Arc::new(real::XenEvtchn::load()?),
+        store: Arc::new(real::RealXenStore::open().map_err(root_hint)?),
+        foreign: Arc::new(real::XenForeignMemory::open().map_err(root_hint)?),
+        grants: Arc::new(real::XenGnttab::load().map_err(root_hint)?),
+        evtchn: Arc::new(real::XenEvtchn::load().map_err(root_hint)?),
         #[cfg(any(test, feature = "sim"))]
         sim: None,
         #[cfg(any(test, feature = "sim"))]
         attached: None,
     })
+}
+
+/// Say what to do about a permission error while opening Xen's devices: the usual cause is
+/// running as a user other than root in dom0.
+fn root_hint(e: Error) -> Error {
+    match e {
+        Error::Call { op, source }
+            if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+        {
+            Error::Call {
+                op: format!("{op}: permission denied (Xen's devices need root in dom0)"),
+                source,
+            }
+        }
+        other => other,
+    }
 }
 
 #[cfg(any(test, feature = "sim"))]
@@ -252,5 +268,19 @@ impl Host {
             &format!("/local/domain/{dom}/memory/target"),
             kib.to_string().as_bytes(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_errors_say_to_run_as_root() {
+        let e = root_hint(Error::os("opening /dev/xen/privcmd", libc::EACCES));
+        assert!(e.is_errno(libc::EACCES));
+        assert!(e.to_string().contains("need root in dom0"), "{e}");
+        let e = root_hint(Error::os("opening /dev/xen/privcmd", libc::ENOENT));
+        assert!(!e.to_string().contains("root"), "{e}");
     }
 }

@@ -19,6 +19,8 @@
 //! - [`memory`]: an in-memory `Disk` for tests.
 //! - [`workers`]: the pool of threads that run blocking disk requests for the frontends.
 //! - [`blkif`]: the Xen blkif backend (xenbus handshake, ring loop) over `remoca-xen`.
+//! - [`remote`]: layers in remote memory: a swap device (persistent pool, spill file) and a
+//!   read cache (ephemeral pool).
 
 pub mod bench;
 pub mod blkif;
@@ -29,6 +31,7 @@ pub mod memory;
 pub mod nbd;
 pub mod overlay;
 pub mod raw;
+pub mod remote;
 pub mod request;
 pub mod workers;
 

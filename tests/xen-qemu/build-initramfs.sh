@@ -2,7 +2,7 @@
 # Build the images QEMU boots, from the debs fetch.sh extracted into $WORK/root:
 #   $OUT/xen           the uncompressed hypervisor (a multiboot1 ELF QEMU's -kernel loads)
 #   $OUT/vmlinuz       the Debian 6.1 kernel, used for dom0 and for the guest
-#   $OUT/domU.cpio.gz  the guest's initramfs: busybox + guest-init.sh
+#   $OUT/domU.cpio.gz  the guest's initramfs: busybox, xen-blkfront.ko, guest-init.sh
 #   $OUT/dom0.cpio.gz  dom0's initramfs: busybox, bash, flock, the Xen toolstack and libraries,
 #                      kernel modules, remoca, the guest payload and tests/xen-qemu/dom0-tests/*.sh
 # Env: REMOCA_BIN (default target/debug/remoca under the repo), REMOCA_XENQEMU_WORK,
@@ -48,10 +48,25 @@ busybox_tree() {
   "$BUSYBOX" --list | grep -vx busybox | while read -r a; do ln -s busybox "$1/bin/$a"; done
 }
 
+# copy_ko SRC DEST: a kernel module, decompressed (busybox insmod takes plain .ko files).
+copy_ko() {
+  case $1 in
+    *.ko) cp "$1" "$2" ;;
+    *.ko.xz) xz -dc "$1" > "$2" ;;
+    *.ko.zst) zstd -qdc "$1" > "$2" ;;
+    *) die "unknown module file type $1" ;;
+  esac
+}
+
 # ---------------- guest (domU) ----------------
 busybox_tree "$G"
-mkdir -p "$G"/{dev,proc,sys,tmp,root,etc}
+mkdir -p "$G"/{dev,proc,sys,tmp,root,etc,lib/modules}
 install -m 0755 "$XENQEMU_DIR/guest-init.sh" "$G/init"
+# The guest's block frontend (Debian builds it as a module, with no dependencies): guest-init
+# loads it so that dom0-tests/blkif.sh can attach a disk served by remoca's blkif backend.
+blkfront=$(find "$KMOD/kernel/drivers/block" -name 'xen-blkfront.ko*' | head -n 1)
+[ -n "$blkfront" ] || die "xen-blkfront not found in $KMOD (the guest needs it for dom0-tests/blkif.sh)"
+copy_ko "$blkfront" "$G/lib/modules/xen-blkfront.ko"
 mkcpio "$G" "$OUT/domU.cpio.gz"
 
 # ---------------- dom0 ----------------
@@ -148,12 +163,7 @@ addmod() { # NAME: dependencies first, then NAME
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-blkback loop; do addmod "$m"; done
 mkdir -p "$D/lib/modules/$KVER"
 for n in "${modorder[@]}"; do
-  f=${modpath[$n]}
-  case $f in
-    *.ko) cp "$f" "$D/lib/modules/$KVER/$n.ko" ;;
-    *.ko.xz) xz -dc "$f" > "$D/lib/modules/$KVER/$n.ko" ;;
-    *.ko.zst) zstd -qdc "$f" > "$D/lib/modules/$KVER/$n.ko" ;;
-  esac
+  copy_ko "${modpath[$n]}" "$D/lib/modules/$KVER/$n.ko"
   echo "$n" >> "$D/etc/remoca-xenqemu/modules"
 done
 

@@ -26,6 +26,39 @@ else
   echo "GUEST-ERROR no remoca_marker= on the kernel command line"
 fi
 
+# A disk attached later by dom0 (dom0-tests/blkif.sh, served by remoca's blkif backend as xvdb):
+# each time /dev/xvdb appears, read the line dom0 put at 1 MiB, report what 4 MiB..5 MiB held,
+# write that line repeated over 4 MiB..5 MiB (O_DIRECT, then fsync: a flush request), report
+# the SHA-256 of what was written, and wait for the disk to go away. dom0 checks the image.
+if insmod /lib/modules/xen-blkfront.ko; then
+  echo "blkfront loaded"
+else
+  echo "GUEST-ERROR insmod xen-blkfront failed"
+fi
+blkif_disk() {
+  n=0
+  while true; do
+    while [ ! -b /dev/xvdb ]; do sleep 1; done
+    n=$((n + 1))
+    echo "GUEST-BLKIF-DISK $n $(cat /sys/block/xvdb/size 2>/dev/null) sectors"
+    text=$(dd if=/dev/xvdb bs=4096 skip=256 count=1 iflag=direct 2>/dev/null | tr -d '\000' | head -n 1)
+    echo "GUEST-BLKIF-READ $n $text"
+    had=$(dd if=/dev/xvdb bs=65536 skip=64 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    echo "GUEST-BLKIF-HAD $n $had"
+    yes "$text" | head -c 1048576 > /tmp/blkif-pattern
+    sum=$(sha256sum < /tmp/blkif-pattern | cut -d' ' -f1)
+    if err=$(dd if=/tmp/blkif-pattern of=/dev/xvdb bs=65536 seek=64 count=16 oflag=direct conv=notrunc,fsync 2>&1); then
+      echo "GUEST-BLKIF-WROTE $n $sum"
+    else
+      echo "GUEST-BLKIF-WRITE-FAILED $n $(echo "$err" | tail -n 1)"
+    fi
+    rm -f /tmp/blkif-pattern
+    while [ -b /dev/xvdb ]; do sleep 1; done
+    echo "GUEST-BLKIF-GONE $n"
+  done
+}
+blkif_disk &
+
 i=0
 while true; do
   i=$((i + 1))

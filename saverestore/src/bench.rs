@@ -78,15 +78,93 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
+/// Each measurement is repeated this many times; the table shows the median.
+const REPEATS: usize = 3;
+
+/// CPU time (user + system) of the whole process so far: every thread, ours and rayon's.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Throughput of one measured run: wall clock MB/s and MB per CPU-second of the process
+/// (which counts every thread a pipeline uses, so a pipeline's helper threads are not free).
+#[derive(Clone, Copy)]
+struct Run {
+    wall: f64,
+    cpu: f64,
+}
+
+/// Runs `f` (which returns the bytes it processed) `REPEATS` times; medians of both rates.
+fn measure(mut f: impl FnMut() -> Result<u64, BenchError>) -> Result<Run, BenchError> {
+    let (mut walls, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..REPEATS {
+        let (t, c) = (Instant::now(), cpu_time());
+        let n = f()?;
+        walls.push(mbps(n, t.elapsed()));
+        cpus.push(mbps(n, cpu_time().saturating_sub(c)));
+    }
+    Ok(Run {
+        wall: median(walls),
+        cpu: median(cpus),
+    })
+}
+
 /// One baseline: the stream cut in 1 MiB chunks, each compressed on its own, in parallel.
-fn baseline(stream: &[u8], threads: usize, f: &(dyn Fn(&[u8]) -> usize + Sync)) -> (f64, Duration) {
+/// Compressor contexts and output buffers are kept per thread, as our pipeline does.
+fn baseline(
+    stream: &[u8],
+    threads: usize,
+    f: &(dyn Fn(&[u8]) -> usize + Sync),
+) -> Result<(f64, Run), BenchError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .expect("pool");
-    let t = Instant::now();
-    let out: usize = pool.install(|| stream.par_chunks(1 << 20).map(f).sum());
-    (stream.len() as f64 / out as f64, t.elapsed())
+    let mut out = 0usize;
+    let run = measure(|| {
+        out = pool.install(|| stream.par_chunks(1 << 20).map(f).sum());
+        Ok(stream.len() as u64)
+    })?;
+    Ok((stream.len() as f64 / out as f64, run))
+}
+
+thread_local! {
+    static BASE_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BASE_SNAP: std::cell::RefCell<snap::raw::Encoder> = std::cell::RefCell::new(snap::raw::Encoder::new());
+    static BASE_ZSTD: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+}
+
+fn with_out(bound: usize, f: impl FnOnce(&mut [u8]) -> usize) -> usize {
+    BASE_OUT.with(|o| {
+        let mut o = o.borrow_mut();
+        if o.len() < bound {
+            o.resize(bound, 0);
+        }
+        f(&mut o[..bound])
+    })
+}
+
+fn base_zstd(c: &[u8], level: i32) -> usize {
+    BASE_ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.as_ref().map(|(l, _)| *l) != Some(level) {
+            *z = Some((level, zstd::bulk::Compressor::new(level).expect("zstd")));
+        }
+        let (_, comp) = z.as_mut().expect("set above");
+        with_out(zstd::zstd_safe::compress_bound(c.len()), |o| {
+            comp.compress_to_buffer(c, o).expect("zstd")
+        })
+    })
 }
 
 /// Runs the benchmark and prints the table to `out`.
@@ -97,7 +175,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
     let all = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    writeln!(out, "remoca bench save: {} thread(s) available; baselines compress the same stream in 1 MiB chunks", all)?;
+    writeln!(out, "remoca bench save: {} thread(s) available; baselines compress the same in-memory stream in 1 MiB chunks (contexts and buffers reused per thread); our saves read it from memory and write the image to memory; each figure is the median of {REPEATS} runs; MB/cpu-s counts the CPU time of every thread of the {all}-thread run (a 1-thread save also has a parser and a writer thread)", all)?;
     for name in &cfg.images {
         let raw = load(cfg, name)?;
         let mut stream = Vec::with_capacity(raw.len() + (raw.len() >> 8) + (1 << 20));
@@ -115,13 +193,17 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
         )?;
         writeln!(
             out,
-            "{:<28} {:>7} {:>12} {:>12}",
+            "{:<28} {:>7} {:>12} {:>12} {:>10}",
             "save",
             "ratio",
             "1 thr MB/s",
-            format!("{all} thr MB/s")
+            format!("{all} thr MB/s"),
+            "MB/cpu-s"
         )?;
         let mut images = Vec::new();
+        // One output buffer, faulted in once, for every save: the baselines do not pay for
+        // fresh output memory either.
+        let mut img: Vec<u8> = vec![1; stream.len() / 2];
         for (label, codec) in [
             ("remoca fast (snap)", CodecChoice::Fixed(Codec::Snap)),
             (
@@ -130,83 +212,83 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
             ),
             ("remoca auto (to memory)", CodecChoice::Auto),
         ] {
-            let mut speeds = Vec::new();
+            let mut runs = Vec::new();
             let mut ratio = 0.0;
             for threads in [1, all] {
-                let mut img = Vec::with_capacity(stream.len() / 2);
                 let opts = SaveOptions {
                     codec,
                     threads,
                     ..Default::default()
                 };
-                let st = save_stream(&stream[..], &mut img, &opts, &|_| {})?;
-                speeds.push(mbps(st.stream_bytes, st.elapsed));
-                ratio = st.ratio();
-                if threads == all {
-                    images.push((label, img));
-                }
+                runs.push(measure(|| {
+                    img.clear();
+                    let st = save_stream(&stream[..], &mut img, &opts, &|_| {})?;
+                    ratio = st.ratio();
+                    Ok(st.stream_bytes)
+                })?);
             }
+            images.push((label, img.clone()));
             writeln!(
                 out,
-                "{label:<28} {ratio:>7.2} {:>12.0} {:>12.0}",
-                speeds[0], speeds[1]
+                "{label:<28} {ratio:>7.2} {:>12.0} {:>12.0} {:>10.0}",
+                runs[0].wall, runs[1].wall, runs[1].cpu
             )?;
         }
+        drop(img);
         type Comp = Box<dyn Fn(&[u8]) -> usize + Sync>;
         let baselines: Vec<(&str, Comp)> = vec![
-            (
-                "zstd -1",
-                Box::new(|c: &[u8]| zstd::bulk::compress(c, 1).expect("zstd").len()),
-            ),
-            (
-                "zstd -3",
-                Box::new(|c: &[u8]| zstd::bulk::compress(c, 3).expect("zstd").len()),
-            ),
+            ("zstd -1", Box::new(|c: &[u8]| base_zstd(c, 1))),
+            ("zstd -3", Box::new(|c: &[u8]| base_zstd(c, 3))),
             (
                 "lz4 (lz4_flex)",
-                Box::new(|c: &[u8]| lz4_flex::block::compress(c).len()),
+                Box::new(|c: &[u8]| {
+                    with_out(lz4_flex::block::get_maximum_output_size(c.len()), |o| {
+                        lz4_flex::block::compress_into(c, o).expect("lz4")
+                    })
+                }),
             ),
             (
                 "snappy",
                 Box::new(|c: &[u8]| {
-                    snap::raw::Encoder::new()
-                        .compress_vec(c)
-                        .expect("snappy")
-                        .len()
+                    BASE_SNAP.with(|e| {
+                        with_out(snap::raw::max_compress_len(c.len()), |o| {
+                            e.borrow_mut().compress(c, o).expect("snappy")
+                        })
+                    })
                 }),
             ),
         ];
         for (label, f) in &baselines {
-            let (ratio, t1) = baseline(&stream, 1, f.as_ref());
-            let (_, tn) = baseline(&stream, all, f.as_ref());
-            let n = stream.len() as u64;
+            let (ratio, r1) = baseline(&stream, 1, f.as_ref())?;
+            let (_, rn) = baseline(&stream, all, f.as_ref())?;
             writeln!(
                 out,
-                "{label:<28} {ratio:>7.2} {:>12.0} {:>12.0}",
-                mbps(n, t1),
-                mbps(n, tn)
+                "{label:<28} {ratio:>7.2} {:>12.0} {:>12.0} {:>10.0}",
+                r1.wall, rn.wall, rn.cpu
             )?;
         }
 
         writeln!(
             out,
-            "{:<28} {:>7} {:>12} {:>12}",
+            "{:<28} {:>7} {:>12} {:>12} {:>10}",
             "restore",
             "",
             "1 thr MB/s",
-            format!("{all} thr MB/s")
+            format!("{all} thr MB/s"),
+            "MB/cpu-s"
         )?;
         for (label, img) in &images {
             let r = ImageReader::open(img.as_slice())?;
-            let mut speeds = Vec::new();
+            let mut runs = Vec::new();
             for threads in [1, all] {
-                let st = restore_stream(&r, &mut io::sink(), threads, &|_| {})?;
-                speeds.push(mbps(st.stream_bytes, st.elapsed));
+                runs.push(measure(|| {
+                    Ok(restore_stream(&r, &mut io::sink(), threads, &|_| {})?.stream_bytes)
+                })?);
             }
             writeln!(
                 out,
-                "{:<28} {:>7} {:>12.0} {:>12.0}",
-                label, "", speeds[0], speeds[1]
+                "{:<28} {:>7} {:>12.0} {:>12.0} {:>10.0}",
+                label, "", runs[0].wall, runs[1].wall, runs[1].cpu
             )?;
         }
 

@@ -6,6 +6,7 @@
 //! are served from a cache that keeps a first copy only until its last duplicate is written.
 //! The whole regenerated stream is checked against the length and CRC32C saved in the index.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::mpsc::sync_channel;
@@ -56,6 +57,9 @@ where
         }
     }
     let (tx, rx) = sync_channel::<Vec<u8>>(4);
+    // Record buffers come back from the writer for reuse: no fresh (zeroed, faulted-in)
+    // memory per record.
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
 
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> io::Result<(u64, u32)> {
@@ -65,137 +69,73 @@ where
                 n += buf.len() as u64;
                 out.write_all(&buf)?;
                 progress(n);
+                let _ = spare_tx.send(buf);
             }
             out.flush()?;
             Ok((n, crc))
         });
 
-        let mut pending: Vec<(u64, FrameHeader, Vec<u8>)> = Vec::new();
-        let mut decoded: HashMap<u64, Vec<u8>> = HashMap::new();
-        let mut dup_cache: HashMap<u64, Vec<u8>> = HashMap::new();
-        let mut next_block = 0u64;
-        let mut entry = 0usize;
+        let mut st = Restorer {
+            img,
+            dup_last: &dup_last,
+            pending: Vec::new(),
+            first_pending: 0,
+            frames: Vec::new(),
+            frames_bytes: 0,
+            after_records: false,
+            dup_cache: HashMap::new(),
+            next_block: 0,
+            entry: 0,
+            spare: spare_rx,
+        };
         let send = |buf: Vec<u8>| {
             tx.send(buf)
                 .map_err(|_| ImageError::Output(io::Error::other("writer stopped")))
         };
 
-        let walked = img.walk_frames(|fh, off, payload| {
-            if fh.kind == FrameKind::Block {
-                let b = index.blocks.get(next_block as usize);
-                if b.map(|b| b.offset) != Some(off) {
-                    return Err(ImageError::BadIndex(format!(
-                        "block frame at {off} is not block {next_block}"
-                    )));
-                }
-                pending.push((next_block, *fh, payload));
-                next_block += 1;
-                return Ok(());
-            }
-            if !pending.is_empty() {
-                let done: Result<Vec<(u64, Vec<u8>)>, ImageError> = pool.install(|| {
-                    pending
-                        .par_iter()
-                        .map(|(b, fh, payload)| {
-                            let mut raw = Vec::new();
-                            decode_block_payload(
-                                *b,
-                                fh,
-                                payload,
-                                index.blocks[*b as usize].pages,
-                                &mut raw,
-                            )?;
-                            Ok((*b, raw))
-                        })
-                        .collect()
-                });
-                decoded = done?.into_iter().collect();
-                pending.clear();
-            }
-            match fh.kind {
-                FrameKind::Verbatim => send(payload),
-                FrameKind::PageRecord => {
-                    let count = fh.aux as usize;
-                    if payload.len() != 8 + 8 * count || count == 0 {
-                        return Err(ImageError::Corrupt {
-                            offset: off,
-                            what: "page record length".into(),
-                        });
+        let walked = img
+            .walk_frames(|fh, off, payload| {
+                if fh.kind == FrameKind::Block {
+                    let b = index.blocks.get(st.next_block as usize);
+                    if b.map(|b| b.offset) != Some(off) {
+                        return Err(ImageError::BadIndex(format!(
+                            "block frame at {off} is not block {}",
+                            st.next_block
+                        )));
                     }
-                    let words = &payload[8..];
-                    let entries = index.pages.get(entry..entry + count).ok_or_else(|| {
-                        ImageError::BadIndex(format!("page record at {off} runs past the index"))
-                    })?;
-                    let data = entries
-                        .iter()
-                        .filter(|e| e.class != PageClass::NoData)
-                        .count();
-                    let len = 8 + 8 * count + data * PAGE_SIZE;
-                    let mut buf = Vec::with_capacity(8 + len);
-                    buf.extend_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
-                    buf.extend_from_slice(&(len as u32).to_le_bytes());
-                    buf.extend_from_slice(&(count as u32).to_le_bytes());
-                    buf.extend_from_slice(&payload[..4]);
-                    buf.extend_from_slice(words);
-                    for (k, e) in entries.iter().enumerate() {
-                        let i = (entry + k) as u64;
-                        let w = u64::from_le_bytes(
-                            words[8 * k..8 * k + 8].try_into().expect("8 bytes"),
-                        );
-                        if w != e.word {
-                            return Err(ImageError::BadIndex(format!(
-                                "entry {i} word differs from its record"
-                            )));
-                        }
-                        match e.class {
-                            PageClass::NoData => {}
-                            PageClass::Zero => buf.resize(buf.len() + PAGE_SIZE, 0),
-                            PageClass::Word(v) => {
-                                for _ in 0..PAGE_SIZE / 8 {
-                                    buf.extend_from_slice(&v.to_le_bytes());
-                                }
-                            }
-                            PageClass::Block { block, slot } => {
-                                let s = slot as usize * PAGE_SIZE;
-                                let page_start = buf.len();
-                                match decoded.get(&block) {
-                                    Some(raw) => buf.extend_from_slice(&raw[s..s + PAGE_SIZE]),
-                                    None => {
-                                        let mut raw = Vec::new();
-                                        img.read_block(block, &mut raw)?;
-                                        buf.extend_from_slice(&raw[s..s + PAGE_SIZE]);
-                                    }
-                                }
-                                if dup_last.contains_key(&i) {
-                                    dup_cache.insert(i, buf[page_start..].to_vec());
-                                }
-                            }
-                            PageClass::Dup(src) => {
-                                let page = dup_cache.get(&src).ok_or_else(|| {
-                                    ImageError::BadIndex(format!(
-                                        "entry {i} duplicates {src}, not yet restored"
-                                    ))
-                                })?;
-                                buf.extend_from_slice(page);
-                                if dup_last.get(&src) == Some(&i) {
-                                    dup_cache.remove(&src);
-                                }
-                            }
-                        }
+                    if st.after_records {
+                        // A new window starts: the previous one is complete.
+                        st.flush(&pool, &send)?;
+                        st.pending.clear();
+                        st.after_records = false;
                     }
-                    entry += count;
-                    send(buf)
+                    if st.pending.is_empty() {
+                        st.first_pending = st.next_block;
+                    }
+                    st.pending.push((*fh, payload));
+                    st.next_block += 1;
+                    return Ok(());
                 }
-                FrameKind::Index | FrameKind::Block => Err(ImageError::Corrupt {
-                    offset: off,
-                    what: "index frame among the records".into(),
-                }),
-            }
-        });
+                if matches!(fh.kind, FrameKind::Index) {
+                    return Err(ImageError::Corrupt {
+                        offset: off,
+                        what: "index frame among the records".into(),
+                    });
+                }
+                st.after_records = true;
+                st.frames_bytes += payload.len() + fh.aux as usize * PAGE_SIZE;
+                st.frames.push((*fh, off, payload));
+                if st.frames_bytes > FLUSH_BYTES {
+                    st.flush(&pool, &send)?;
+                }
+                Ok(())
+            })
+            .and_then(|()| st.flush(&pool, &send));
         drop(tx);
         let written = writer.join().expect("writer thread panicked");
         let (n, crc) = written.map_err(ImageError::Output)?;
         walked?;
+        let (entry, next_block) = (st.entry, st.next_block);
         if entry != index.pages.len() || next_block != index.blocks.len() as u64 {
             return Err(ImageError::Truncated(format!(
                 "frames hold {entry} of {} pages and {next_block} of {} blocks",
@@ -216,4 +156,231 @@ where
             elapsed: start.elapsed(),
         })
     })
+}
+
+/// Regenerated bytes gathered before a window is flushed even if its next block frame has
+/// not arrived (a window is normally about 16 MiB; this bounds windows without blocks).
+const FLUSH_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// Per-thread block scratch: decompressed once, its pages copied to their places.
+    static BLOCK_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Restorer<'a, R> {
+    img: &'a ImageReader<R>,
+    /// For every page that has duplicates: the entry of its last duplicate.
+    dup_last: &'a HashMap<u64, u64>,
+    /// The current window's block frames, blocks `first_pending..`.
+    pending: Vec<(FrameHeader, Vec<u8>)>,
+    first_pending: u64,
+    /// The current window's other frames, in stream order.
+    frames: Vec<(FrameHeader, u64, Vec<u8>)>,
+    frames_bytes: usize,
+    /// Frames other than blocks arrived since the last block frame.
+    after_records: bool,
+    dup_cache: HashMap<u64, Vec<u8>>,
+    next_block: u64,
+    entry: usize,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+/// Where a data page of the window goes: output buffer, byte offset.
+type Loc = (usize, usize);
+
+impl<R: ReadAt + Sync> Restorer<'_, R> {
+    /// Regenerates the gathered frames: builds every record's header, then fills all its
+    /// pages in parallel (each block decompressed once, its pages copied straight into the
+    /// records), then duplicates, and hands the buffers to the writer in order.
+    fn flush(
+        &mut self,
+        pool: &rayon::ThreadPool,
+        send: &dyn Fn(Vec<u8>) -> Result<(), ImageError>,
+    ) -> Result<(), ImageError> {
+        let index = self.img.index();
+        let frames = std::mem::take(&mut self.frames);
+        self.frames_bytes = 0;
+        let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(frames.len());
+        // Per data page of the window: its entry and where it goes.
+        let mut locs: Vec<(u64, Loc)> = Vec::new();
+        let win_first = self.entry;
+        for (fh, off, payload) in frames {
+            match fh.kind {
+                FrameKind::Verbatim => bufs.push(payload),
+                _ => {
+                    let count = fh.aux as usize;
+                    if payload.len() != 8 + 8 * count || count == 0 {
+                        return Err(ImageError::Corrupt {
+                            offset: off,
+                            what: "page record length".into(),
+                        });
+                    }
+                    let words = &payload[8..];
+                    let entries = index
+                        .pages
+                        .get(self.entry..self.entry + count)
+                        .ok_or_else(|| {
+                            ImageError::BadIndex(format!(
+                                "page record at {off} runs past the index"
+                            ))
+                        })?;
+                    let data = entries
+                        .iter()
+                        .filter(|e| e.class != PageClass::NoData)
+                        .count();
+                    let len = 8 + 8 * count + data * PAGE_SIZE;
+                    let mut buf = self.spare.try_recv().unwrap_or_default();
+                    buf.clear();
+                    buf.extend_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
+                    buf.extend_from_slice(&(len as u32).to_le_bytes());
+                    buf.extend_from_slice(&(count as u32).to_le_bytes());
+                    buf.extend_from_slice(&payload[..4]);
+                    buf.extend_from_slice(words);
+                    let mut at = buf.len();
+                    for (k, e) in entries.iter().enumerate() {
+                        let w = u64::from_le_bytes(
+                            words[8 * k..8 * k + 8].try_into().expect("8 bytes"),
+                        );
+                        if w != e.word {
+                            return Err(ImageError::BadIndex(format!(
+                                "entry {} word differs from its record",
+                                self.entry + k
+                            )));
+                        }
+                        if e.class != PageClass::NoData {
+                            locs.push(((self.entry + k) as u64, (bufs.len(), at)));
+                            at += PAGE_SIZE;
+                        }
+                    }
+                    // Every page byte is written below; growing an already initialised
+                    // (recycled) buffer costs nothing.
+                    buf.resize(8 + len, 0);
+                    bufs.push(buf);
+                    self.entry += count;
+                }
+            }
+        }
+
+        // Hand every data page's slice to the task that fills it.
+        let mut slices: Vec<Option<&mut [u8]>> = Vec::with_capacity(locs.len());
+        {
+            let mut li = 0;
+            for (bi, buf) in bufs.iter_mut().enumerate() {
+                let Some(&(_, (b0, start))) = locs.get(li) else { break };
+                if b0 != bi {
+                    continue;
+                }
+                for page in buf[start..].chunks_exact_mut(PAGE_SIZE) {
+                    slices.push(Some(page));
+                    li += 1;
+                }
+            }
+        }
+        debug_assert_eq!(slices.len(), locs.len());
+        let first = self.first_pending;
+        let nblocks = self.pending.len();
+        let mut per_block: Vec<Vec<(usize, &mut [u8])>> = (0..nblocks).map(|_| Vec::new()).collect();
+        let mut dups: Vec<(u64, u64, Loc)> = Vec::new();
+        let mut elsewhere: Vec<(u64, usize, &mut [u8])> = Vec::new();
+        for (j, &(i, loc)) in locs.iter().enumerate() {
+            let page = slices[j].take().expect("each page once");
+            match index.pages[i as usize].class {
+                PageClass::NoData => unreachable!("no slot for pages without data"),
+                PageClass::Zero => page.fill(0),
+                PageClass::Word(v) => {
+                    for c in page.chunks_exact_mut(8) {
+                        c.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                PageClass::Block { block, slot } => {
+                    let b = block.wrapping_sub(first);
+                    if b < nblocks as u64 {
+                        per_block[b as usize].push((slot as usize, page));
+                    } else {
+                        elsewhere.push((block, slot as usize, page));
+                    }
+                }
+                PageClass::Dup(src) => dups.push((i, src, loc)),
+            }
+        }
+        let pending = &self.pending;
+        pool.install(|| {
+            per_block
+                .into_par_iter()
+                .enumerate()
+                .try_for_each(|(b, pages)| {
+                    let block = first + b as u64;
+                    let (fh, payload) = &pending[b];
+                    BLOCK_SCRATCH.with(|raw| {
+                        let mut raw = raw.borrow_mut();
+                        decode_block_payload(
+                            block,
+                            fh,
+                            payload,
+                            index.blocks[block as usize].pages,
+                            &mut raw,
+                        )?;
+                        for (slot, page) in pages {
+                            let src = raw.get(slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE);
+                            page.copy_from_slice(src.ok_or_else(|| {
+                                ImageError::BadIndex(format!("block {block} has no slot {slot}"))
+                            })?);
+                        }
+                        Ok::<(), ImageError>(())
+                    })
+                })
+        })?;
+        for (block, slot, page) in elsewhere {
+            let mut raw = Vec::new();
+            self.img.read_block(block, &mut raw)?;
+            let src = raw.get(slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE);
+            page.copy_from_slice(src.ok_or_else(|| {
+                ImageError::BadIndex(format!("block {block} has no slot {slot}"))
+            })?);
+        }
+        drop(slices);
+
+        // Duplicates, from a first copy in this window or from the cache.
+        let loc_of = |e: u64| -> Option<Loc> {
+            let k = locs.partition_point(|&(i, _)| i < e);
+            locs.get(k).filter(|&&(i, _)| i == e).map(|&(_, l)| l)
+        };
+        for (i, src, (bd, od)) in dups {
+            let missing = || {
+                ImageError::BadIndex(format!("entry {i} duplicates {src}, not yet restored"))
+            };
+            let mut tmp = [0u8; PAGE_SIZE];
+            match self.dup_cache.get(&src) {
+                Some(p) => tmp.copy_from_slice(p),
+                None => {
+                    if src >= i || (src as usize) < win_first {
+                        return Err(missing());
+                    }
+                    let (bs, os) = loc_of(src).ok_or_else(missing)?;
+                    if !matches!(index.pages[src as usize].class, PageClass::Block { .. }) {
+                        return Err(missing());
+                    }
+                    tmp.copy_from_slice(&bufs[bs][os..os + PAGE_SIZE]);
+                }
+            }
+            bufs[bd][od..od + PAGE_SIZE].copy_from_slice(&tmp);
+            if self.dup_last.get(&src) == Some(&i) {
+                self.dup_cache.remove(&src);
+            }
+        }
+        // First copies whose duplicates come in later windows.
+        let last = self.entry as u64;
+        for &(i, (b, o)) in &locs {
+            if let Some(&l) = self.dup_last.get(&i) {
+                if l >= last && matches!(index.pages[i as usize].class, PageClass::Block { .. })
+                {
+                    self.dup_cache.insert(i, bufs[b][o..o + PAGE_SIZE].to_vec());
+                }
+            }
+        }
+        for buf in bufs {
+            send(buf)?;
+        }
+        Ok(())
+    }
 }

@@ -10,6 +10,7 @@
 //! (apart from the dedup table, 16 B of hash + 8 B per distinct page, and the index).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -108,15 +109,21 @@ where
     let writer_wait = AtomicU64::new(0);
     let (ev_tx, ev_rx) = sync_channel::<Result<Event, StreamError>>(4);
     let (out_tx, out_rx) = sync_channel::<Vec<Vec<u8>>>(2);
+    // Page buffers of processed records go back to the parser for reuse.
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
 
     std::thread::scope(|s| {
-        let parser = s.spawn(|| {
+        let seen = &seen;
+        let parser = s.spawn(move || {
             let mut p = StreamParser::new(CountingReader {
                 inner: input,
                 crc: 0,
-                seen: &seen,
+                seen,
             });
             loop {
+                while let Ok(b) = spare_rx.try_recv() {
+                    p.recycle(b);
+                }
                 match p.next_event() {
                     Ok(Some(ev)) => {
                         if ev_tx.send(Ok(ev)).is_err() {
@@ -145,7 +152,7 @@ where
             auto: opts.codec == CodecChoice::Auto,
             offset: 0,
             index: Index::default(),
-            dedup: HashMap::new(),
+            dedup: HashMap::default(),
             stats: SaveStats::default(),
         };
         let header = FileHeader {
@@ -177,7 +184,11 @@ where
                     let frames = pool.install(|| st.window(&window))?;
                     st.send(&out_tx, frames, &writer_wait)?;
                     progress(seen.load(Ordering::Relaxed));
-                    window.clear();
+                    for ev in window.drain(..) {
+                        if let Event::Pages(r) = ev {
+                            let _ = spare_tx.send(r.pages);
+                        }
+                    }
                     pages = 0;
                 }
                 if eof {
@@ -231,13 +242,32 @@ fn contiguous<'a>(pages: &[(&'a [u8], &'a [u8], usize)]) -> Option<&'a [u8]> {
     ok.then(|| &rec[first * PAGE_SIZE..(first + pages.len()) * PAGE_SIZE])
 }
 
+/// The dedup table's keys are xxh3-128 hashes already: their low 64 bits are the bucket hash
+/// (SipHash over them again cost about 1.5 % of a save).
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= v as u64;
+    }
+}
+
 struct SaveState {
     bp: usize,
     codec: Codec,
     auto: bool,
     offset: u64,
     index: Index,
-    dedup: HashMap<u128, u64>,
+    dedup: HashMap<u128, u64, BuildHasherDefault<HashIsKey>>,
     stats: SaveStats,
 }
 

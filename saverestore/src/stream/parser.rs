@@ -64,7 +64,13 @@ pub struct StreamParser<R> {
     offset: u64,
     domain_type: Option<u32>,
     libxc_version: Option<u32>,
+    /// Page buffers handed back by the consumer ([`StreamParser::recycle`]), reused so that
+    /// steady-state parsing neither allocates nor zero-fills page memory.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Recycled page buffers kept at most.
+const MAX_SPARE: usize = 8;
 
 const TRAILING_CHUNK: usize = 1 << 20;
 const RESERVE_AHEAD: usize = 8 + 8 * 1024 + 1024 * PAGE_SIZE;
@@ -78,6 +84,14 @@ impl<R: Read> StreamParser<R> {
             offset: 0,
             domain_type: None,
             libxc_version: None,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands back the page buffer of a consumed [`PageRecord`] for reuse by a later record.
+    pub fn recycle(&mut self, pages: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE && pages.capacity() > 0 {
+            self.spare.push(pages);
         }
     }
 
@@ -367,12 +381,17 @@ impl<R: Read> StreamParser<R> {
                 "length {len} but {count} pfns with {with_data} data pages need {expect}"
             )));
         }
-        let mut pages = Vec::new();
-        self.read_into(
-            &mut pages,
-            (with_data as usize) * PAGE_SIZE,
-            "PAGE_DATA pages",
-        )?;
+        let want = (with_data as usize) * PAGE_SIZE;
+        let mut pages = self.spare.pop().unwrap_or_default();
+        if want <= pages.len() {
+            // A recycled buffer already initialised that far: read straight into it (no
+            // zero-filling, no allocation).
+            pages.truncate(want);
+            self.read_exact(&mut pages, "PAGE_DATA pages")?;
+        } else {
+            pages.clear();
+            self.read_into(&mut pages, want, "PAGE_DATA pages")?;
+        }
         Ok(PageRecord {
             reserved,
             words,

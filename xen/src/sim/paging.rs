@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use super::memory::GuestMemory;
 use super::{HostState, PageState, SimHost};
-use parking_lot::MutexGuard;
 use crate::abi::vm_event::{Paging, VmEvent, FLAG_VCPU_PAUSED, INTERFACE_VERSION};
 use crate::error::{Error, Result};
 use crate::mem_paging::{MemPaging, PagingRing};
 use crate::ring::FrontRing;
 use crate::types::{DomId, Gfn, Port, PAGE_SIZE};
+use parking_lot::MutexGuard;
 
 /// How long a simulated vCPU waits for its page before the access fails.
 const PAGE_IN_TIMEOUT: Duration = Duration::from_secs(30);

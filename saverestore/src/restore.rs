@@ -188,6 +188,45 @@ struct Restorer<'a, R> {
 /// Where a data page of the window goes: output buffer, byte offset.
 type Loc = (usize, usize);
 
+/// How a run of data pages is filled.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Every u64 is this word (zero pages too).
+    Word(u64),
+    /// From this block, starting at this slot.
+    Block(u64, usize),
+    /// A duplicate, copied once the first copies are in place.
+    Later,
+}
+
+/// Copies the pages of `raw` (a decoded block) from `slot` on into `run`.
+fn copy_slots(block: u64, raw: &[u8], slot: usize, run: &mut [u8]) -> Result<(), ImageError> {
+    let src = raw.get(slot * PAGE_SIZE..slot * PAGE_SIZE + run.len());
+    run.copy_from_slice(
+        src.ok_or_else(|| ImageError::BadIndex(format!("block {block} has no slot {slot}")))?,
+    );
+    Ok(())
+}
+
+/// Decompresses a whole checked block payload straight into `dst` (its exact raw size).
+fn decode_block_into(
+    block: u64,
+    fh: &FrameHeader,
+    payload: &[u8],
+    pages: u16,
+    dst: &mut [u8],
+) -> Result<(), ImageError> {
+    let raw = pages as usize * PAGE_SIZE;
+    if fh.aux as usize != raw || raw > crate::codec::MAX_BLOCK_RAW || dst.len() != raw {
+        return Err(ImageError::Corrupt {
+            offset: 0,
+            what: format!("block {block} raw length {}", fh.aux),
+        });
+    }
+    crate::codec::decompress(fh.sub, payload, dst)
+        .map_err(|source| ImageError::Decompress { block, source })
+}
+
 impl<R: ReadAt + Sync> Restorer<'_, R> {
     /// Regenerates the gathered frames: builds every record's header, then fills all its
     /// pages in parallel (each block decompressed once, its pages copied straight into the
@@ -216,27 +255,30 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                         });
                     }
                     let words = &payload[8..];
-                    let entries = index
-                        .pages
-                        .get(self.entry..self.entry + count)
-                        .ok_or_else(|| {
-                            ImageError::BadIndex(format!(
-                                "page record at {off} runs past the index"
-                            ))
-                        })?;
+                    let entries =
+                        index
+                            .pages
+                            .get(self.entry..self.entry + count)
+                            .ok_or_else(|| {
+                                ImageError::BadIndex(format!(
+                                    "page record at {off} runs past the index"
+                                ))
+                            })?;
                     let data = entries
                         .iter()
                         .filter(|e| e.class != PageClass::NoData)
                         .count();
                     let len = 8 + 8 * count + data * PAGE_SIZE;
+                    // A recycled buffer keeps its initialised length: resizing it zero-fills
+                    // only growth, and every byte is overwritten below.
                     let mut buf = self.spare.try_recv().unwrap_or_default();
-                    buf.clear();
-                    buf.extend_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
-                    buf.extend_from_slice(&(len as u32).to_le_bytes());
-                    buf.extend_from_slice(&(count as u32).to_le_bytes());
-                    buf.extend_from_slice(&payload[..4]);
-                    buf.extend_from_slice(words);
-                    let mut at = buf.len();
+                    buf.resize(8 + len, 0);
+                    buf[0..4].copy_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
+                    buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+                    buf[8..12].copy_from_slice(&(count as u32).to_le_bytes());
+                    buf[12..16].copy_from_slice(&payload[..4]);
+                    buf[16..16 + words.len()].copy_from_slice(words);
+                    let mut at = 16 + words.len();
                     for (k, e) in entries.iter().enumerate() {
                         let w = u64::from_le_bytes(
                             words[8 * k..8 * k + 8].try_into().expect("8 bytes"),
@@ -252,55 +294,84 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                             at += PAGE_SIZE;
                         }
                     }
-                    // Every page byte is written below; growing an already initialised
-                    // (recycled) buffer costs nothing.
-                    buf.resize(8 + len, 0);
                     bufs.push(buf);
                     self.entry += count;
                 }
             }
         }
 
-        // Hand every data page's slice to the task that fills it.
-        let mut slices: Vec<Option<&mut [u8]>> = Vec::with_capacity(locs.len());
+        // Runs of data pages filled the same way: a block's consecutive slots that sit next
+        // to each other in one record are one run (usually the whole block, which is then
+        // decompressed straight into the record).
+        let first = self.first_pending;
+        let nblocks = self.pending.len();
+        let mut runs: Vec<(Fill, usize, usize)> = Vec::new(); // (fill, buffer, pages)
+        let mut dups: Vec<(u64, u64, Loc)> = Vec::new();
+        for &(i, loc) in &locs {
+            let fill = match index.pages[i as usize].class {
+                PageClass::NoData => unreachable!("pages without data have no place"),
+                PageClass::Zero => Fill::Word(0),
+                PageClass::Word(v) => Fill::Word(v),
+                PageClass::Block { block, slot } => Fill::Block(block, slot as usize),
+                PageClass::Dup(src) => {
+                    dups.push((i, src, loc));
+                    Fill::Later
+                }
+            };
+            if let Some((Fill::Block(b, s0), buf, n)) = runs.last_mut() {
+                if let Fill::Block(block, slot) = fill {
+                    if *buf == loc.0 && *b == block && *s0 + *n == slot {
+                        *n += 1;
+                        continue;
+                    }
+                }
+            }
+            runs.push((fill, loc.0, 1));
+        }
+        // Carve the buffers into the runs' slices, in order.
+        let mut per_block: Vec<Vec<(usize, &mut [u8])>> =
+            (0..nblocks).map(|_| Vec::new()).collect();
+        let mut elsewhere: Vec<(u64, usize, &mut [u8])> = Vec::new();
         {
+            let mut ri = 0;
             let mut li = 0;
             for (bi, buf) in bufs.iter_mut().enumerate() {
-                let Some(&(_, (b0, start))) = locs.get(li) else { break };
+                let Some(&(_, (b0, start))) = locs.get(li) else {
+                    break;
+                };
                 if b0 != bi {
                     continue;
                 }
-                for page in buf[start..].chunks_exact_mut(PAGE_SIZE) {
-                    slices.push(Some(page));
-                    li += 1;
-                }
-            }
-        }
-        debug_assert_eq!(slices.len(), locs.len());
-        let first = self.first_pending;
-        let nblocks = self.pending.len();
-        let mut per_block: Vec<Vec<(usize, &mut [u8])>> = (0..nblocks).map(|_| Vec::new()).collect();
-        let mut dups: Vec<(u64, u64, Loc)> = Vec::new();
-        let mut elsewhere: Vec<(u64, usize, &mut [u8])> = Vec::new();
-        for (j, &(i, loc)) in locs.iter().enumerate() {
-            let page = slices[j].take().expect("each page once");
-            match index.pages[i as usize].class {
-                PageClass::NoData => unreachable!("no slot for pages without data"),
-                PageClass::Zero => page.fill(0),
-                PageClass::Word(v) => {
-                    for c in page.chunks_exact_mut(8) {
-                        c.copy_from_slice(&v.to_le_bytes());
+                let mut rest = &mut buf[start..];
+                while let Some(&(fill, rb, n)) = runs.get(ri) {
+                    if rb != bi {
+                        break;
+                    }
+                    let (run, tail) = rest.split_at_mut(n * PAGE_SIZE);
+                    rest = tail;
+                    ri += 1;
+                    li += n;
+                    match fill {
+                        Fill::Word(v) => {
+                            if v == 0 {
+                                run.fill(0);
+                            } else {
+                                for c in run.chunks_exact_mut(8) {
+                                    c.copy_from_slice(&v.to_le_bytes());
+                                }
+                            }
+                        }
+                        Fill::Block(block, slot) => {
+                            let b = block.wrapping_sub(first);
+                            if b < nblocks as u64 {
+                                per_block[b as usize].push((slot, run));
+                            } else {
+                                elsewhere.push((block, slot, run));
+                            }
+                        }
+                        Fill::Later => {}
                     }
                 }
-                PageClass::Block { block, slot } => {
-                    let b = block.wrapping_sub(first);
-                    if b < nblocks as u64 {
-                        per_block[b as usize].push((slot as usize, page));
-                    } else {
-                        elsewhere.push((block, slot as usize, page));
-                    }
-                }
-                PageClass::Dup(src) => dups.push((i, src, loc)),
             }
         }
         let pending = &self.pending;
@@ -308,37 +379,34 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
             per_block
                 .into_par_iter()
                 .enumerate()
-                .try_for_each(|(b, pages)| {
+                .try_for_each(|(b, runs)| {
                     let block = first + b as u64;
                     let (fh, payload) = &pending[b];
+                    let pages = index.blocks[block as usize].pages;
+                    let whole =
+                        matches!(&runs[..], [(0, run)] if run.len() == pages as usize * PAGE_SIZE);
+                    if whole {
+                        let (_, run) = runs.into_iter().next().expect("one run");
+                        return decode_block_into(block, fh, payload, pages, run);
+                    }
+                    if runs.is_empty() {
+                        return Ok(());
+                    }
                     BLOCK_SCRATCH.with(|raw| {
                         let mut raw = raw.borrow_mut();
-                        decode_block_payload(
-                            block,
-                            fh,
-                            payload,
-                            index.blocks[block as usize].pages,
-                            &mut raw,
-                        )?;
-                        for (slot, page) in pages {
-                            let src = raw.get(slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE);
-                            page.copy_from_slice(src.ok_or_else(|| {
-                                ImageError::BadIndex(format!("block {block} has no slot {slot}"))
-                            })?);
+                        decode_block_payload(block, fh, payload, pages, &mut raw)?;
+                        for (slot, run) in runs {
+                            copy_slots(block, &raw, slot, run)?;
                         }
-                        Ok::<(), ImageError>(())
+                        Ok(())
                     })
                 })
         })?;
-        for (block, slot, page) in elsewhere {
+        for (block, slot, run) in elsewhere {
             let mut raw = Vec::new();
             self.img.read_block(block, &mut raw)?;
-            let src = raw.get(slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE);
-            page.copy_from_slice(src.ok_or_else(|| {
-                ImageError::BadIndex(format!("block {block} has no slot {slot}"))
-            })?);
+            copy_slots(block, &raw, slot, run)?;
         }
-        drop(slices);
 
         // Duplicates, from a first copy in this window or from the cache.
         let loc_of = |e: u64| -> Option<Loc> {
@@ -346,9 +414,8 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
             locs.get(k).filter(|&&(i, _)| i == e).map(|&(_, l)| l)
         };
         for (i, src, (bd, od)) in dups {
-            let missing = || {
-                ImageError::BadIndex(format!("entry {i} duplicates {src}, not yet restored"))
-            };
+            let missing =
+                || ImageError::BadIndex(format!("entry {i} duplicates {src}, not yet restored"));
             let mut tmp = [0u8; PAGE_SIZE];
             match self.dup_cache.get(&src) {
                 Some(p) => tmp.copy_from_slice(p),
@@ -372,8 +439,7 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
         let last = self.entry as u64;
         for &(i, (b, o)) in &locs {
             if let Some(&l) = self.dup_last.get(&i) {
-                if l >= last && matches!(index.pages[i as usize].class, PageClass::Block { .. })
-                {
+                if l >= last && matches!(index.pages[i as usize].class, PageClass::Block { .. }) {
                     self.dup_cache.insert(i, bufs[b][o..o + PAGE_SIZE].to_vec());
                 }
             }

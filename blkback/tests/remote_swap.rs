@@ -79,6 +79,34 @@ fn blocks_live_on_two_replicas_and_zero_blocks_nowhere() {
 }
 
 #[test]
+fn compressible_blocks_take_less_server_memory() {
+    let (servers, client) = servers_and_client(2);
+    let dir = tempfile::tempdir().unwrap();
+    let d = swap(&client, &dir, 1 << 20, 1 << 20);
+    // Sparse pages, as swapped-out heap often is.
+    let sparse: Vec<u8> = (0..4096u32)
+        .map(|i| if i % 256 == 0 { i as u8 | 1 } else { 0 })
+        .collect();
+    for b in 0..32u64 {
+        d.write_at(&sparse, b * 4096, WriteFlags::default())
+            .unwrap();
+    }
+    d.write_at(&block(1), 32 * 4096, WriteFlags::default())
+        .unwrap();
+    for b in 0..32u64 {
+        assert_eq!(read(&d, b * 4096, 4096), sparse);
+    }
+    assert_eq!(read(&d, 32 * 4096, 4096), block(1));
+    let st = d.stats();
+    assert_eq!(st.remote_writes, 33);
+    assert!(st.remote_bytes < 4 * 4096, "{st:?}");
+    for s in &servers {
+        let bytes = s.store.stats().pools[1].bytes;
+        assert!(bytes < 8 * 4096, "server holds {bytes} bytes for 33 blocks");
+    }
+}
+
+#[test]
 fn misaligned_requests_are_read_modify_written() {
     let (_servers, client) = servers_and_client(2);
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod client;
 pub mod exports;
 pub mod ghost;
+pub mod page_codec;
 pub mod spill;
 pub mod stripes;
 pub mod swap;

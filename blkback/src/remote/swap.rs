@@ -9,7 +9,8 @@
 //! Each 4 KiB block is in exactly one place, recorded in an in-process index (block →
 //! remote | spill slot; absent = zeroes). A block's key on the servers is its block number in
 //! the device's namespace; the client seals every page (bound to namespace, key and version)
-//! and remembers which servers hold the current version.
+//! and remembers which servers hold the current version. Blocks are LZ4-compressed when
+//! that saves an eighth or more ([`super::page_codec`]); all-zero blocks are not stored.
 //!
 //! **Durability rule.** A write returns only when its blocks are stored on every replica
 //! (the client's `put_batch` acknowledges only then) or written to the spill file and
@@ -35,6 +36,7 @@ use parking_lot::Mutex;
 use remoca_memserver::protocol::Pool;
 
 use super::client::RemoteClient;
+use super::page_codec;
 use super::spill::{SpillError, SpillFile, BLOCK};
 use super::stripes::Stripes;
 use crate::disk::{check_range, push_extent, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
@@ -79,6 +81,8 @@ enum Loc {
 #[derive(Debug, Default)]
 pub struct SwapStats {
     pub remote_writes: AtomicU64,
+    /// Bytes of encoded (possibly compressed) blocks stored remotely, per copy.
+    pub remote_bytes: AtomicU64,
     pub spill_writes: AtomicU64,
     pub zero_writes: AtomicU64,
     pub remote_reads: AtomicU64,
@@ -96,6 +100,7 @@ pub struct SwapStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SwapSnapshot {
     pub remote_writes: u64,
+    pub remote_bytes: u64,
     pub spill_writes: u64,
     pub zero_writes: u64,
     pub remote_reads: u64,
@@ -188,6 +193,7 @@ impl SwapDisk {
         };
         SwapSnapshot {
             remote_writes: g(&s.remote_writes),
+            remote_bytes: g(&s.remote_bytes),
             spill_writes: g(&s.spill_writes),
             zero_writes: g(&s.zero_writes),
             remote_reads: g(&s.remote_reads),
@@ -256,15 +262,17 @@ impl SwapDisk {
                 io_err(libc::EIO)
             })?;
         for (&i, p) in remote.iter().zip(pages) {
-            match p {
-                Some(p) if p.len() == BLOCK => out[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&p),
-                other => {
-                    if self.count_error(&self.stats.read_errors) {
-                        let len = other.map(|p| p.len());
-                        tracing::error!(block = first + i as u64, ?len, "remote block missing");
-                    }
-                    return Err(io_err(libc::EIO));
+            let b = first + i as u64;
+            let r = match p {
+                Some(v) => page_codec::decode(&v, &mut out[i * BLOCK..(i + 1) * BLOCK])
+                    .map_err(|e| e.to_string()),
+                None => Err("missing".to_owned()),
+            };
+            if let Err(why) = r {
+                if self.count_error(&self.stats.read_errors) {
+                    tracing::error!(block = b, why, "remote block unreadable");
                 }
+                return Err(io_err(libc::EIO));
             }
         }
         self.stats
@@ -311,8 +319,16 @@ impl SwapDisk {
         if c.servers_up() < c.replicas() {
             return false;
         }
-        match c.put_batch(Pool::Persistent, self.namespace, pages) {
+        let encoded: Vec<Vec<u8>> = pages.iter().map(|(_, p)| page_codec::encode(p)).collect();
+        let values: Vec<(u64, &[u8])> = pages
+            .iter()
+            .zip(&encoded)
+            .map(|((b, _), e)| (*b, &e[..]))
+            .collect();
+        match c.put_batch(Pool::Persistent, self.namespace, &values) {
             Ok(()) => {
+                let bytes: usize = encoded.iter().map(Vec::len).sum();
+                self.stats.remote_bytes.fetch_add(bytes as u64, Relaxed);
                 if self.degraded.swap(false, Relaxed) {
                     tracing::info!(
                         namespace = self.namespace,

@@ -46,10 +46,14 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 exec </dev/console >/dev/console 2>&1
 for m in $(cat /modules/order); do insmod /modules/$m; done
-i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-mkswap /dev/vda >/dev/null && swapon /dev/vda && echo "REMOCA-SWAPON $(grep SwapTotal /proc/meminfo)"
-/bin/swap_workload @MIB@
-echo "REMOCA-SWAP-AFTER $(grep -E 'SwapTotal|SwapFree' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
+i=0; while [ ! -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+if mkswap /dev/vda >/dev/null && swapon /dev/vda; then
+  echo "REMOCA-SWAPON $(grep SwapTotal /proc/meminfo)"
+  /bin/swap_workload @MIB@ || { echo "REMOCA-WORKLOAD-FAILED"; dmesg | tail -40; }
+  echo "REMOCA-SWAP-AFTER $(grep -E 'SwapTotal|SwapFree' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
+else
+  echo "REMOCA-SWAPON-FAILED"; ls -l /dev/vd* /sys/block; dmesg | tail -40
+fi
 echo "REMOCA-DONE"
 poweroff -f
 "#;
@@ -228,7 +232,7 @@ fn guest_swaps_onto_remote_memory_and_survives_a_memserver_kill() {
         ))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(d.join("qemu.stderr")).unwrap())
         .spawn()
         .expect("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86");
     // Watchdog: give up on a hung guest after 5 minutes (kill by PID).
@@ -265,7 +269,9 @@ fn guest_swaps_onto_remote_memory_and_survives_a_memserver_kill() {
     let _ = stop_tx.send(());
     rt.block_on(server).unwrap().unwrap();
 
-    assert!(console.contains("REMOCA-SWAPON"), "no swap:\n{console}");
+    let qemu_err = std::fs::read_to_string(d.join("qemu.stderr")).unwrap_or_default();
+    console.push_str(&format!("--- qemu stderr ---\n{qemu_err}"));
+    assert!(console.contains("REMOCA-SWAPON "), "no swap:\n{console}");
     let (before, kill_time) = at_kill.unwrap_or_else(|| panic!("no kill point:\n{console}"));
     assert!(
         console.contains(&format!(

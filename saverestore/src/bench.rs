@@ -210,6 +210,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
                 "remoca ratio (zstd:1)",
                 CodecChoice::Fixed(Codec::Zstd(RATIO_ZSTD_LEVEL)),
             ),
+            ("remoca zstd:-1", CodecChoice::Fixed(Codec::Zstd(-1))),
             ("remoca auto (to memory)", CodecChoice::Auto),
         ] {
             let mut runs = Vec::new();

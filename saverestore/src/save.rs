@@ -155,6 +155,7 @@ where
             index: Index::default(),
             dedup: HashMap::default(),
             spare: Vec::new(),
+            spare_bytes: 0,
             spare_rx: written_rx,
             stats: SaveStats::default(),
         };
@@ -266,8 +267,8 @@ impl Hasher for HashIsKey {
     }
 }
 
-/// Written frame buffers kept for reuse (two windows of 64 KiB blocks).
-const MAX_SPARE_FRAMES: usize = 1024;
+/// Capacity of written frame buffers kept for reuse (a window of blocks is about 6-16 MiB).
+const MAX_SPARE_BYTES: usize = 24 << 20;
 
 struct SaveState {
     bp: usize,
@@ -279,6 +280,7 @@ struct SaveState {
     /// Frame buffers the writer has written, reused for the next blocks (fresh ones cost
     /// page faults: about 4 % of a fast save).
     spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
     spare_rx: Receiver<Vec<Vec<u8>>>,
     stats: SaveStats,
 }
@@ -315,7 +317,9 @@ impl SaveState {
     fn window(&mut self, events: &[Event]) -> Result<Vec<Vec<u8>>, ImageError> {
         while let Ok(frames) = self.spare_rx.try_recv() {
             for f in frames {
-                if self.spare.len() < MAX_SPARE_FRAMES && (4096..=2 << 20).contains(&f.capacity()) {
+                let cap = f.capacity();
+                if cap >= 4096 && self.spare_bytes + cap <= MAX_SPARE_BYTES {
+                    self.spare_bytes += cap;
                     self.spare.push(f);
                 }
             }
@@ -378,7 +382,11 @@ impl SaveState {
         let codec = self.codec;
         let nblocks = unique.len().div_ceil(self.bp);
         let bufs: Vec<Vec<u8>> = (0..nblocks)
-            .map(|_| self.spare.pop().unwrap_or_default())
+            .map(|_| {
+                let f = self.spare.pop().unwrap_or_default();
+                self.spare_bytes -= f.capacity();
+                f
+            })
             .collect();
         let mut frames: Vec<Vec<u8>> = unique
             .par_chunks(self.bp)

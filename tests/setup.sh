@@ -12,6 +12,7 @@ PACKAGES=(
   memcached                         # baseline of the memory-server benchmark smoke test
   iproute2                          # network namespaces and veth for the NFS test bed
   busybox-static cpio e2fsprogs zstd xz-utils util-linux perl binutils   # guest and dom0 initramfs builders
+  gcc libc6-dev                     # the ABI probe and the static swap workload the guest test runs
 )
 
 missing=()

@@ -107,7 +107,7 @@ where
         .map_err(ImageError::ThreadPool)?;
     let seen = AtomicU64::new(0);
     let writer_wait = AtomicU64::new(0);
-    let (ev_tx, ev_rx) = sync_channel::<Result<Event, StreamError>>(4);
+    let (ev_tx, ev_rx) = sync_channel::<Result<Event, StreamError>>(8);
     let (out_tx, out_rx) = sync_channel::<Vec<Vec<u8>>>(2);
     let (written_tx, written_rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
     // Page buffers of processed records go back to the parser for reuse.

@@ -159,6 +159,13 @@ impl SwapDisk {
                 source,
             }
         })?;
+        if client.replicas() < 2 {
+            tracing::warn!(
+                namespace = config.namespace,
+                "swap blocks get one remote copy only (fewer than two memory servers): \
+                 losing that server loses guest memory"
+            );
+        }
         Ok(SwapDisk {
             client,
             namespace: config.namespace,

@@ -62,6 +62,11 @@ pub struct BlkbackSection {
     pub enabled: bool,
     pub listen: SocketAddr,
     pub blkif: bool,
+    pub memservers: Vec<SocketAddr>,
+    #[serde(deserialize_with = "size")]
+    pub demo_swap: u64,
+    #[serde(default)]
+    pub swap: Vec<SwapSection>,
     #[serde(deserialize_with = "size")]
     pub demo_disk: u64,
     #[serde(default)]
@@ -76,6 +81,20 @@ pub struct ExportSection {
     pub overlay: Option<PathBuf>,
     #[serde(default)]
     pub readonly: bool,
+    /// Keep blocks the guest re-reads in the memory servers' ephemeral pool.
+    #[serde(default)]
+    pub remote_cache: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapSection {
+    pub name: String,
+    #[serde(deserialize_with = "size")]
+    pub size: u64,
+    pub spill: PathBuf,
+    #[serde(default, deserialize_with = "optional_size")]
+    pub spill_max: Option<u64>,
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -157,7 +176,9 @@ fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> anyhow::Res
             (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u, &path)?,
             (Some(toml::Value::Table(_)), _) => bail!("`{path}` must be a table"),
             (Some(slot), v) => *slot = v,
-            (None, v @ toml::Value::Array(_)) if path == "blkback.export" => {
+            (None, v @ toml::Value::Array(_))
+                if path == "blkback.export" || path == "blkback.swap" =>
+            {
                 base.insert(key, v);
             }
             (None, _) => bail!("unknown key `{path}`"),

@@ -17,6 +17,7 @@
 //!        └── status      (every host.status_interval seconds)
 //! ```
 
+mod blkback;
 pub mod config;
 mod demo_guest;
 mod pager;
@@ -27,11 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
-use remoca_blkback::nbd::{self, Listener};
-use remoca_blkback::overlay::Overlay;
-use remoca_blkback::raw::RawFile;
-use remoca_blkback::{ExportConfig, Exports};
 use remoca_memserver::byte_size::format_size;
 use remoca_memserver::protocol::auth::AuthKey;
 use remoca_memserver::server::ServerConfig;
@@ -182,28 +178,29 @@ async fn serve(
         std::process::id().to_string().as_bytes(),
     )?;
 
+    let mut memserver = None;
     if cfg.memserver.enabled {
         let (addr, status) = start_memserver(cfg, &mut tasks, stop_rx.clone()).await?;
         publish(host, "memserver", &addr.to_string())?;
         println!("memserver listening on {addr}");
         columns.push(status);
+        memserver = Some(addr);
     }
     let mut blkif = None;
     if cfg.blkback.enabled {
         let (addr, status, exports) =
-            start_blkback(cfg, state_dir, &mut tasks, stop_rx.clone()).await?;
+            blkback::start(cfg, state_dir, memserver, &mut tasks, stop_rx.clone()).await?;
         publish(host, "blkback/nbd", &addr.to_string())?;
         println!("blkback NBD listening on {addr}");
-        columns.push(status);
+        columns.extend(status);
         if cfg.blkback.blkif {
-            let (server, status) = start_blkif(host, exports)?;
+            let (server, status) = blkback::start_blkif(host, exports)?;
             println!("blkback serving Xen vbd3 disks (backend/vbd3 in xenstore)");
             blkif = Some(server);
             columns.push(status);
         }
     }
     let mut pagers = if cfg.pager.enabled {
-        let memserver = published(host, "memserver");
         let (pagers, status) = pager::start(host, cfg, state_dir, memserver)?;
         columns.extend(status);
         pagers
@@ -264,14 +261,6 @@ fn publish(host: &Host, key: &str, value: &str) -> anyhow::Result<()> {
         .with_context(|| format!("publishing {key} in xenstore"))
 }
 
-/// What `up` published under `key`, parsed (the pager finds the memory server this way).
-fn published(host: &Host, key: &str) -> Option<SocketAddr> {
-    remoca_xen::xenstore::read_string(&*host.store, Tx::NONE, &format!("{XENSTORE_DIR}/{key}"))
-        .ok()?
-        .parse()
-        .ok()
-}
-
 fn status_line(host: &Host, started: Instant, columns: &[StatusFn]) {
     let doms = host
         .domains()
@@ -285,11 +274,11 @@ fn status_line(host: &Host, started: Instant, columns: &[StatusFn]) {
     println!("{line}");
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
+pub(crate) async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-type Tasks = tokio::task::JoinSet<anyhow::Result<()>>;
+pub(crate) type Tasks = tokio::task::JoinSet<anyhow::Result<()>>;
 
 async fn start_memserver(
     cfg: &Config,
@@ -334,133 +323,4 @@ async fn start_memserver(
         )
     });
     Ok((addr, status))
-}
-
-async fn start_blkback(
-    cfg: &Config,
-    state_dir: &Path,
-    tasks: &mut Tasks,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, StatusFn, Exports)> {
-    let b = &cfg.blkback;
-    let configs: Vec<ExportConfig> = if b.export.is_empty() {
-        vec![demo_disk(state_dir, b.demo_disk)?]
-    } else {
-        b.export
-            .iter()
-            .map(|e| ExportConfig {
-                name: e.name.clone(),
-                template: e.template.clone(),
-                overlay: e.overlay.clone(),
-                read_only: e.readonly,
-                min_block: 1,
-            })
-            .collect()
-    };
-    let (exports, failed) = Exports::open_available(&configs).context("blkback exports")?;
-    for e in failed {
-        eprintln!(
-            "warning: blkback is not serving: {:#}",
-            anyhow::Error::from(e)
-        );
-    }
-    for e in exports.iter() {
-        println!(
-            "  export {:?}: {} ({})",
-            e.name,
-            e.description,
-            format_size(e.disk.size())
-        );
-    }
-    let listener = tokio::net::TcpListener::bind(b.listen)
-        .await
-        .with_context(|| format!("blkback cannot listen on {}", b.listen))?;
-    let addr = listener.local_addr()?;
-    let served = exports.clone();
-    let for_blkif = exports.clone();
-    tasks.spawn(async move {
-        let res = nbd::run(Listener::Tcp(listener), served.clone(), stopped(stop)).await;
-        served.flush_all();
-        res.context("blkback NBD server")
-    });
-    let status: StatusFn = Box::new(move || {
-        let (mut r, mut w, mut c) = (0, 0, 0);
-        for e in exports.iter() {
-            let s = e.stats.snapshot();
-            r += s.bytes_read;
-            w += s.bytes_written;
-            c += s.connections;
-        }
-        format!(
-            "blkback read {} written {} ({} connections)",
-            format_size(r),
-            format_size(w),
-            c
-        )
-    });
-    Ok((addr, status, for_blkif))
-}
-
-fn start_blkif(host: &Host, exports: Exports) -> anyhow::Result<(BlkifServer, StatusFn)> {
-    let server = BlkifServer::spawn(
-        host.clone(),
-        BlkifConfig {
-            exports: Some(exports),
-            ..BlkifConfig::default()
-        },
-    )
-    .context("starting the blkif backend")?;
-    let stats = server.stats().clone();
-    let status: StatusFn = Box::new(move || {
-        let devices = stats.lock();
-        let (mut req, mut err) = (0, 0);
-        for s in devices.values() {
-            req += s.requests.load(std::sync::atomic::Ordering::Relaxed);
-            err += s.errors.load(std::sync::atomic::Ordering::Relaxed);
-        }
-        format!(
-            "blkif {} disks, {req} requests, {err} errors",
-            devices.len()
-        )
-    });
-    Ok((server, status))
-}
-
-/// A demo template (a 4 KiB pattern block every MiB, the rest sparse) and an overlay over it,
-/// made once in the state directory and reused on later runs.
-fn demo_disk(state_dir: &Path, size: u64) -> anyhow::Result<ExportConfig> {
-    use std::os::unix::fs::FileExt;
-    if size == 0 || size % (1 << 20) != 0 {
-        bail!("blkback.demo_disk must be a positive whole number of MiB");
-    }
-    let template = state_dir.join("demo-template.raw");
-    let overlay = state_dir.join("demo.overlay");
-    let fresh_template = std::fs::metadata(&template)
-        .map(|m| m.len() != size)
-        .unwrap_or(true);
-    if fresh_template {
-        let f = std::fs::File::create(&template)
-            .with_context(|| format!("creating {}", template.display()))?;
-        f.set_len(size)?;
-        for mib in 0..size >> 20 {
-            let mut block = vec![0u8; 4096];
-            let text = format!("remoca demo disk, MiB {mib}\n");
-            block[..text.len()].copy_from_slice(text.as_bytes());
-            f.write_all_at(&block, mib << 20)?;
-        }
-        f.sync_all()?;
-        let _ = std::fs::remove_file(&overlay);
-    }
-    if !overlay.exists() {
-        let t = RawFile::open_read_only(&template).context("opening the demo template")?;
-        Overlay::create(&overlay, &t, 16, &template.display().to_string())
-            .with_context(|| format!("creating {}", overlay.display()))?;
-    }
-    Ok(ExportConfig {
-        name: "demo".into(),
-        template,
-        overlay: Some(overlay),
-        read_only: false,
-        min_block: 1,
-    })
 }

@@ -32,6 +32,16 @@ pub struct BlkbackArgs {
     /// Repeat for more.
     #[arg(long = "export", value_name = "SPEC")]
     export: Vec<String>,
+    /// A swap device whose 4 KiB blocks live on the memory servers (two replicas), with a
+    /// local spill file: `name=NAME,size=SIZE,spill=PATH[,spill-max=SIZE]`. Repeat for more.
+    #[arg(long = "swap", value_name = "SPEC")]
+    swap: Vec<String>,
+    /// Memory server for `--swap` and `remote-cache` exports; repeat for more.
+    #[arg(long = "memserver", value_name = "ADDR")]
+    memservers: Vec<SocketAddr>,
+    /// Pre-shared key file of the memory servers.
+    #[arg(long)]
+    memserver_key_file: Option<PathBuf>,
     /// Serve Xen guests' vbd3 disks through the blkif ring too: `auto` does on a Xen host
     /// (the `--backend` in use is real), `on` also on the simulated host, `off` never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
@@ -147,7 +157,7 @@ fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
             None if part == "readonly" => read_only = true,
             _ => bail!(
                 "--export {spec:?}: unknown item {part:?} \
-                 (expected name=, template=, overlay=, readonly, block-size=)"
+                 (expected name=, template=, overlay=, readonly, block-size=, remote-cache)"
             ),
         }
     }
@@ -160,6 +170,36 @@ fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
         read_only,
         min_block,
     })
+}
+
+/// Parse `name=NAME,size=SIZE,spill=PATH[,spill-max=SIZE]`.
+fn parse_swap_spec(spec: &str) -> anyhow::Result<crate::up::blkback::SwapSpec> {
+    let (mut name, mut size, mut spill, mut spill_max) = (None, None, None, None);
+    for part in spec.split(',') {
+        let size_of = |v: &str| parse_size(v).map_err(|e| anyhow::anyhow!("--swap {spec:?}: {e}"));
+        match part.split_once('=') {
+            Some(("name", v)) => name = Some(v.to_owned()),
+            Some(("size", v)) => size = Some(size_of(v)?),
+            Some(("spill", v)) => spill = Some(PathBuf::from(v)),
+            Some(("spill-max", v)) => spill_max = Some(size_of(v)?),
+            _ => bail!("--swap {spec:?}: unknown item {part:?} (expected name=, size=, spill=, spill-max=)"),
+        }
+    }
+    let name = name.with_context(|| format!("--swap {spec:?}: missing name="))?;
+    let size = size.with_context(|| format!("--swap {spec:?}: missing size="))?;
+    let spill = spill.with_context(|| format!("--swap {spec:?}: missing spill="))?;
+    Ok((name, size, spill, spill_max.unwrap_or(size)))
+}
+
+fn read_key(
+    path: Option<&Path>,
+) -> anyhow::Result<Option<remoca_memserver::protocol::auth::AuthKey>> {
+    let Some(p) = path else { return Ok(None) };
+    let bytes = std::fs::read(p).with_context(|| format!("reading key file {}", p.display()))?;
+    Ok(Some(
+        remoca_memserver::protocol::auth::AuthKey::from_secret(&bytes)
+            .with_context(|| format!("key file {}", p.display()))?,
+    ))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -197,7 +237,7 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
                 bind,
                 cfg.export
                     .into_iter()
-                    .map(ExportConfig::from)
+                    .map(|e| (ExportConfig::from(e), false))
                     .collect::<Vec<_>>(),
             )
         }
@@ -210,19 +250,41 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
             let configs = a
                 .export
                 .iter()
-                .map(|s| parse_export_spec(s))
+                .map(|s| {
+                    // `remote-cache` is an item of its own; the rest is a plain export spec.
+                    let cached = s.split(',').any(|p| p == "remote-cache");
+                    let plain: Vec<&str> = s.split(',').filter(|p| *p != "remote-cache").collect();
+                    Ok((parse_export_spec(&plain.join(","))?, cached))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             (bind, configs)
         }
     };
-    if configs.is_empty() {
-        bail!("no exports: give --export name=...,template=... at least once");
+    if configs.is_empty() && a.swap.is_empty() {
+        bail!("no exports: give --export name=...,template=... or --swap name=...,size=...,spill=... at least once");
     }
-    // One broken disk must not stop the others: serve what opens, report the rest.
-    let (exports, failed) = Exports::open_available(&configs).context("cannot open exports")?;
-    for e in failed {
-        eprintln!("warning: not serving: {:#}", anyhow::Error::from(e));
-    }
+    let swaps = a
+        .swap
+        .iter()
+        .map(|s| parse_swap_spec(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let remote = !swaps.is_empty() || configs.iter().any(|(_, cached)| *cached);
+    let exports = if remote {
+        if a.memservers.is_empty() {
+            bail!("--swap and remote-cache exports need at least one --memserver ADDR");
+        }
+        let key = read_key(a.memserver_key_file.as_deref())?;
+        let opened = crate::up::blkback::open_remote(configs, swaps, a.memservers.clone(), key)?;
+        opened.exports
+    } else {
+        // One broken disk must not stop the others: serve what opens, report the rest.
+        let plain: Vec<ExportConfig> = configs.into_iter().map(|(c, _)| c).collect();
+        let (exports, failed) = Exports::open_available(&plain).context("cannot open exports")?;
+        for e in failed {
+            eprintln!("warning: not serving: {:#}", anyhow::Error::from(e));
+        }
+        exports
+    };
     let blkif = start_blkif(&a.blkif, g, &exports)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -26,11 +26,14 @@ use super::config::ExportSection;
 use super::{stopped, Config, StatusFn, Tasks};
 
 /// The exports and the remote layers opened under them.
-struct Opened {
-    exports: Exports,
-    swaps: Vec<(String, Arc<SwapDisk>)>,
-    caches: Vec<(String, Arc<RemoteCache>)>,
+pub(crate) struct Opened {
+    pub exports: Exports,
+    pub swaps: Vec<(String, Arc<SwapDisk>)>,
+    pub caches: Vec<(String, Arc<RemoteCache>)>,
 }
+
+/// A swap device to open: name, size, spill file, most bytes the spill file may hold.
+pub(crate) type SwapSpec = (String, u64, std::path::PathBuf, u64);
 
 /// Open the exports (on the demo default: a template + overlay disk with a remote read
 /// cache, and a swap device) and serve them over NBD.
@@ -44,7 +47,7 @@ pub(super) async fn start(
     let b = &cfg.blkback;
     let demo = b.export.is_empty() && b.swap.is_empty();
     let mut plain: Vec<(ExportConfig, bool)> = b.export.iter().map(export_config).collect();
-    let mut swaps: Vec<(String, u64, std::path::PathBuf, u64)> = b
+    let mut swaps: Vec<SwapSpec> = b
         .swap
         .iter()
         .map(|s| {
@@ -176,10 +179,11 @@ fn auth_key(cfg: &Config) -> anyhow::Result<Option<AuthKey>> {
     })?))
 }
 
-/// Open plain exports (cached where asked) and swap devices over the memory servers.
-fn open_remote(
+/// Open plain exports (cached where asked) and swap devices over the memory servers. Call
+/// from a plain thread, not a tokio worker.
+pub(crate) fn open_remote(
     plain: Vec<(ExportConfig, bool)>,
-    swaps: Vec<(String, u64, std::path::PathBuf, u64)>,
+    swaps: Vec<SwapSpec>,
     servers: Vec<SocketAddr>,
     key: Option<AuthKey>,
 ) -> anyhow::Result<Opened> {

@@ -17,7 +17,7 @@
 //!        └── status      (every host.status_interval seconds)
 //! ```
 
-mod blkback;
+pub(crate) mod blkback;
 pub mod config;
 mod demo_guest;
 mod pager;

@@ -13,6 +13,15 @@ fn main() -> std::process::ExitCode {
     cli::init_tracing(cli.global.verbose);
     match cli::dispatch(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader of our output went away (`remoca xen store ls | head`): nothing to say.
+        Err(err)
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("remoca: {err:#}");
             std::process::ExitCode::FAILURE

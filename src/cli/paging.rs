@@ -58,9 +58,10 @@ pub struct MrcArgs {
     /// Also compute the exact LRU curve and print the mean absolute error.
     #[arg(long)]
     compare_exact: bool,
-    /// Synthetic trace: references and distinct pages.
+    /// Synthetic trace: number of references.
     #[arg(long, default_value_t = 1_000_000)]
     refs: usize,
+    /// Synthetic trace: distinct pages referenced.
     #[arg(long, default_value_t = 65536)]
     pages: u64,
 }

@@ -14,6 +14,7 @@
 //!
 //! See `docs/paging.md`.
 
+pub mod bench;
 pub mod journal;
 pub mod mrc;
 pub mod pager;

@@ -1,6 +1,9 @@
 //! `remoca bench ...`: each benchmark measures remoca and its baseline in the same run.
 
+use std::path::PathBuf;
+
 use clap::{Args, Subcommand};
+use remoca_paging::bench::{self as paging_bench, PagingBenchConfig};
 
 use super::Global;
 
@@ -18,6 +21,56 @@ enum Which {
     Save(super::saverestore::BenchArgs),
     /// The block backend against qemu-nbd with the same clients.
     Blkback(super::blkback::BenchArgs),
+    /// Remote page-in, swap and read cache against a local page file (O_DIRECT and
+    /// buffered), and SHARDS against exact LRU.
+    Paging(PagingBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PagingBenchArgs {
+    /// Directory for the local page/swap files: a real disk (tmpfs refuses O_DIRECT).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Pages stored remotely and in the page file.
+    #[arg(long, default_value_t = 16_384)]
+    pages: u64,
+    /// Timed page-ins per system.
+    #[arg(long, default_value_t = 5_000)]
+    samples: usize,
+    /// Untimed page-ins first.
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+    /// 4 KiB blocks per swap pass.
+    #[arg(long, default_value_t = 16_384)]
+    swap_blocks: u64,
+    /// Working set of the cache's re-read trace, in blocks.
+    #[arg(long, default_value_t = 4_096)]
+    cache_blocks: u64,
+    /// Passes over the working set.
+    #[arg(long, default_value_t = 4)]
+    cache_passes: usize,
+    /// References in the MRC trace.
+    #[arg(long, default_value_t = 1_000_000)]
+    mrc_refs: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn paging(a: PagingBenchArgs) -> anyhow::Result<()> {
+    let cfg = PagingBenchConfig {
+        pages: a.pages,
+        samples: a.samples,
+        warmup: a.warmup,
+        swap_blocks: a.swap_blocks,
+        cache_blocks: a.cache_blocks,
+        cache_passes: a.cache_passes,
+        mrc_refs: a.mrc_refs,
+        seed: a.seed,
+        ..PagingBenchConfig::standard(a.dir)
+    };
+    let report = paging_bench::run(&cfg)?;
+    print!("{}", report.text);
+    Ok(())
 }
 
 pub fn run(args: BenchArgs, g: &Global) -> anyhow::Result<()> {
@@ -25,5 +78,6 @@ pub fn run(args: BenchArgs, g: &Global) -> anyhow::Result<()> {
         Which::Memserver(a) => super::memserver::bench(a, g),
         Which::Save(a) => super::saverestore::bench(a, g),
         Which::Blkback(a) => super::blkback::bench(a, g),
+        Which::Paging(a) => paging(a),
     }
 }

@@ -148,6 +148,7 @@ pub const EXPECTED_ROWS: &[(&str, &str)] = &[
     ("cache", "RemoteCache hit"),
     ("cache", "RemoteCache miss"),
     ("cache", "lower disk read"),
+    ("cache", "lower file O_DIRECT read"),
     ("mrc", "exact LRU"),
     ("mrc", "SHARDS rate 0.1"),
     ("mrc", "SHARDS fixed size 8192"),
@@ -330,7 +331,14 @@ fn client_config(servers: Vec<SocketAddr>, replicas: usize) -> ClientConfig {
     c
 }
 
-/// Part 1: page-in latency.
+/// A page-in under test: its row name and one fetch of page `g`.
+type Fetch<'a> = (
+    &'static str,
+    Box<dyn FnMut(u64) -> Result<(), PagingBenchError> + 'a>,
+);
+
+/// Part 1: page-in latency. The systems take turns page by page (rotating who goes first),
+/// so a burst of load on the shared machine hits all of them alike.
 fn page_in(
     cfg: &PagingBenchConfig,
     rows: &mut Vec<Row>,
@@ -341,101 +349,126 @@ fn page_in(
     let capacity = (n * PAGE as u64 * 4).max(64 << 20);
     let server = LocalServer::start(capacity)?;
     let keys = shuffled(n, cfg.warmup + cfg.samples, &mut rng);
+    let pages: Vec<Vec<u8>> = (0..n).map(|g| page_content(g, &mut rng)).collect();
+    let batches = |vals: &[Vec<u8>], i: usize| -> Vec<(u64, Vec<u8>)> {
+        vals.iter()
+            .enumerate()
+            .skip(i * 256)
+            .take(256)
+            .map(|(j, p)| (j as u64, p.clone()))
+            .collect()
+    };
 
     // The pager's store: sealed pages in the persistent pool of one server.
     let store = MemserverStore::connect(client_config(vec![server.addr], 1)).map_err(other)?;
     let dom = 7;
-    let pages: Vec<Vec<u8>> = (0..n).map(|g| page_content(g, &mut rng)).collect();
-    for (i, chunk) in pages.chunks(256).enumerate() {
-        let batch: Vec<(u64, &[u8])> = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, p)| ((i * 256 + j) as u64, &p[..]))
-            .collect();
-        store.put_batch(dom, &batch).map_err(other)?;
-    }
-    let us = time_each(&keys, cfg.warmup, |g| {
-        let p = store.get(dom, g).map_err(other)?;
-        if p.len() != PAGE || p[..8] != g.to_le_bytes() {
-            return Err(other(format!("page {g} came back wrong")));
-        }
-        Ok(())
-    })?;
-    rows.push(lat_row("page-in", "memserver, pager store (sealed)", us));
-    drop(store);
-
     // The swap device's path: the remote layers' client and the LZ4 page codec.
     let rc = RemoteClient::connect(client_config(vec![server.addr], 1), 2).map_err(other)?;
     let ns = 11;
     let encoded: Vec<Vec<u8>> = pages.iter().map(|p| page_codec::encode(p)).collect();
     let ratio = encoded.iter().map(Vec::len).sum::<usize>() as f64 / (n as f64 * PAGE as f64);
-    for (i, chunk) in encoded.chunks(256).enumerate() {
-        let batch: Vec<(u64, &[u8])> = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, p)| ((i * 256 + j) as u64, &p[..]))
-            .collect();
-        rc.put_batch(Pool::Persistent, ns, &batch).map_err(other)?;
+    for i in 0..pages.len().div_ceil(256) {
+        let b = batches(&pages, i);
+        let b: Vec<(u64, &[u8])> = b.iter().map(|(k, p)| (*k, &p[..])).collect();
+        store.put_batch(dom, &b).map_err(other)?;
+        let e = batches(&encoded, i);
+        let e: Vec<(u64, &[u8])> = e.iter().map(|(k, p)| (*k, &p[..])).collect();
+        rc.put_batch(Pool::Persistent, ns, &e).map_err(other)?;
     }
-    let mut out = vec![0u8; PAGE];
-    let us = time_each(&keys, cfg.warmup, |g| {
-        let v = rc.get_batch(Pool::Persistent, ns, &[g]).map_err(other)?;
-        let v = v
-            .into_iter()
-            .next()
-            .flatten()
-            .ok_or_else(|| other(format!("page {g} missing")))?;
-        page_codec::decode(&v, &mut out).map_err(other)?;
-        if out[..8] != g.to_le_bytes() {
-            return Err(other(format!("page {g} came back wrong")));
-        }
-        Ok(())
-    })?;
-    rows.push(lat_row(
-        "page-in",
-        "memserver, swap path (sealed + lz4)",
-        us,
-    ));
     notes.push(format!(
-        "page-in pages are half random, half repetitive: lz4 stores them at {:.0}% of 4 KiB",
+        "page-in pages are half random, half repetitive: lz4 stores them at {:.0}% of 4 KiB; \
+         the four page-in systems take turns page by page",
         ratio * 100.0
     ));
-    drop(rc);
-    drop(server);
 
     // xenpaging's baseline: one page file, page g at g * 4096.
     let path = cfg
         .dir
         .join(format!("remoca-bench-pagefile-{}", std::process::id()));
-    {
-        let f = File::create(&path).map_err(io(path.display().to_string()))?;
-        for (g, p) in pages.iter().enumerate() {
-            f.write_all_at(p, g as u64 * PAGE as u64)
-                .map_err(io("page file"))?;
-        }
-        f.sync_all().map_err(io("page file"))?;
-    }
     let res = (|| {
-        let (f, direct) = open_direct(&path, notes)?;
-        let mut a = Aligned::new();
-        let us = time_each(&keys, cfg.warmup, |g| {
-            f.read_exact_at(a.get(), g * PAGE as u64)
-                .map_err(io("page file"))
-        })?;
-        rows.push(lat_row("page-in", "local file O_DIRECT", us));
+        {
+            let f = File::create(&path).map_err(io(path.display().to_string()))?;
+            for (g, p) in pages.iter().enumerate() {
+                f.write_all_at(p, g as u64 * PAGE as u64)
+                    .map_err(io("page file"))?;
+            }
+            f.sync_all().map_err(io("page file"))?;
+        }
+        let (direct_file, direct) = open_direct(&path, notes)?;
         if !direct {
             notes.push("page-in \"local file O_DIRECT\" fell back to buffered reads".into());
         }
-        let f = open_plain(&path)?;
+        let plain = open_plain(&path)?;
+        let mut a = Aligned::new();
         let mut buf = vec![0u8; PAGE];
-        let us = time_each(&keys, cfg.warmup, |g| {
-            f.read_exact_at(&mut buf, g * PAGE as u64)
-                .map_err(io("page file"))
-        })?;
-        rows.push(lat_row("page-in", "local file, page cache", us));
+        let mut out = vec![0u8; PAGE];
+        let check = |g: u64, p: &[u8]| {
+            if p.len() != PAGE || p[..8] != g.to_le_bytes() {
+                Err(other(format!("page {g} came back wrong")))
+            } else {
+                Ok(())
+            }
+        };
+        let mut systems: Vec<Fetch<'_>> = vec![
+            (
+                "memserver, pager store (sealed)",
+                Box::new(|g| check(g, &store.get(dom, g).map_err(other)?)),
+            ),
+            (
+                "memserver, swap path (sealed + lz4)",
+                Box::new(|g| {
+                    let v = rc.get_batch(Pool::Persistent, ns, &[g]).map_err(other)?;
+                    let v = v
+                        .into_iter()
+                        .next()
+                        .flatten()
+                        .ok_or_else(|| other(format!("page {g} missing")))?;
+                    page_codec::decode(&v, &mut out).map_err(other)?;
+                    check(g, &out)
+                }),
+            ),
+            (
+                "local file O_DIRECT",
+                Box::new(|g| {
+                    let b = a.get();
+                    direct_file
+                        .read_exact_at(b, g * PAGE as u64)
+                        .map_err(io("page file"))?;
+                    check(g, b)
+                }),
+            ),
+            (
+                "local file, page cache",
+                Box::new(|g| {
+                    plain
+                        .read_exact_at(&mut buf, g * PAGE as u64)
+                        .map_err(io("page file"))?;
+                    check(g, &buf)
+                }),
+            ),
+        ];
+        let mut us: Vec<Vec<f64>> = vec![Vec::with_capacity(cfg.samples); systems.len()];
+        let ns_len = systems.len();
+        for (i, g) in keys.iter().enumerate() {
+            for j in 0..ns_len {
+                let s = (i + j) % ns_len;
+                let t = Instant::now();
+                (systems[s].1)(*g)?;
+                let e = t.elapsed().as_secs_f64() * 1e6;
+                if i >= cfg.warmup {
+                    us[s].push(e);
+                }
+            }
+        }
+        for ((name, _), us) in systems.iter().zip(us) {
+            rows.push(lat_row("page-in", name, us));
+        }
         Ok(())
     })();
     let _ = std::fs::remove_file(&path);
+    drop(rc);
+    drop(store);
+    drop(server);
     res
 }
 
@@ -650,9 +683,18 @@ fn cache(
             lower.read_at(&mut buf, b * PAGE as u64).map_err(other)
         })?;
         rows.push(lat_row("cache", "lower disk read", us));
+        // The same lower file when it is not in the page cache (a cold disk).
+        let (direct, _) = open_direct(&path, notes)?;
+        let mut a = Aligned::new();
+        let us = time_each(&keys, 0, |b| {
+            direct
+                .read_exact_at(a.get(), b * PAGE as u64)
+                .map_err(io("cache disk"))
+        })?;
+        rows.push(lat_row("cache", "lower file O_DIRECT read", us));
         notes.push(format!(
             "cache: {} passes over {} blocks in shuffled order, admission on the second touch \
-             (best possible hit rate {:.0}%); the lower disk is a buffered file (page cache warm)",
+             (best possible hit rate {:.0}%); the lower disk is a buffered file (page cache warm); misses include the admitting writes",
             cfg.cache_passes.max(1),
             n,
             100.0 * (cfg.cache_passes.max(1) as f64 - 2.0).max(0.0)

@@ -288,6 +288,23 @@ fn time_each(
     Ok(out)
 }
 
+/// The file-system type of the mount holding `dir`, from `/proc/self/mounts` (longest
+/// mount point that is a prefix of the canonical path).
+fn fs_type(dir: &Path) -> Option<String> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mnt, ty) = (f.next()?, f.next()?, f.next()?);
+            let mnt = mnt.replace("\\040", " ");
+            dir.starts_with(&mnt).then(|| (mnt.len(), ty.to_owned()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, ty)| ty)
+}
+
 /// Open `path` with `O_DIRECT`, or say why not and open it buffered.
 fn open_direct(path: &Path, notes: &mut Vec<String>) -> Result<(File, bool), PagingBenchError> {
     let mut o = OpenOptions::new();
@@ -827,6 +844,15 @@ pub fn run(cfg: &PagingBenchConfig) -> Result<PagingBenchReport, PagingBenchErro
     std::fs::create_dir_all(&cfg.dir).map_err(io(cfg.dir.display().to_string()))?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
+    match fs_type(&cfg.dir) {
+        Some(ty) if ty == "tmpfs" || ty == "ramfs" => notes.push(format!(
+            "{} is on {ty}: the local-file rows measure memory, not a disk (kernels from 6.6 \
+             accept O_DIRECT on tmpfs); use --dir on a real disk",
+            cfg.dir.display()
+        )),
+        Some(ty) => notes.push(format!("local files on {ty}")),
+        None => notes.push("file system of the local files unknown".into()),
+    }
     page_in(cfg, &mut rows, &mut notes)?;
     swap(cfg, &mut rows, &mut notes)?;
     cache(cfg, &mut rows, &mut notes)?;

@@ -304,9 +304,15 @@ pub fn parse_request(abi: Abi, entry: &[u8], limits: Limits) -> Result<BlkifRequ
     let handle = u16_at(b, 2);
     let op = match operation {
         OP_READ | OP_WRITE | OP_FLUSH_DISKCACHE => {
-            let sector = check_sector(raw_sector).map_err(error)?;
             let min = usize::from(operation != OP_FLUSH_DISKCACHE);
             let segments = rw_segments(min)?;
+            // An empty flush has no position: Linux blkfront sends sector (sector_t)-1 in it
+            // (seen with xen-blkfront of Linux 6.1 on every attach).
+            let sector = if operation == OP_FLUSH_DISKCACHE && segments.is_empty() {
+                0
+            } else {
+                check_sector(raw_sector).map_err(error)?
+            };
             match operation {
                 OP_READ => BlkifOp::Read { sector, segments },
                 OP_WRITE => BlkifOp::Write { sector, segments },
@@ -627,6 +633,28 @@ mod tests {
             let b32 = encode_request(Abi::X86_32, &req);
             assert_eq!(entry_bytes_32(&entry_from_bytes_32(&b32)).to_vec(), b32);
             assert_eq!(parse_request(Abi::X86_32, &b32, LIMITS).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn empty_flush_ignores_linux_blkfronts_sector_minus_one() {
+        for abi in [Abi::X86_64, Abi::X86_32] {
+            let req = BlkifRequest {
+                id: 4,
+                handle: 0,
+                op: BlkifOp::Flush {
+                    sector: 0,
+                    segments: vec![],
+                },
+            };
+            let mut b = encode_request(abi, &req);
+            let at = if abi == Abi::X86_64 { 16 } else { 12 };
+            b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+            assert_eq!(parse_request(abi, &b, LIMITS).unwrap(), req);
+            // A read at that sector is still refused.
+            let mut r = encode_request(abi, &rw(false, 1));
+            r[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+            assert!(parse_request(abi, &r, LIMITS).is_err());
         }
     }
 

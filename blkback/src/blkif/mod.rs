@@ -168,16 +168,26 @@ pub fn serve_with_stats(
     let watch = host.store.watch(&root, "remoca-blkif")?;
     let pool = Arc::new(WorkerPool::new(config.workers, "blkif-io").map_err(BlkifError::Thread)?);
     let mut devices: BTreeMap<(DomId, u32), Running> = BTreeMap::new();
+    // A device thread says here when it ends, so a device directory written again while its
+    // old thread was still closing (libxl removing and re-adding a disk) is picked up then:
+    // no xenstore event would come for it afterwards.
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(DomId, u32)>();
     tracing::info!(%root, "blkif backend watching");
     let result = loop {
         select! {
             recv(watch.receiver()) -> ev => if ev.is_err() {
                 break Err(BlkifError::WatchLost(root.clone()));
             },
+            recv(done_rx) -> key => if let Ok(key) = key {
+                if let Some(d) = devices.remove(&key) {
+                    let _ = d.thread.join();
+                    stats.lock().remove(&format!("{}/{}", key.0, key.1));
+                }
+            },
             recv(shutdown) -> _ => break Ok(()),
         }
         while watch.try_next().is_some() {}
-        if let Err(e) = scan(host, &config, &pool, &stats, &mut devices) {
+        if let Err(e) = scan(host, &config, &pool, &stats, &mut devices, &done_tx) {
             tracing::warn!(error = %e, "scanning backend devices");
         }
     };
@@ -203,6 +213,7 @@ fn scan(
     pool: &Arc<WorkerPool>,
     stats: &DeviceStats,
     devices: &mut BTreeMap<(DomId, u32), Running>,
+    done: &crossbeam_channel::Sender<(DomId, u32)>,
 ) -> Result<(), BlkifError> {
     let finished: Vec<_> = devices
         .iter()
@@ -236,9 +247,14 @@ fn scan(
             stats.lock().insert(id.name(), ring_stats.clone());
             let (stop, stop_rx) = crossbeam_channel::bounded(0);
             let (host, config, pool) = (host.clone(), config.clone(), pool.clone());
+            let done = done.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("blkif-dev-{}", id.name()))
-                .spawn(move || device::run(host, id, config, pool, ring_stats, stop_rx))
+                .spawn(move || {
+                    let r = device::run(host, id, config, pool, ring_stats, stop_rx);
+                    let _ = done.send((domid, devid));
+                    r
+                })
                 .map_err(BlkifError::Thread)?;
             devices.insert((domid, devid), Running { stop, thread });
         }

@@ -251,9 +251,8 @@ fn scan(
             let thread = std::thread::Builder::new()
                 .name(format!("blkif-dev-{}", id.name()))
                 .spawn(move || {
-                    let r = device::run(host, id, config, pool, ring_stats, stop_rx);
+                    device::run(host, id, config, pool, ring_stats, stop_rx);
                     let _ = done.send((domid, devid));
-                    r
                 })
                 .map_err(BlkifError::Thread)?;
             devices.insert((domid, devid), Running { stop, thread });

@@ -95,16 +95,7 @@ fn describe(host: &Host) -> String {
 
 fn state_dir(configured: &Path) -> anyhow::Result<PathBuf> {
     let dir = if configured.as_os_str().is_empty() {
-        match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(d) => PathBuf::from(d).join("remoca"),
-            None => {
-                use std::os::unix::fs::MetadataExt;
-                let uid = std::fs::metadata("/proc/self")
-                    .map(|m| m.uid())
-                    .unwrap_or(0);
-                std::env::temp_dir().join(format!("remoca-{uid}"))
-            }
-        }
+        remoca_xen::sim::attached::runtime_dir()
     } else {
         configured.to_path_buf()
     };

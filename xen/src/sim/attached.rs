@@ -21,10 +21,16 @@ use crate::{BackendKind, DomId, Host, PAGE_SIZE};
 /// Where `remoca up` serves its simulated xenstore: `$REMOCA_SIM_XENSTORE`, else
 /// `$XDG_RUNTIME_DIR/remoca/sim-xenstored.socket`, else `/tmp/remoca-<uid>/sim-xenstored.socket`.
 pub fn default_socket() -> PathBuf {
-    if let Some(p) = std::env::var_os("REMOCA_SIM_XENSTORE") {
-        return PathBuf::from(p);
+    match std::env::var_os("REMOCA_SIM_XENSTORE") {
+        Some(p) => PathBuf::from(p),
+        None => runtime_dir().join("sim-xenstored.socket"),
     }
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+}
+
+/// This user's remoca runtime directory: `$XDG_RUNTIME_DIR/remoca`, else
+/// `/tmp/remoca-<uid>`. `remoca up` keeps its state there too.
+pub fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) => PathBuf::from(d).join("remoca"),
         None => {
             use std::os::unix::fs::MetadataExt;
@@ -33,8 +39,7 @@ pub fn default_socket() -> PathBuf {
                 .unwrap_or(0);
             PathBuf::from(format!("/tmp/remoca-{uid}"))
         }
-    };
-    dir.join("sim-xenstored.socket")
+    }
 }
 
 /// A host whose xenstore and domain list are those of the simulated host serving `socket`.

@@ -25,6 +25,10 @@
 //! own page cache. A block read again (it left the guest's cache) is admitted. See
 //! [`super::ghost`].
 //!
+//! **Observation.** With an [`AccessObserver`] attached ([`RemoteCache::observe`]), every
+//! successful read reports its blocks (hits and misses alike: both missed the guest's own
+//! page cache) for working-set estimation.
+//!
 //! Blocks only partly inside the disk (the last one of a disk whose size is not a multiple
 //! of 4096) are never cached.
 
@@ -35,6 +39,7 @@ use remoca_memserver::protocol::Pool;
 
 use super::client::RemoteClient;
 use super::ghost::{Ghost, DEFAULT_GHOST_ENTRIES};
+use super::observe::{Access, AccessObserver, ObserverSlot, Source};
 use super::spill::BLOCK;
 use super::stripes::Stripes;
 use crate::disk::{check_range, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
@@ -97,6 +102,7 @@ pub struct RemoteCache {
     ghost: Ghost,
     stripes: Stripes,
     stats: CacheStats,
+    observer: ObserverSlot,
 }
 
 impl RemoteCache {
@@ -114,12 +120,18 @@ impl RemoteCache {
             ghost: Ghost::new(config.ghost_entries),
             stripes: Stripes::default(),
             stats: CacheStats::default(),
+            observer: ObserverSlot::default(),
         }
     }
 
     /// The disk below.
     pub fn lower(&self) -> &Arc<dyn Disk> {
         &self.lower
+    }
+
+    /// Report the guest's reads of this disk to `observer` as `source`.
+    pub fn observe(&self, source: Source, observer: Arc<dyn AccessObserver>) {
+        self.observer.attach(source, observer);
     }
 
     /// Counters.
@@ -274,6 +286,7 @@ impl Disk for RemoteCache {
                 }
             }
         }
+        self.observer.emit(Access::Read, first..last);
         Ok(())
     }
 

@@ -6,6 +6,8 @@
 //!   evicted guest pages: a write is acknowledged only when it is durable.
 //! - [`cache::RemoteCache`]: a read cache over any disk in the **ephemeral** pool, admitting
 //!   blocks on their second touch ([`ghost`]); the servers may drop its blocks at any time.
+//! - [`observe`]: a hook reporting swap-outs, swap-ins and reads per guest to a
+//!   working-set estimator.
 //! - [`exports`]: how a backend opens exports with these layers beside plain ones.
 //!
 //! The two pools are never mixed (each layer uses one), and every page is sealed by the
@@ -15,6 +17,7 @@ pub mod cache;
 pub mod client;
 pub mod exports;
 pub mod ghost;
+pub mod observe;
 pub mod page_codec;
 pub mod spill;
 pub mod stripes;
@@ -25,4 +28,5 @@ pub use client::RemoteClient;
 pub use exports::{
     namespace_for, open_exports, CacheExport, OpenedExports, RemoteExportError, SwapExport,
 };
+pub use observe::{Access, AccessObserver, Source};
 pub use swap::{SwapConfig, SwapDisk, SwapOpenError, SwapSnapshot};

@@ -23,6 +23,10 @@
 //! server to the replica. A block that no replica can return is an I/O error (EIO), never
 //! zeroes or stale data.
 //!
+//! **Observation.** With an [`AccessObserver`] attached ([`SwapDisk::observe`]), every
+//! successful guest write reports its blocks as swap-outs, every guest read as swap-ins and
+//! every discard / write-zeroes as freed slots (the working-set estimator's input).
+//!
 //! **Alignment.** Swap I/O is 4 KiB aligned; other requests work by read-modify-write of the
 //! edge blocks (under the same block locks, so they are atomic with respect to other
 //! requests on those blocks).
@@ -36,6 +40,7 @@ use parking_lot::Mutex;
 use remoca_memserver::protocol::Pool;
 
 use super::client::RemoteClient;
+use super::observe::{Access, AccessObserver, ObserverSlot, Source};
 use super::page_codec;
 use super::spill::{SpillError, SpillFile, BLOCK};
 use super::stripes::Stripes;
@@ -128,6 +133,7 @@ pub struct SwapDisk {
     stripes: Stripes,
     degraded: AtomicBool,
     stats: SwapStats,
+    observer: ObserverSlot,
 }
 
 fn io_err(errno: i32) -> DiskError {
@@ -176,6 +182,7 @@ impl SwapDisk {
             stripes: Stripes::default(),
             degraded: AtomicBool::new(false),
             stats: SwapStats::default(),
+            observer: ObserverSlot::default(),
         })
     }
 
@@ -187,6 +194,11 @@ impl SwapDisk {
             self.namespace,
             self.spill_path.display()
         )
+    }
+
+    /// Report the guest's swap traffic on this device to `observer` as `source`.
+    pub fn observe(&self, source: Source, observer: Arc<dyn AccessObserver>) {
+        self.observer.attach(source, observer);
     }
 
     /// Counters and where blocks are now.
@@ -469,6 +481,8 @@ impl SwapDisk {
             self.store_blocks(b, &blk)?;
         }
         self.forget(&whole);
+        self.observer
+            .emit(Access::Free, whole_first..whole_end.max(whole_first));
         Ok(())
     }
 }
@@ -491,12 +505,14 @@ impl Disk for SwapDisk {
         let (first, last) = Self::blocks(offset, len);
         let _g = self.stripes.shared(first, last);
         if offset % B == 0 && len % B == 0 {
-            return self.read_blocks(first, buf);
+            self.read_blocks(first, buf)?;
+        } else {
+            let mut tmp = vec![0u8; ((last - first) * B) as usize];
+            self.read_blocks(first, &mut tmp)?;
+            let s = (offset - first * B) as usize;
+            buf.copy_from_slice(&tmp[s..s + buf.len()]);
         }
-        let mut tmp = vec![0u8; ((last - first) * B) as usize];
-        self.read_blocks(first, &mut tmp)?;
-        let s = (offset - first * B) as usize;
-        buf.copy_from_slice(&tmp[s..s + buf.len()]);
+        self.observer.emit(Access::SwapIn, first..last);
         Ok(())
     }
 
@@ -509,7 +525,9 @@ impl Disk for SwapDisk {
         let (first, last) = Self::blocks(offset, len);
         let _g = self.stripes.exclusive(first, last);
         if offset % B == 0 && len % B == 0 {
-            return self.store_blocks(first, buf);
+            self.store_blocks(first, buf)?;
+            self.observer.emit(Access::SwapOut, first..last);
+            return Ok(());
         }
         // Read-modify-write of the edge blocks.
         let mut tmp = vec![0u8; ((last - first) * B) as usize];
@@ -520,7 +538,9 @@ impl Disk for SwapDisk {
         }
         let s = (offset - first * B) as usize;
         tmp[s..s + buf.len()].copy_from_slice(buf);
-        self.store_blocks(first, &tmp)
+        self.store_blocks(first, &tmp)?;
+        self.observer.emit(Access::SwapOut, first..last);
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), DiskError> {

@@ -7,12 +7,18 @@
 //!   by `1/R`. Fixed-rate mode, or fixed-size mode that lowers `T` to keep at most `s_max`
 //!   keys (rescaling the histogram by `T'/T`). Both apply the `SHARDS_adj` correction (the
 //!   difference between expected and actual sample counts goes to the smallest bucket).
+//! - [`ghost::GhostShards`]: the same sampling over a ghost stack of evicted pages, for a
+//!   running guest whose misses only are visible; [`live`] feeds it from the remote swap
+//!   and cache layers, [`published`] puts its curve and recommendation in xenstore.
 //! - [`mean_absolute_error`], [`Mrc::recommend`] (smallest size within a tolerance of the
 //!   curve's asymptote), [`plot::render`] (a terminal plot), and [`synthetic`] traces.
 //!
 //! Sizes are in pages; curves are evaluated at multiples of a bucket width.
 
+pub mod ghost;
+pub mod live;
 pub mod plot;
+pub mod published;
 pub mod stack;
 pub mod synthetic;
 
@@ -30,7 +36,7 @@ pub struct Mrc {
 }
 
 impl Mrc {
-    fn new(bucket: u64) -> Self {
+    pub(crate) fn new(bucket: u64) -> Self {
         Mrc {
             bucket: bucket.max(1),
             hist: Vec::new(),
@@ -39,7 +45,7 @@ impl Mrc {
         }
     }
 
-    fn add(&mut self, distance: Option<f64>, weight: f64) {
+    pub(crate) fn add(&mut self, distance: Option<f64>, weight: f64) {
         self.total += weight;
         match distance {
             None => self.cold += weight,
@@ -51,6 +57,48 @@ impl Mrc {
                 self.hist[i] += weight;
             }
         }
+    }
+
+    /// A curve with these miss ratios at `0, bucket, 2·bucket, …` (made non-increasing;
+    /// the last one is the asymptote). An empty list is the curve of no references.
+    pub fn from_ratios(bucket: u64, ratios: &[f64]) -> Mrc {
+        let mut mrc = Mrc::new(bucket);
+        let Some(&first) = ratios.first() else {
+            return mrc;
+        };
+        let mut prev = first.clamp(0.0, 1.0);
+        mrc.hist = ratios[1..]
+            .iter()
+            .map(|&r| {
+                let r = r.clamp(0.0, prev);
+                let step = prev - r;
+                prev = r;
+                step
+            })
+            .collect();
+        mrc.cold = prev;
+        mrc.total = 1.0;
+        mrc
+    }
+
+    /// Multiply every count by `factor` (fixed-size SHARDS after lowering its threshold).
+    pub(crate) fn scale(&mut self, factor: f64) {
+        self.cold *= factor;
+        self.total *= factor;
+        for h in &mut self.hist {
+            *h *= factor;
+        }
+    }
+
+    /// `SHARDS_adj`: put the difference between the `expected` sample count and the
+    /// counted one in the smallest bucket.
+    pub(crate) fn adjust(&mut self, expected: f64) {
+        let diff = expected - self.total;
+        if self.hist.is_empty() {
+            self.hist.push(0.0);
+        }
+        self.hist[0] = (self.hist[0] + diff).max(0.0);
+        self.total = self.cold + self.hist.iter().sum::<f64>();
     }
 
     /// Bucket width in pages.
@@ -126,10 +174,10 @@ pub fn mean_absolute_error(a: &Mrc, b: &Mrc) -> f64 {
 }
 
 /// SHARDS hash space: `hash(key) mod P` with `P = 2^24`.
-const MODULUS: u64 = 1 << 24;
+pub(crate) const MODULUS: u64 = 1 << 24;
 
 /// splitmix64's finaliser: a fast, well-mixed hash of a page number.
-fn mix(key: u64) -> u64 {
+pub(crate) fn mix(key: u64) -> u64 {
     let mut z = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -210,23 +258,13 @@ impl Shards {
         }
         let factor = top as f64 / self.threshold as f64;
         self.threshold = top.max(1);
-        self.mrc.cold *= factor;
-        self.mrc.total *= factor;
-        for h in &mut self.mrc.hist {
-            *h *= factor;
-        }
+        self.mrc.scale(factor);
     }
 
     /// The estimated curve (with the `SHARDS_adj` correction).
     pub fn curve(&self) -> Mrc {
         let mut mrc = self.mrc.clone();
-        let expected = self.refs as f64 * self.rate();
-        let diff = expected - mrc.total;
-        if mrc.hist.is_empty() {
-            mrc.hist.push(0.0);
-        }
-        mrc.hist[0] = (mrc.hist[0] + diff).max(0.0);
-        mrc.total = mrc.cold + mrc.hist.iter().sum::<f64>();
+        mrc.adjust(self.refs as f64 * self.rate());
         mrc
     }
 

@@ -28,6 +28,12 @@ fn size_label(pages: u64) -> String {
 /// Render `mrc` in `width` columns × `height` rows of plot (plus axes), marking `mark`
 /// (a size in pages, e.g. the recommended one) under the x axis.
 pub fn render(mrc: &Mrc, width: usize, height: usize, mark: Option<u64>) -> String {
+    render_from(mrc, width, height, mark, 0)
+}
+
+/// As [`render`], for a curve whose size 0 stands for `base` pages (a live guest's curve
+/// starts at its current memory): the axis labels add `base`.
+pub fn render_from(mrc: &Mrc, width: usize, height: usize, mark: Option<u64>, base: u64) -> String {
     let (width, height) = (width.max(8), height.max(2));
     let ratios = mrc.ratios();
     let max_pages = (ratios.len() as u64 - 1).max(1) * mrc.bucket();
@@ -57,10 +63,14 @@ pub fn render(mrc: &Mrc, width: usize, height: usize, mark: Option<u64>) -> Stri
         out.push(if Some(c) == mark_col { '▲' } else { '─' });
     }
     out.push('\n');
-    let left = "     0".to_string();
-    let right = size_label(max_pages);
+    let left = if base == 0 {
+        "     0".to_string()
+    } else {
+        format!("     {}", size_label(base))
+    };
+    let right = size_label(base + max_pages);
     let middle = mark
-        .map(|m| format!("▲ {}", size_label(m)))
+        .map(|m| format!("▲ {}", size_label(base + m)))
         .unwrap_or_default();
     let pad = (width + 6)
         .saturating_sub(left.chars().count() + right.chars().count() + middle.chars().count());

@@ -9,7 +9,7 @@
 # but did not power off. Exit status: 0 when dom0 printed @@DONE and QEMU exited, 2 on timeout,
 # 3 on a crash, 4 when QEMU exited without @@DONE.
 #
-# Env: REMOCA_XENQEMU_TIMEOUT (s, default 480), REMOCA_XENQEMU_MEM (QEMU MiB, default 2048),
+# Env: REMOCA_XENQEMU_TIMEOUT (s, default 600), REMOCA_XENQEMU_MEM (QEMU MiB, default 2048),
 #      REMOCA_XENQEMU_DOM0_MEM (default 1024M), REMOCA_XENQEMU_SMP (default 2),
 #      REMOCA_XENQEMU_CPU (default qemu64,+svm,+npt; `-cpu max` crashes the PV dom0),
 #      REMOCA_XENQEMU_GUEST (guest name handed to dom0), REMOCA_XENQEMU_DOM0_LOGLEVEL (default 4).
@@ -19,7 +19,7 @@ set -euo pipefail
 need qemu-system-x86_64 qemu-system-x86
 need perl perl
 
-TIMEOUT=${REMOCA_XENQEMU_TIMEOUT:-480}
+TIMEOUT=${REMOCA_XENQEMU_TIMEOUT:-600}
 CPU=${REMOCA_XENQEMU_CPU:-qemu64,+svm,+npt}
 DOM0_MEM=${REMOCA_XENQEMU_DOM0_MEM:-1024M}
 LOG=$WORK/serial.log

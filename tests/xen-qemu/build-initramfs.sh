@@ -2,10 +2,11 @@
 # Build the images QEMU boots, from the debs fetch.sh extracted into $WORK/root:
 #   $OUT/xen           the uncompressed hypervisor (a multiboot1 ELF QEMU's -kernel loads)
 #   $OUT/vmlinuz       the Debian 6.1 kernel, used for dom0 and for the guest
-#   $OUT/domU.cpio.gz  the guest's initramfs: busybox, xen-blkfront.ko, guest-init.sh
+#   $OUT/domU.cpio.gz  the guest's initramfs: busybox, xen-blkfront.ko, guest-init.sh and the swap
+#                      test's workload (tests/blkback_harness/swap_workload.c, built with gcc -static)
 #   $OUT/dom0.cpio.gz  dom0's initramfs: busybox, bash, flock, the Xen toolstack and libraries,
 #                      kernel modules, remoca, the guest payload and tests/xen-qemu/dom0-tests/*.sh
-# Env: REMOCA_BIN (default target/debug/remoca under the repo), REMOCA_XENQEMU_WORK,
+# Env: REMOCA_BIN (default target/xen-stage/remoca under the repo), REMOCA_XENQEMU_WORK,
 #      REMOCA_XENQEMU_STRIP=0 to ship remoca with its debug info (default: strip it, keep symbols).
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -17,9 +18,9 @@ need bash bash
 need flock util-linux
 need ldconfig libc-bin
 
-REMOCA_BIN=${REMOCA_BIN:-target/debug/remoca}
+REMOCA_BIN=${REMOCA_BIN:-target/xen-stage/remoca}
 case $REMOCA_BIN in /*) ;; *) REMOCA_BIN=$REPO_ROOT/$REMOCA_BIN ;; esac
-[ -x "$REMOCA_BIN" ] || die "remoca binary not found at $REMOCA_BIN: build it first (cargo build -p remoca) or set REMOCA_BIN"
+[ -x "$REMOCA_BIN" ] || die "remoca binary not found at $REMOCA_BIN: build it first (cargo build --profile xen-stage -p remoca) or set REMOCA_BIN"
 [ -f "$ROOT/.debs" ] || die "no extracted packages in $ROOT: run fetch.sh first"
 
 kvers=("$ROOT"/lib/modules/*)
@@ -67,6 +68,17 @@ install -m 0755 "$XENQEMU_DIR/guest-init.sh" "$G/init"
 blkfront=$(find "$KMOD/kernel/drivers/block" -name 'xen-blkfront.ko*' | head -n 1)
 [ -n "$blkfront" ] || die "xen-blkfront not found in $KMOD (the guest needs it for dom0-tests/blkif.sh)"
 copy_ko "$blkfront" "$G/lib/modules/xen-blkfront.ko"
+# The swap test's workload (dom0-tests/swap.sh): the static C program tests/remote_swap_guest.rs
+# also runs, alone in /swaproot (guest-init runs it chrooted there). Without gcc the guest has
+# none and swap.sh fails its guest checks; with gcc it must build (static glibc: libc6-dev).
+WORKLOAD_SRC=$REPO_ROOT/tests/blkback_harness/swap_workload.c
+if command -v gcc >/dev/null; then
+  mkdir -p "$G/swaproot"
+  gcc -static -O2 -Wall -o "$G/swaproot/swap_workload" "$WORKLOAD_SRC" ||
+    die "building $WORKLOAD_SRC with gcc -static failed (apt-get install gcc libc6-dev)"
+else
+  log "gcc not found (apt-get install gcc libc6-dev): the guest gets no swap workload, dom0-tests/swap.sh will fail"
+fi
 mkcpio "$G" "$OUT/domU.cpio.gz"
 
 # ---------------- dom0 ----------------

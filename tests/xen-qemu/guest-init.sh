@@ -59,6 +59,75 @@ blkif_disk() {
 }
 blkif_disk &
 
+# A swap device attached later by dom0 (dom0-tests/swap.sh: remoca's swap export, its blocks on
+# a memory server, served by remoca's blkif backend as xvdc): each time /dev/xvdc appears,
+#   1. time 256 single-block O_DIRECT writes of random data, read them back (they must match),
+#      and time 1 MiB more in 128 KiB requests (GUEST-SWAP-RATE: the request rate of the whole
+#      blkfront -> remoca -> memory server path, for the log);
+#   2. mkswap, swapon, run swap_workload (tests/blkback_harness/swap_workload.c, built
+#      statically by build-initramfs.sh): it fills SWAP_MIB MiB, more than this guest's free
+#      RAM, with checksummed pages and verifies every page twice (rewriting half in between);
+#   3. print the verdict with the kernel's swap counters for the run (pswpout/pswpin from
+#      /proc/vmstat: pages written to and read back from xvdc), swapoff, wait for the disk to go.
+# The workload waits for a console line after filling (its memserver-kill pause in
+# tests/remote_swap_guest.rs); run in a chroot without /dev/console it goes straight on.
+SWAP_MIB=72
+vmstat() { awk -v k="$1" '$1 == k {print $2}' /proc/vmstat; }
+secs_since() { awk -v t0="$1" '{printf "%.2f", $1 - t0}' /proc/uptime; }
+swap_disk() {
+  n=0
+  while true; do
+    while [ ! -b /dev/xvdc ]; do sleep 1; done
+    n=$((n + 1))
+    echo "GUEST-SWAP-DISK $n $(cat /sys/block/xvdc/size 2>/dev/null) sectors"
+    head -c 1048576 /dev/urandom > /tmp/swap-rnd
+    t=$(cut -d' ' -f1 /proc/uptime)
+    dd if=/tmp/swap-rnd of=/dev/xvdc bs=4096 count=256 oflag=direct conv=notrunc 2>/dev/null
+    w4=$(secs_since "$t")
+    t=$(cut -d' ' -f1 /proc/uptime)
+    dd if=/dev/xvdc of=/tmp/swap-back bs=4096 count=256 iflag=direct 2>/dev/null
+    r4=$(secs_since "$t")
+    t=$(cut -d' ' -f1 /proc/uptime)
+    dd if=/tmp/swap-rnd of=/dev/xvdc bs=131072 count=8 oflag=direct conv=notrunc 2>/dev/null
+    w128=$(secs_since "$t")
+    echo "GUEST-SWAP-RATE $n 256 x 4 KiB writes ${w4}s, 256 x 4 KiB reads ${r4}s, 8 x 128 KiB writes ${w128}s"
+    cmp -s /tmp/swap-rnd /tmp/swap-back || echo "GUEST-SWAP-BAD $n the 1 MiB read back differs from what was written"
+    rm -f /tmp/swap-rnd /tmp/swap-back
+    # Swap-in readahead up to 64 pages (the workload scans its pages in address order).
+    echo 6 > /proc/sys/vm/page-cluster
+    if [ ! -x /swaproot/swap_workload ]; then
+      echo "GUEST-SWAP-NO-WORKLOAD $n (gcc was missing when the image was built)"
+    elif ! err=$(mkswap /dev/xvdc 2>&1) || ! err=$(swapon /dev/xvdc 2>&1); then
+      echo "GUEST-SWAP-BAD $n swapon: $(echo "$err" | tail -n 1)"
+    else
+      free=$(awk '/^MemFree:/ {print $2}' /proc/meminfo)
+      mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+      out0=$(vmstat pswpout)
+      in0=$(vmstat pswpin)
+      echo "GUEST-SWAP-ON $n $(cut -d' ' -f1 /proc/uptime)s MemTotal $mem kB, MemFree $free kB, $(awk '/^SwapTotal:/ {print "SwapTotal", $2, "kB"}' /proc/meminfo)"
+      rm -f /tmp/swap.rc /tmp/swap.log
+      # Each workload line with the guest's uptime, so dom0 can time the phases.
+      { chroot /swaproot /swap_workload "$SWAP_MIB" 2>&1; echo $? > /tmp/swap.rc; } | tee /tmp/swap.log |
+        while IFS= read -r line; do echo "GUEST-SWAP-LOG $n $(cut -d' ' -f1 /proc/uptime)s $line"; done
+      rc=$(cat /tmp/swap.rc 2>/dev/null)
+      pages=$((SWAP_MIB * 256))
+      swpout=$(($(vmstat pswpout) - out0))
+      swpin=$(($(vmstat pswpin) - in0))
+      if [ "$rc" = 0 ] && grep -q "^REMOCA-VERDICT ok pages=$pages bad=0\$" /tmp/swap.log; then
+        echo "GUEST-SWAP-OK $n pages=$pages memfree_kb=$free memtotal_kb=$mem pswpout=$swpout pswpin=$swpin"
+      else
+        echo "GUEST-SWAP-BAD $n workload status ${rc:-none}: $(grep REMOCA-VERDICT /tmp/swap.log | tail -n 1) (pswpout=$swpout pswpin=$swpin)"
+        dmesg | tail -n 20 | sed "s/^/GUEST-SWAP-DMESG $n /"
+      fi
+      swapoff /dev/xvdc || echo "GUEST-SWAP-BAD $n swapoff failed"
+    fi
+    echo "GUEST-SWAP-DONE $n"
+    while [ -b /dev/xvdc ]; do sleep 1; done
+    echo "GUEST-SWAP-GONE $n"
+  done
+}
+swap_disk &
+
 i=0
 while true; do
   i=$((i + 1))

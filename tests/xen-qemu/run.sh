@@ -14,10 +14,12 @@
 # Nothing from the Xen or kernel packages is installed on the host; they are fetched as debs.
 #
 # Env:
-#   REMOCA_BIN               remoca binary to test (default target/debug/remoca under the repo)
+#   REMOCA_BIN               remoca binary to test (default target/xen-stage/remoca under the repo:
+#                            `cargo build --profile xen-stage -p remoca`; an opt-level 0 build is
+#                            too slow under TCG for dom0-tests/swap.sh)
 #   REMOCA_XENQEMU_WORK      work dir: debs, extracted files, images, serial.log
 #                            (default /var/tmp/remoca-xenqemu; keep it outside the repo)
-#   REMOCA_XENQEMU_TIMEOUT   seconds for the QEMU boot and all tests (default 480)
+#   REMOCA_XENQEMU_TIMEOUT   seconds for the QEMU boot and all tests (default 600)
 #   REMOCA_XENQEMU_GUEST     name of the PV test guest (default remoca-guest)
 #   REMOCA_XENQEMU_MEM, REMOCA_XENQEMU_DOM0_MEM, REMOCA_XENQEMU_SMP, REMOCA_XENQEMU_CPU,
 #   REMOCA_XENQEMU_DOM0_LOGLEVEL, REMOCA_XENQEMU_KERNEL_PKG, REMOCA_XENQEMU_STRIP: see boot.sh,
@@ -35,9 +37,9 @@ need dpkg-deb dpkg
 need ldd libc-bin
 need flock util-linux
 command -v objcopy >/dev/null || log "objcopy not found (apt-get install binutils): remoca goes into dom0 unstripped"
-REMOCA_BIN=${REMOCA_BIN:-target/debug/remoca}
+REMOCA_BIN=${REMOCA_BIN:-target/xen-stage/remoca}
 case $REMOCA_BIN in /*) ;; *) REMOCA_BIN=$REPO_ROOT/$REMOCA_BIN ;; esac
-[ -x "$REMOCA_BIN" ] || die "remoca binary not found at $REMOCA_BIN: build it first (cargo build -p remoca) or set REMOCA_BIN"
+[ -x "$REMOCA_BIN" ] || die "remoca binary not found at $REMOCA_BIN: build it first (cargo build --profile xen-stage -p remoca) or set REMOCA_BIN"
 export REMOCA_BIN
 mkdir -p "$WORK"
 case $WORK/ in "$REPO_ROOT"/*) die "REMOCA_XENQEMU_WORK ($WORK) is inside the repository; put it elsewhere" ;; esac
@@ -70,7 +72,7 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-log "boot: Xen under QEMU (timeout ${REMOCA_XENQEMU_TIMEOUT:-480}s)"
+log "boot: Xen under QEMU (timeout ${REMOCA_XENQEMU_TIMEOUT:-600}s)"
 "$XENQEMU_DIR/boot.sh" &
 boot_pid=$!
 boot_rc=0

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use remoca_memserver::client::PageSecret;
 use remoca_memserver::protocol::auth::AuthKey;
+use remoca_paging::mrc::published;
 use remoca_paging::service::{self, MrcInput, MrcMethod, MrcRunConfig, PagerRunConfig};
 
 use super::Global;
@@ -43,9 +44,11 @@ pub struct PagerArgs {
 
 #[derive(Debug, Args)]
 pub struct MrcArgs {
-    /// Trace file: one page number per line (decimal or 0x hex; `#` comments). Without it a
-    /// synthetic zipf + scan trace is used.
-    trace: Option<PathBuf>,
+    /// A trace file (one page number per line, decimal or 0x hex, `#` comments), or a domain
+    /// (id or name) whose live working-set estimate `remoca up` publishes in xenstore. An
+    /// existing file is a trace. Without it a synthetic zipf + scan trace is used.
+    #[arg(value_name = "TRACE|DOMAIN")]
+    source: Option<String>,
     /// `exact`, `shards` (fixed rate) or `shards-fixed` (fixed sample size).
     #[arg(long, default_value = "shards-fixed", value_parser = ["exact", "shards", "shards-fixed"])]
     method: String,
@@ -112,7 +115,25 @@ pub fn pager(a: PagerArgs, g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn mrc(a: MrcArgs, _g: &Global) -> anyhow::Result<()> {
+/// `remoca mrc DOMAIN`: the live estimate published for a domain.
+fn mrc_live(domain: &str, g: &Global) -> anyhow::Result<()> {
+    let host = g.host()?;
+    let info = host.find_domain(domain)?;
+    let estimate = published::read(&*host.store, info.domid)?;
+    let who = if info.name.is_empty() {
+        format!("domain {}", info.domid)
+    } else {
+        format!("domain {} ({})", info.domid, info.name)
+    };
+    published::report(&estimate, &who, 60, 10, &mut std::io::stdout().lock())?;
+    Ok(())
+}
+
+pub fn mrc(a: MrcArgs, g: &Global) -> anyhow::Result<()> {
+    let trace = match a.source {
+        Some(s) if !std::path::Path::new(&s).is_file() => return mrc_live(&s, g),
+        other => other.map(PathBuf::from),
+    };
     let method = match a.method.as_str() {
         "exact" => MrcMethod::Exact,
         "shards" => MrcMethod::Shards { rate: a.rate },
@@ -124,7 +145,7 @@ pub fn mrc(a: MrcArgs, _g: &Global) -> anyhow::Result<()> {
     if !(a.rate > 0.0 && a.rate <= 1.0) {
         anyhow::bail!("--rate must be in (0, 1]");
     }
-    let input = match &a.trace {
+    let input = match &trace {
         Some(p) => {
             let f =
                 std::fs::File::open(p).with_context(|| format!("opening trace {}", p.display()))?;

@@ -14,11 +14,13 @@ use remoca_blkback::raw::RawFile;
 use remoca_blkback::remote::cache::{CacheConfig, RemoteCache};
 use remoca_blkback::remote::client::RemoteClient;
 use remoca_blkback::remote::exports::{namespace_for, open_exports, CacheExport, SwapExport};
+use remoca_blkback::remote::observe::{AccessObserver, Source};
 use remoca_blkback::remote::swap::{SwapConfig, SwapDisk};
 use remoca_blkback::{ExportConfig, Exports};
 use remoca_memserver::byte_size::format_size;
 use remoca_memserver::client::{ClientConfig, PageSecret};
 use remoca_memserver::protocol::auth::AuthKey;
+use remoca_paging::mrc::live::WorkingSets;
 use remoca_xen::Host;
 use tokio::sync::watch;
 
@@ -37,10 +39,15 @@ pub(crate) type SwapSpec = (String, u64, std::path::PathBuf, u64);
 
 /// Open the exports (on the demo default: a template + overlay disk with a remote read
 /// cache, and a swap device) and serve them over NBD.
+///
+/// With `observe`, the remote layers report their guests' traffic to the working-set
+/// estimator: a disk's `domain` key names its guest; on the demo default the demo swap
+/// device and the demo disk's cache belong to the demo HVM guest.
 pub(super) async fn start(
     cfg: &Config,
     state_dir: &Path,
     memserver: Option<SocketAddr>,
+    observe: Option<(&Host, &Arc<WorkingSets>)>,
     tasks: &mut Tasks,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, Vec<StatusFn>, Exports)> {
@@ -99,6 +106,24 @@ pub(super) async fn start(
             caches: Vec::new(),
         }
     };
+    if let Some((host, sets)) = observe {
+        let mut owners: Vec<(String, String)> = b
+            .export
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.domain.clone()?)))
+            .chain(
+                b.swap
+                    .iter()
+                    .filter_map(|s| Some((s.name.clone(), s.domain.clone()?))),
+            )
+            .collect();
+        if demo && host.sim().is_some() && host.find_domain(super::pager::DEMO_DOMAIN).is_ok() {
+            for name in ["demo", "demo-swap"] {
+                owners.push((name.into(), super::pager::DEMO_DOMAIN.into()));
+            }
+        }
+        observe_layers(host, sets, &owners, &opened);
+    }
     for e in opened.exports.iter() {
         println!(
             "  export {:?}: {} ({})",
@@ -152,6 +177,41 @@ pub(super) async fn start(
         }));
     }
     Ok((addr, columns, exports))
+}
+
+/// Attach the estimator to the remote layer of every export in `owners` (export name,
+/// domain name or id).
+fn observe_layers(
+    host: &Host,
+    sets: &Arc<WorkingSets>,
+    owners: &[(String, String)],
+    opened: &Opened,
+) {
+    for (device, (export, domain)) in owners.iter().enumerate() {
+        let dom = match host.find_domain(domain) {
+            Ok(info) => info.domid,
+            Err(e) => {
+                eprintln!("warning: export {export:?}: domain {domain:?}: {e}; its accesses are not estimated");
+                continue;
+            }
+        };
+        let source = Source {
+            dom,
+            device: device as u16,
+        };
+        let observer: Arc<dyn AccessObserver> = sets.clone();
+        if let Some((_, swap)) = opened.swaps.iter().find(|(n, _)| n == export) {
+            swap.observe(source, observer);
+        } else if let Some((_, cache)) = opened.caches.iter().find(|(n, _)| n == export) {
+            cache.observe(source, observer);
+        } else {
+            eprintln!(
+                "warning: export {export:?} has no remote swap or cache layer: its accesses are not estimated"
+            );
+            continue;
+        }
+        sets.track(dom);
+    }
 }
 
 fn export_config(e: &ExportSection) -> (ExportConfig, bool) {

@@ -20,6 +20,19 @@ pub struct Config {
     pub memserver: MemserverSection,
     pub blkback: BlkbackSection,
     pub pager: PagerSection,
+    pub wss: WssSection,
+}
+
+/// Working-set estimation (`remoca_paging::mrc::live`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WssSection {
+    pub enabled: bool,
+    /// Seconds between estimates published in xenstore.
+    pub interval: f64,
+    pub rate: f64,
+    pub max_samples: usize,
+    pub tolerance: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +97,9 @@ pub struct ExportSection {
     /// Keep blocks the guest re-reads in the memory servers' ephemeral pool.
     #[serde(default)]
     pub remote_cache: bool,
+    /// The guest (name or id) whose working-set estimate this disk's reads feed.
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +111,9 @@ pub struct SwapSection {
     pub spill: PathBuf,
     #[serde(default, deserialize_with = "optional_size")]
     pub spill_max: Option<u64>,
+    /// The guest (name or id) whose working-set estimate this swap device feeds.
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -152,6 +171,16 @@ impl Config {
         if self.memserver.enabled && self.memserver.capacity == 0 {
             bail!("memserver.capacity must be more than 0");
         }
+        let w = &self.wss;
+        if !(w.interval > 0.0 && w.interval <= 3600.0) {
+            bail!("wss.interval must be between 0 and 3600 seconds");
+        }
+        if !(w.rate > 0.0 && w.rate <= 1.0) || w.max_samples == 0 {
+            bail!("wss.rate must be in (0, 1] and wss.max_samples at least 1");
+        }
+        if !(w.tolerance > 0.0 && w.tolerance < 1.0) {
+            bail!("wss.tolerance must be between 0 and 1");
+        }
         let p = &self.pager;
         if p.demo_size < 1 << 20 || p.demo_target == 0 || p.demo_target > p.demo_size {
             bail!(
@@ -200,6 +229,7 @@ mod tests {
         let d = Config::default_config().unwrap();
         assert_eq!(d.host.backend, "auto");
         assert_eq!(d.memserver.capacity, 256 << 20);
+        assert!(d.wss.enabled && d.wss.interval == 5.0);
         let c = parse(
             "[memserver]\ncapacity = \"1G\"\n[[blkback.export]]\nname = \"a\"\ntemplate = \"/t\"\n",
         )
@@ -218,5 +248,7 @@ mod tests {
         assert!(msg("[host]\nbackend = \"kvm\"\n").contains("host.backend"));
         assert!(msg("[[blkback.export]]\nname = \"a\"\ntemplat = \"/t\"\n").contains("templat"));
         assert!(msg("[memserver\n").contains("not valid TOML"));
+        assert!(msg("[wss]\ninterval = 0.0\n").contains("wss.interval"));
+        assert!(msg("[wss]\nrate = 2.0\n").contains("wss.rate"));
     }
 }

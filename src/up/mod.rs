@@ -13,7 +13,11 @@
 //!        ├── blkback NBD (tokio task: remoca_blkback::nbd::run)
 //!        ├── blkif       (threads: remoca_blkback::blkif::BlkifServer, same exports)
 //!        ├── pagers      (a thread per domain: remoca_paging::service::run_pager; on the
-//!        │                simulated host a demo HVM guest with a checking workload)
+//!        │                simulated host a demo HVM guest with a checking workload that
+//!        │                also swaps to demo-swap and reads the demo disk)
+//!        ├── wss         (a thread: remoca_paging::mrc::published::Publisher, estimates
+//!        │                fed by the swap devices and read caches, in xenstore every
+//!        │                wss.interval seconds)
 //!        └── status      (every host.status_interval seconds)
 //! ```
 
@@ -32,6 +36,8 @@ use remoca_memserver::byte_size::format_size;
 use remoca_memserver::protocol::auth::AuthKey;
 use remoca_memserver::server::ServerConfig;
 use remoca_memserver::store::{Store, StoreConfig};
+use remoca_paging::mrc::live::{LiveConfig, WorkingSets};
+use remoca_paging::mrc::published::Publisher;
 use remoca_xen::sim::{SimHost, StoreServer};
 use remoca_xen::xenstore::Tx;
 use remoca_xen::{BackendChoice, Host};
@@ -177,10 +183,31 @@ async fn serve(
         columns.push(status);
         memserver = Some(addr);
     }
+    let sets = cfg.wss.enabled.then(|| {
+        Arc::new(WorkingSets::new(LiveConfig {
+            rate: cfg.wss.rate,
+            max_samples: cfg.wss.max_samples,
+            tolerance: cfg.wss.tolerance,
+            ..LiveConfig::default()
+        }))
+    });
     let mut blkif = None;
+    let mut demo_disks = demo_guest::GuestDisks::default();
     if cfg.blkback.enabled {
-        let (addr, status, exports) =
-            blkback::start(cfg, state_dir, memserver, &mut tasks, stop_rx.clone()).await?;
+        let observe = sets.as_ref().map(|s| (host, s));
+        let (addr, status, exports) = blkback::start(
+            cfg,
+            state_dir,
+            memserver,
+            observe,
+            &mut tasks,
+            stop_rx.clone(),
+        )
+        .await?;
+        demo_disks = demo_guest::GuestDisks {
+            swap: exports.get("demo-swap").map(|e| e.disk.clone()),
+            disk: exports.get("demo").map(|e| e.disk.clone()),
+        };
         publish(host, "blkback/nbd", &addr.to_string())?;
         println!("blkback NBD listening on {addr}");
         columns.extend(status);
@@ -192,11 +219,21 @@ async fn serve(
         }
     }
     let mut pagers = if cfg.pager.enabled {
-        let (pagers, status) = pager::start(host, cfg, state_dir, memserver)?;
+        let (pagers, status) = pager::start(host, cfg, state_dir, memserver, demo_disks)?;
         columns.extend(status);
         pagers
     } else {
         pager::Pagers::default()
+    };
+    let mut publisher = match sets {
+        Some(sets) => {
+            let interval = Duration::from_secs_f64(cfg.wss.interval);
+            let p = Publisher::spawn(host.clone(), sets, interval)
+                .context("starting the working-set publisher")?;
+            columns.push(wss_column(&p));
+            Some(p)
+        }
+        None => None,
     };
     println!("running; Ctrl-C stops");
 
@@ -220,6 +257,9 @@ async fn serve(
             Some(res) = tasks.join_next() => {
                 // A service ending by itself is a failure: stop the others and say why.
                 tokio::task::block_in_place(|| pagers.stop());
+                if let Some(p) = publisher.take() {
+                    tokio::task::block_in_place(|| p.stop());
+                }
                 let _ = stop_tx.send(true);
                 while tasks.join_next().await.is_some() {}
                 match res {
@@ -233,6 +273,10 @@ async fn serve(
     println!("stopping ({reason})");
     // Pagers first: they page everything back from the memory server before it stops.
     tokio::task::block_in_place(|| pagers.stop());
+    // Removes the estimates it published.
+    if let Some(p) = publisher.take() {
+        tokio::task::block_in_place(|| p.stop());
+    }
     let _ = stop_tx.send(true);
     if let Some(server) = blkif {
         // Answers in-flight ring requests, releases rings and event channels; blocking.
@@ -244,6 +288,29 @@ async fn serve(
     status_line(host, started, &columns);
     println!("stopped");
     Ok(())
+}
+
+/// `wss d2 6.0 MiB, target 6.0 MiB, remote 2.0 MiB` per estimated guest.
+fn wss_column(p: &Publisher) -> StatusFn {
+    let latest = p.latest_handle();
+    Box::new(move || {
+        let l = latest.lock();
+        if l.is_empty() {
+            return "wss -".into();
+        }
+        let kib = |k: u64| format_size(k * 1024);
+        l.iter()
+            .map(|(dom, e)| {
+                format!(
+                    "wss d{dom} {}, target {}, remote {}",
+                    kib(e.wss_kib),
+                    kib(e.balloon_target_kib),
+                    kib(e.remote_share_kib)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 fn publish(host: &Host, key: &str, value: &str) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ use remoca_memserver::protocol::auth::AuthKey;
 use remoca_paging::service::{self, PagerRunConfig};
 use remoca_xen::{DomId, Host};
 
-use super::demo_guest::Workload;
+use super::demo_guest::{GuestDisks, Workload};
 use super::{Config, StatusFn};
 
 /// The demo HVM guest's name on the simulated host.
@@ -52,6 +52,7 @@ pub fn start(
     cfg: &Config,
     state_dir: &Path,
     memserver: Option<SocketAddr>,
+    demo_disks: GuestDisks,
 ) -> anyhow::Result<(Pagers, Vec<StatusFn>)> {
     let p = &cfg.pager;
     let mut pagers = Pagers::default();
@@ -66,15 +67,17 @@ pub fn start(
     if let Some(sim) = host.sim() {
         if let Ok(info) = host.find_domain(DEMO_DOMAIN) {
             targets.push((info.domid, Some(p.demo_target / 1024)));
-            let w = Workload::start(sim.clone(), info.domid, info.tot_pages)
+            let w = Workload::start(sim.clone(), info.domid, info.tot_pages, demo_disks)
                 .context("starting the demo guest")?;
             let stats = w.stats.clone();
             columns.push(Box::new(move || {
                 format!(
-                    "{DEMO_DOMAIN} {} accesses, {} wrong, {} failed",
+                    "{DEMO_DOMAIN} {} accesses, {} wrong, {} failed, {} swap-ins, {} disk reads",
                     stats.accesses.load(Ordering::Relaxed),
                     stats.wrong.load(Ordering::Relaxed),
-                    stats.errors.load(Ordering::Relaxed)
+                    stats.errors.load(Ordering::Relaxed),
+                    stats.swap_ins.load(Ordering::Relaxed),
+                    stats.disk_reads.load(Ordering::Relaxed)
                 )
             }) as StatusFn);
             pagers.workload = Some(w);

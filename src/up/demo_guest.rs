@@ -276,4 +276,14 @@ fn run(
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
+    // The guest's processes end: their swap slots are freed (a discard), so the memory
+    // servers hold nothing of this guest when `up` stops them.
+    if let Some(swap) = &disks.swap {
+        let used = ANON_PAGES * PAGE as u64;
+        if swap.size() >= used {
+            if let Err(e) = swap.discard(0, used) {
+                tracing::warn!(dom, error = %e, "demo guest could not free its swap");
+            }
+        }
+    }
 }

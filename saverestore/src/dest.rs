@@ -168,6 +168,57 @@ impl Drop for LocalSink {
     }
 }
 
+/// An existing device, FIFO or socket (`/dev/null`, a pipe to another program, a block
+/// device): written in place. A temporary-and-rename would replace the node with a regular
+/// file (`--to /dev/null` used to turn `/dev/null` into one).
+#[derive(Debug)]
+pub struct NodeSink {
+    file: io::BufWriter<File>,
+    path: PathBuf,
+    block_device: bool,
+}
+
+impl NodeSink {
+    /// # Errors
+    /// The node cannot be opened for writing.
+    pub fn open(path: &Path, block_device: bool) -> Result<Self, DestError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| DestError::Open(path.to_path_buf(), e))?;
+        Ok(NodeSink {
+            file: io::BufWriter::with_capacity(4 << 20, file),
+            path: path.to_path_buf(),
+            block_device,
+        })
+    }
+}
+
+impl Write for NodeSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf).map_err(explain_full)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf).map_err(explain_full)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush().map_err(explain_full)
+    }
+}
+
+impl Sink for NodeSink {
+    fn commit(mut self: Box<Self>) -> Result<(), DestError> {
+        let done = self.file.flush().and_then(|()| {
+            if self.block_device {
+                self.file.get_ref().sync_all()
+            } else {
+                Ok(())
+            }
+        });
+        done.map_err(|e| DestError::Commit(self.path.clone(), explain_full(e)))
+    }
+}
+
 /// stdout: nothing to rename.
 #[derive(Debug)]
 pub struct StdoutSink(io::BufWriter<io::Stdout>);
@@ -195,7 +246,14 @@ impl Sink for StdoutSink {
 /// The temporary file cannot be created, or the NFS server cannot be reached.
 pub fn create_sink(loc: &Location) -> Result<Box<dyn Sink>, DestError> {
     Ok(match loc {
-        Location::Path(p) => Box::new(LocalSink::create(p)?),
+        Location::Path(p) => match fs::metadata(p) {
+            // Follows symlinks: a link to /dev/null is written through, not replaced.
+            Ok(m) if !m.is_file() && !m.is_dir() => {
+                use std::os::unix::fs::FileTypeExt;
+                Box::new(NodeSink::open(p, m.file_type().is_block_device())?)
+            }
+            _ => Box::new(LocalSink::create(p)?),
+        },
         Location::Std => Box::new(StdoutSink(io::BufWriter::with_capacity(
             4 << 20,
             io::stdout(),
@@ -239,6 +297,32 @@ mod tests {
         s.commit().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"whole");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_fifo_destination_is_written_through_not_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("pipe");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || fs::read(fifo).unwrap())
+        };
+        let mut s = create_sink(&Location::Path(fifo.clone())).unwrap();
+        s.write_all(b"through the pipe").unwrap();
+        s.commit().unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temporary left behind"
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ where
         .map_err(ImageError::ThreadPool)?;
     let seen = AtomicU64::new(0);
     let writer_wait = AtomicU64::new(0);
-    let (ev_tx, ev_rx) = sync_channel::<Result<Event, StreamError>>(8);
+    let (ev_tx, ev_rx) = sync_channel::<Result<(Event, Vec<Content>), StreamError>>(8);
     let (out_tx, out_rx) = sync_channel::<Vec<Vec<u8>>>(2);
     let (written_tx, written_rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
     // Page buffers of processed records go back to the parser for reuse.
@@ -127,7 +127,16 @@ where
                 }
                 match p.next_event() {
                     Ok(Some(ev)) => {
-                        if ev_tx.send(Ok(ev)).is_err() {
+                        // Classify (zero / one word / hash) here, off the compression
+                        // threads' path: the parser thread has time to spare while a record
+                        // is in the page cache anyway.
+                        let contents = match &ev {
+                            Event::Pages(r) => {
+                                r.pages.chunks_exact(PAGE_SIZE).map(classify).collect()
+                            }
+                            Event::Verbatim { .. } => Vec::new(),
+                        };
+                        if ev_tx.send(Ok((ev, contents))).is_err() {
                             break;
                         }
                     }
@@ -173,19 +182,22 @@ where
         let result = (|| {
             st.send(&out_tx, vec![header.encode().to_vec()], &writer_wait)?;
             let mut window = Vec::new();
+            let mut window_contents = Vec::new();
             let mut pages = 0usize;
             loop {
                 let next = ev_rx.recv();
                 let eof = next.is_err();
                 if let Ok(ev) = next {
-                    let ev = ev?;
+                    let (ev, contents) = ev?;
                     if let Event::Pages(r) = &ev {
                         pages += r.data_pages();
                     }
                     window.push(ev);
+                    window_contents.extend_from_slice(&contents);
                 }
                 if (pages >= opts.window_pages || eof) && !window.is_empty() {
-                    let frames = pool.install(|| st.window(&window))?;
+                    let frames = pool.install(|| st.window(&window, &window_contents))?;
+                    window_contents.clear();
                     st.send(&out_tx, frames, &writer_wait)?;
                     progress(seen.load(Ordering::Relaxed));
                     for ev in window.drain(..) {
@@ -268,7 +280,7 @@ impl Hasher for HashIsKey {
 }
 
 /// Capacity of written frame buffers kept for reuse (a window of blocks is about 6-16 MiB).
-const MAX_SPARE_BYTES: usize = 24 << 20;
+const MAX_SPARE_BYTES: usize = 48 << 20;
 
 struct SaveState {
     bp: usize,
@@ -314,7 +326,12 @@ impl SaveState {
     }
 
     /// Builds the frames of one window: its blocks first, then its records in order.
-    fn window(&mut self, events: &[Event]) -> Result<Vec<Vec<u8>>, ImageError> {
+    /// `contents` holds the class of every data page of `events`, in order.
+    fn window(
+        &mut self,
+        events: &[Event],
+        contents: &[Content],
+    ) -> Result<Vec<Vec<u8>>, ImageError> {
         while let Ok(frames) = self.spare_rx.try_recv() {
             for f in frames {
                 let cap = f.capacity();
@@ -338,7 +355,7 @@ impl SaveState {
             })
             .flatten()
             .collect();
-        let contents: Vec<Content> = pages.par_iter().map(|p| classify(p.1)).collect();
+        debug_assert_eq!(pages.len(), contents.len());
 
         let first_block = self.index.blocks.len() as u64;
         let mut unique: Vec<(&[u8], &[u8], usize)> = Vec::new();

@@ -70,7 +70,7 @@ pub struct StreamParser<R> {
 }
 
 /// Recycled page buffers kept at most.
-const MAX_SPARE: usize = 4;
+const MAX_SPARE: usize = 16;
 
 const TRAILING_CHUNK: usize = 1 << 20;
 const RESERVE_AHEAD: usize = 8 + 8 * 1024 + 1024 * PAGE_SIZE;

@@ -7,11 +7,23 @@
 //!   large odd step so successive requests are scattered over the image (qemu-img bench
 //!   has no random mode; offsets advance by the step modulo the image size), IOPS.
 //!
-//! `sync` runs before every measurement so no target pays for another's writeback. Every
-//! row but the first write pass is the median of `reps` rounds over the three
-//! targets. Each server gets its own copy of the template for writes, so every row starts from the
-//! same bytes. The overlay is fresh at the start; the sequential write allocates every
-//! cluster, so the 4 KiB write rows measure overwrites of allocated clusters.
+//! Before every measurement `sync` runs (no target pays for another's writeback) and the
+//! files behind the measured target are written back and dropped from the page cache, so
+//! every target starts from the same cache state: for the read rows they are then read once
+//! sequentially (all cached, by the same readahead); for the write rows they stay out of the
+//! cache, so every write makes its own page-cache folio the same way on every target.
+//! (Without this the overlay file, first cached by the 1 MiB writes of the first pass, and
+//! the raw copies, cached by the copy, held different page-cache folios, and the kernel's
+//! 4 KiB buffered write, which walks the block buffers of the whole folio it lands in, cost
+//! more on the overlay: `perf` showed more time in `ext4_block_write_begin`, a difference
+//! that had nothing to do with the servers.)
+//!
+//! Every row is the median of `reps` rounds over the three targets. For the first write
+//! pass the overlay is discarded (all clusters Zero, data punched out) before each of its
+//! runs, so every round pays cluster and block allocation again, while the raw copies stay
+//! preallocated. Each server gets its own copy of the template for writes, so every row
+//! starts from the same bytes; after the first pass every overlay cluster is allocated, so
+//! the later write rows measure overwrites of allocated clusters.
 
 use std::fmt;
 use std::fs::File;
@@ -25,7 +37,7 @@ use std::time::{Duration, Instant};
 use crate::disk::Disk;
 use crate::export::Exports;
 use crate::overlay::{header::DEFAULT_CLUSTER_BITS, Overlay};
-use crate::raw::RawFile;
+use crate::raw::{drop_cached_pages, RawFile};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -142,6 +154,29 @@ fn write_pattern(path: &Path, size: u64) -> io::Result<()> {
         pos += n as u64;
     }
     f.sync_all()
+}
+
+/// Write `paths` back, drop them from the page cache and, if `warm`, read each once
+/// sequentially, so every target starts with its files cached (or not) the same way.
+fn settle(paths: &[&Path], warm: bool) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    for p in paths {
+        let f = File::open(p)?;
+        f.sync_all()?;
+        drop_cached_pages(&f)?;
+        if !warm {
+            continue;
+        }
+        let mut pos = 0;
+        loop {
+            let n = f.read_at(&mut buf, pos)?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+        }
+    }
+    Ok(())
 }
 
 fn uri(socket: &Path, export: &str) -> String {
@@ -307,6 +342,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     let plain: Arc<dyn Disk> = Arc::new(
         RawFile::open_read_write(&plain_copy).map_err(|e| BenchError::Setup(e.to_string()))?,
     );
+    let ov_handle = ov.clone();
     let exports = Exports::from_disks(vec![
         ("plain".into(), "raw copy".into(), plain),
         ("overlay".into(), "overlay over template".into(), ov),
@@ -335,17 +371,36 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
         uri(&rsock, "plain"),
         uri(&rsock, "overlay"),
     ];
+    // The files behind each target, in the order of `targets`.
+    let files: [Vec<&Path>; 3] = [
+        vec![&qemu_copy],
+        vec![&plain_copy],
+        vec![&template, &overlay],
+    ];
+    settle(&[&source], true)?;
+    let reps = cfg.reps.max(1);
     let mut rows = Vec::new();
+    // `first_pass`: before each of the overlay's runs, discard all of it (every cluster
+    // becomes Zero, its data blocks are punched out), so every run allocates again.
     let mut measure = |name: &str,
                        unit: &'static str,
-                       reps: usize,
+                       write: bool,
+                       first_pass: bool,
                        f: &dyn Fn(&str) -> Result<f64, BenchError>| {
         // `reps` rounds over the three targets; the median of each.
         let mut v: [Vec<f64>; 3] = Default::default();
         for _ in 0..reps {
             for (i, t) in targets.iter().enumerate() {
-                // Start each run without another target's dirty pages being written back.
+                if first_pass && i == 2 {
+                    ov_handle
+                        .discard(0, size)
+                        .and_then(|()| ov_handle.flush())
+                        .map_err(|e| BenchError::Setup(e.to_string()))?;
+                }
+                // Start each run without another target's dirty pages being written back,
+                // and with this target's files cached the same way as the others'.
                 let _ = Command::new("sync").status();
+                settle(&files[i], !write)?;
                 v[i].push(f(t)?);
             }
         }
@@ -366,31 +421,33 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
         Ok::<(), BenchError>(())
     };
     let count = cfg.count;
-    let reps = cfg.reps.max(1);
-    measure("seq read 1 MiB", "MB/s", reps, &|u| seq_read(u, size))?;
-    measure("4 KiB read QD1", "IOPS", reps, &|u| {
+    measure("seq read 1 MiB", "MB/s", false, false, &|u| {
+        seq_read(u, size)
+    })?;
+    measure("4 KiB read QD1", "IOPS", false, false, &|u| {
         small_io(u, count, 1, false)
     })?;
-    measure("4 KiB read QD16", "IOPS", reps, &|u| {
+    measure("4 KiB read QD16", "IOPS", false, false, &|u| {
         small_io(u, count, 16, false)
     })?;
-    measure("4 KiB read QD32", "IOPS", reps, &|u| {
+    measure("4 KiB read QD32", "IOPS", false, false, &|u| {
         small_io(u, count, 32, false)
     })?;
-    // The first write pass allocates every overlay cluster; the raw files are preallocated.
-    measure("seq write 1 MiB, first pass", "MB/s", 1, &|u| {
+    // The first write pass allocates every overlay cluster (again in every round: the
+    // overlay is discarded before each of its runs); the raw files are preallocated.
+    measure("seq write 1 MiB, first pass", "MB/s", true, true, &|u| {
         seq_write(&source, u, size)
     })?;
-    measure("seq write 1 MiB", "MB/s", reps, &|u| {
+    measure("seq write 1 MiB", "MB/s", true, false, &|u| {
         seq_write(&source, u, size)
     })?;
-    measure("4 KiB write QD1", "IOPS", reps, &|u| {
+    measure("4 KiB write QD1", "IOPS", true, false, &|u| {
         small_io(u, count, 1, true)
     })?;
-    measure("4 KiB write QD16", "IOPS", reps, &|u| {
+    measure("4 KiB write QD16", "IOPS", true, false, &|u| {
         small_io(u, count, 16, true)
     })?;
-    measure("4 KiB write QD32", "IOPS", reps, &|u| {
+    measure("4 KiB write QD32", "IOPS", true, false, &|u| {
         small_io(u, count, 32, true)
     })?;
 

@@ -138,6 +138,18 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
     }
 }
 
+/// Drop `file`'s clean pages from the page cache (`posix_fadvise(DONTNEED)`); dirty pages
+/// stay, so write the file back first if all of it must go.
+pub(crate) fn drop_cached_pages(file: &File) -> io::Result<()> {
+    // SAFETY: posix_fadvise on a valid owned fd has no memory-safety preconditions.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        Err(io::Error::from_raw_os_error(r))
+    } else {
+        Ok(())
+    }
+}
+
 /// Write `len` zero bytes at `offset` with ordinary writes.
 pub(crate) fn write_zero_bytes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;

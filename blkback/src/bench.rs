@@ -18,12 +18,13 @@
 //! more on the overlay: `perf` showed more time in `ext4_block_write_begin`, a difference
 //! that had nothing to do with the servers.)
 //!
-//! Every row is the median of `reps` rounds over the three targets. For the first write
-//! pass the overlay is discarded (all clusters Zero, data punched out) before each of its
-//! runs, so every round pays cluster and block allocation again, while the raw copies stay
-//! preallocated. Each server gets its own copy of the template for writes, so every row
-//! starts from the same bytes; after the first pass every overlay cluster is allocated, so
-//! the later write rows measure overwrites of allocated clusters.
+//! Every row is the median of `reps` rounds over the three targets, each round starting
+//! with the next target. For the first write pass the overlay is discarded (all clusters
+//! Zero, data punched out) before each of its runs, so every round pays cluster and block
+//! allocation again, while the raw copies stay preallocated. Each server gets its own copy
+//! of the template for writes, so every row starts from the same bytes; after the first
+//! pass every overlay cluster is allocated, so the later write rows measure overwrites of
+//! allocated clusters.
 
 use std::fmt;
 use std::fs::File;
@@ -389,8 +390,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
                        f: &dyn Fn(&str) -> Result<f64, BenchError>| {
         // `reps` rounds over the three targets; the median of each.
         let mut v: [Vec<f64>; 3] = Default::default();
-        for _ in 0..reps {
-            for (i, t) in targets.iter().enumerate() {
+        for round in 0..reps {
+            // Each round starts with another target, so none always runs right after the
+            // same neighbour (whose writeback or cache misses it could inherit).
+            for k in 0..targets.len() {
+                let i = (round + k) % targets.len();
+                let t = &targets[i];
                 if first_pass && i == 2 {
                     ov_handle
                         .discard(0, size)

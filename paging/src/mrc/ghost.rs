@@ -19,10 +19,15 @@
 //! scaled by `1/R` as in SHARDS (see [`super::Shards`]).
 //!
 //! **Disk reads.** A guest drops clean page-cache pages without telling anyone, so a disk
-//! block's eviction is not seen; its *read* is pushed instead, and a re-read's depth counts
-//! what entered the stack since that read. That is an upper bound of the extra memory that
-//! would have kept the block (it includes what entered before the block was evicted), and
-//! first reads count as cold misses (no size helps).
+//! block's eviction is not seen; its *read* is pushed instead (standing for the eviction
+//! that read causes), and a re-read's depth `d` counts what entered the stack since that
+//! read. Those are the evictions since the block's previous read; under LRU the block itself
+//! survived up to `M − 1` of them (fewer when pages below it were hit meanwhile), so the
+//! extra memory that would have kept it lies between `d − M` and `d`. The curve takes
+//! `d − M` (exact for a guest that re-reads in a loop, an under-estimate when a hot set is
+//! hit between reads): re-read depths are kept apart and shifted by the guest's memory
+//! when the curve is drawn ([`GhostShards::curve`]). First reads are cold misses (no size
+//! helps).
 //!
 //! **Bounded memory.** At most `max_keys` keys are tracked: when more would be, the sampling
 //! threshold is lowered to drop the keys of largest hash and what was counted is rescaled
@@ -44,7 +49,10 @@ pub struct GhostShards {
     sd: StackDistance,
     /// Tracked keys by hash, so the largest can be dropped when the threshold falls.
     tracked: BTreeSet<(u64, u64)>,
+    /// Refault depths (extra pages) and cold misses.
     mrc: Mrc,
+    /// Re-read depths, not yet shifted by the guest's memory.
+    reread: Mrc,
     /// Every reference (refault or read) seen, sampled or not.
     refs: u64,
 }
@@ -59,6 +67,7 @@ impl GhostShards {
             sd: StackDistance::new(),
             tracked: BTreeSet::new(),
             mrc: Mrc::new(bucket),
+            reread: Mrc::new(bucket),
             refs: 0,
         }
     }
@@ -115,7 +124,10 @@ impl GhostShards {
         let h = self.sampled(key)?;
         let rate = self.rate();
         let depth = self.push(h, key);
-        self.mrc.add(depth.map(|d| d as f64 / rate), 1.0);
+        match depth {
+            Some(d) => self.reread.add(Some(d as f64 / rate), 1.0),
+            None => self.mrc.add(None, 1.0),
+        }
         depth
     }
 
@@ -163,18 +175,30 @@ impl GhostShards {
         let factor = top as f64 / self.threshold as f64;
         self.threshold = top.max(1);
         self.mrc.scale(factor);
+        self.reread.scale(factor);
     }
 
-    /// The curve over extra pages, with the `SHARDS_adj` correction.
-    pub fn curve(&self) -> Mrc {
+    /// The curve over extra pages for a guest of `memory_pages`, with the `SHARDS_adj`
+    /// correction: refault depths as they are, re-read depths less `memory_pages` (at least
+    /// the first bucket: the block did miss).
+    pub fn curve(&self, memory_pages: u64) -> Mrc {
         let mut mrc = self.mrc.clone();
+        let shift = (memory_pages / mrc.bucket) as usize;
+        for (i, &w) in self.reread.hist.iter().enumerate() {
+            let j = i.saturating_sub(shift);
+            if j >= mrc.hist.len() {
+                mrc.hist.resize(j + 1, 0.0);
+            }
+            mrc.hist[j] += w;
+        }
+        mrc.total += self.reread.total;
         mrc.adjust(self.refs as f64 * self.rate());
         mrc
     }
 
     /// Sampled references counted (after rescaling: an estimate of `references × rate`).
     pub fn samples(&self) -> f64 {
-        self.mrc.references()
+        self.mrc.references() + self.reread.references()
     }
 }
 
@@ -262,17 +286,34 @@ mod tests {
             }
         }
         let want = w - m as u64;
-        let got = exact.curve().recommend(0.05);
+        let got = exact.curve(m as u64).recommend(0.05);
         assert!(want <= got && got <= want + 64, "exact: {got} vs {want}");
         assert!(sampled.tracked() <= 256);
-        let got = sampled.curve().recommend(0.05);
+        let got = sampled.curve(m as u64).recommend(0.05);
         let err = got.abs_diff(want) as f64 / want as f64;
         eprintln!(
             "cycling guest: extra {want} pages, sampled estimate {got} (rate {:.4})",
             sampled.rate()
         );
         assert!(err < 0.1, "sampled: {got} vs {want}");
-        assert!(exact.curve().miss_ratio(want / 2) > 0.99);
+        assert!(exact.curve(m as u64).miss_ratio(want / 2) > 0.99);
+    }
+
+    /// A page cache of M blocks under a guest re-reading F > M blocks in a loop: every read
+    /// misses, the stack distance is F, so F − M more pages make them hits.
+    #[test]
+    fn a_rereading_guest_is_recommended_its_missing_cache() {
+        let (f, m) = (1500u64, 1000u64);
+        let mut g = GhostShards::new(usize::MAX, 1.0, 50);
+        for i in 0..10 * f {
+            g.read(i % f);
+        }
+        let c = g.curve(m);
+        assert_eq!(c.recommend(0.05), f - m, "{:?}", c.ratios());
+        // Only the first pass is cold: with enough memory 9 reads in 10 hit.
+        assert!((c.asymptote() - 0.1).abs() < 1e-9);
+        // Without the shift the re-reads would ask for the whole loop.
+        assert_eq!(g.curve(0).recommend(0.05), f);
     }
 
     #[test]
@@ -288,7 +329,7 @@ mod tests {
         assert_eq!(g.read(10), Some(2));
         assert_eq!(g.references(), 4);
         // Two of the four references had a depth; the other two miss at every size.
-        let c = g.curve();
+        let c = g.curve(0);
         assert!((c.asymptote() - 0.5).abs() < 1e-9, "{:?}", c.ratios());
     }
 }

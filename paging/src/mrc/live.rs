@@ -194,7 +194,7 @@ impl WorkingSets {
         let vm = self.vms.lock().get(&dom)?.clone();
         let (curve, rate) = {
             let g = vm.ghost.lock();
-            (g.curve(), g.rate())
+            (g.curve(current_kib / PAGE_KIB), g.rate())
         };
         let mut e = Estimate::from_curve(&curve, current_kib, self.cfg.tolerance);
         e.swap_ins = vm.counts.swap_ins.load(Relaxed);

@@ -27,6 +27,7 @@ pub mod blkif;
 pub mod commit;
 pub mod disk;
 pub mod export;
+pub mod failover;
 pub mod memory;
 pub mod nbd;
 pub mod overlay;

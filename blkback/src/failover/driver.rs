@@ -1,0 +1,393 @@
+//! A storage driver: serves channel requests ([`super::wire`]) from a disk stack, many in
+//! flight, and sends a heartbeat on every connection.
+//!
+//! Each connection opens its own disk stack when its **first request** arrives, not at
+//! hello: a standby connection may sit idle for hours while the active driver writes the
+//! same overlay, and the overlay keeps its cluster map in memory between flushes. Opening at
+//! takeover (after the endpoint made sure the old driver is gone) reads the map as the old
+//! driver last flushed it; the endpoint then re-sends the writes acknowledged since that
+//! flush, so the new stack sees every acknowledged write. The hello only probes the export
+//! for its size.
+//!
+//! Threads: one accept loop; per connection a reader (parses frames, hands requests to the
+//! worker pool) and a heartbeat thread; a shared pool of workers that run the disk calls and
+//! write the replies under the connection's writer lock.
+
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::wire::{self, ChannelKey, HelloReply, ReplyHeader, RequestHeader};
+use super::{Addr, Stream};
+use crate::disk::{check_range, Disk, DiskError, WriteFlags, ZeroFlags};
+use crate::export::{ExportConfig, Exports};
+
+/// Opens the disk stack of an export by name: a fresh stack on every call.
+pub type Opener = Arc<dyn Fn(&str) -> Result<Arc<dyn Disk>, String> + Send + Sync>;
+
+/// An opener over export configurations (template, overlay): each call opens the files.
+pub fn opener_for(configs: Vec<ExportConfig>) -> Opener {
+    Arc::new(move |name: &str| {
+        let c = configs
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| format!("no export {name:?}"))?;
+        let ex = Exports::open(std::slice::from_ref(c)).map_err(|e| {
+            let mut s = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                cur = c.source();
+            }
+            s
+        })?;
+        let disk = ex.get(name).map(|e| e.disk.clone());
+        disk.ok_or_else(|| format!("no export {name:?}"))
+    })
+}
+
+/// Driver settings.
+#[derive(Clone)]
+pub struct DriverConfig {
+    pub opener: Opener,
+    /// How often a heartbeat is sent on every connection.
+    pub heartbeat_interval: Duration,
+    /// Pre-shared key; connections without it are refused.
+    pub key: Option<ChannelKey>,
+    /// Worker threads running disk calls.
+    pub workers: usize,
+}
+
+impl std::fmt::Debug for DriverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverConfig")
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("keyed", &self.key.is_some())
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+/// A bound driver socket.
+#[derive(Debug)]
+pub enum DriverListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl DriverListener {
+    /// Bind `addr`. A Unix socket file left by a dead driver (nobody accepts on it) is
+    /// removed first, so a restarted driver takes its old place.
+    ///
+    /// # Errors
+    /// Bind errors, or a live listener already on the path.
+    pub fn bind(addr: &Addr) -> io::Result<Self> {
+        match addr {
+            Addr::Unix(p) => match UnixListener::bind(p) {
+                Ok(l) => Ok(Self::Unix(l)),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                        return Err(e);
+                    }
+                    std::fs::remove_file(p)?;
+                    Ok(Self::Unix(UnixListener::bind(p)?))
+                }
+                Err(e) => Err(e),
+            },
+            Addr::Tcp(a) => Ok(Self::Tcp(TcpListener::bind(a.as_str())?)),
+        }
+    }
+
+    /// The bound address, for printing (`tcp:` with the real port).
+    pub fn local_addr(&self) -> io::Result<Addr> {
+        Ok(match self {
+            Self::Unix(l) => Addr::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(|p| p.to_owned())
+                    .unwrap_or_default(),
+            ),
+            Self::Tcp(l) => Addr::Tcp(l.local_addr()?.to_string()),
+        })
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Self::Unix(l) => Stream::Unix(l.accept()?.0),
+            Self::Tcp(l) => {
+                let s = l.accept()?.0;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+        })
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Serve connections on `listener` until the process ends. Each connection gets its own
+/// threads; a connection's failure never stops the others.
+///
+/// # Errors
+/// Only when the worker threads cannot be started or `accept` fails persistently.
+pub fn run(listener: DriverListener, cfg: DriverConfig) -> io::Result<()> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+    for i in 0..cfg.workers.max(1) {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("fo-driver-{i}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+    }
+    let mut failures = 0;
+    loop {
+        match listener.accept() {
+            Ok(stream) => {
+                failures = 0;
+                let (cfg, tx) = (cfg.clone(), tx.clone());
+                std::thread::Builder::new()
+                    .name("fo-driver-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_connection(stream, &cfg, &tx) {
+                            tracing::info!(error = %e, "driver connection ended");
+                        }
+                    })?;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "accept failed");
+                if failures > 100 {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn bad(e: wire::WireError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// One connection's shared state.
+struct Conn {
+    writer: Mutex<Stream>,
+    closed: AtomicBool,
+    generation: u64,
+    export: String,
+    opener: Opener,
+    disk: OnceLock<Result<Arc<dyn Disk>, String>>,
+}
+
+impl Conn {
+    fn send(&self, h: &ReplyHeader, data: &[u8]) {
+        let mut w = self.writer.lock();
+        let r = w
+            .write_all(&wire::encode_reply(h))
+            .and_then(|()| w.write_all(data));
+        if r.is_err() {
+            self.close(&w);
+        }
+    }
+
+    fn close(&self, w: &Stream) {
+        self.closed.store(true, Ordering::Release);
+        w.shutdown();
+    }
+
+    /// The connection's disk stack, opened on first use.
+    fn disk(&self) -> Result<Arc<dyn Disk>, String> {
+        self.disk
+            .get_or_init(|| {
+                let r = (self.opener)(&self.export);
+                match &r {
+                    Ok(_) => tracing::info!(export = %self.export, generation = self.generation, "opened the disk stack"),
+                    Err(e) => tracing::error!(export = %self.export, error = %e, "cannot open the disk stack"),
+                }
+                r
+            })
+            .clone()
+    }
+}
+
+fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<(u64, String)>> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut fixed = [0u8; wire::HELLO_FIXED_LEN];
+    s.read_exact(&mut fixed)?;
+    let h = wire::parse_hello_header(&fixed).map_err(bad)?;
+    let mut name = vec![0u8; h.name_len];
+    s.read_exact(&mut name)?;
+    let export = String::from_utf8(name).map_err(|_| bad(wire::WireError::BadName))?;
+    let nonce = wire::fresh_nonce();
+    let (mut status, mut size, mut read_only) = (0u32, 0, false);
+    if cfg.key.is_some() && !h.keyed {
+        status = libc::EACCES as u32;
+    } else {
+        match (cfg.opener)(&export) {
+            Ok(d) => (size, read_only) = (d.size(), d.is_read_only()),
+            Err(e) => {
+                tracing::warn!(export = %export, error = %e, "hello for an export that does not open");
+                status = libc::ENOENT as u32;
+            }
+        }
+    }
+    let mac = match &cfg.key {
+        Some(k) => k.driver_mac(&h.nonce, &nonce, h.generation),
+        None => [0; 32],
+    };
+    let reply = HelloReply {
+        keyed: cfg.key.is_some(),
+        status,
+        pid: std::process::id(),
+        size,
+        read_only,
+        nonce,
+        mac,
+    };
+    s.write_all(&wire::encode_hello_reply(&reply))?;
+    if status != 0 {
+        return Ok(None);
+    }
+    let mut auth = [0u8; wire::AUTH_LEN];
+    s.read_exact(&mut auth)?;
+    let their = wire::parse_auth(&auth).map_err(bad)?;
+    let ok = match &cfg.key {
+        Some(k) => k.check_endpoint_mac(&h.nonce, &nonce, h.generation, &their),
+        None => true,
+    };
+    s.write_all(&wire::encode_ready(if ok {
+        0
+    } else {
+        libc::EACCES as u32
+    }))?;
+    if !ok {
+        tracing::warn!("endpoint failed authentication");
+        return Ok(None);
+    }
+    s.set_read_timeout(None)?;
+    Ok(Some((h.generation, export)))
+}
+
+fn serve_connection(
+    mut stream: Stream,
+    cfg: &DriverConfig,
+    jobs: &crossbeam_channel::Sender<Job>,
+) -> io::Result<()> {
+    let Some((generation, export)) = handshake(&mut stream, cfg)? else {
+        return Ok(());
+    };
+    tracing::info!(export = %export, generation, "endpoint connected");
+    let conn = Arc::new(Conn {
+        writer: Mutex::new(stream.try_clone()?),
+        closed: AtomicBool::new(false),
+        generation,
+        export,
+        opener: cfg.opener.clone(),
+        disk: OnceLock::new(),
+    });
+    let hb = conn.clone();
+    let interval = cfg.heartbeat_interval;
+    std::thread::Builder::new()
+        .name("fo-heartbeat".into())
+        .spawn(move || {
+            let mut seq = 0u64;
+            while !hb.closed.load(Ordering::Acquire) {
+                seq += 1;
+                let h = ReplyHeader {
+                    kind: wire::KIND_HEARTBEAT,
+                    error: 0,
+                    id: seq,
+                    data_len: 0,
+                };
+                hb.send(&h, &[]);
+                std::thread::sleep(interval);
+            }
+        })?;
+    let r = read_requests(&mut stream, &conn, jobs);
+    conn.close(&stream);
+    r
+}
+
+fn read_requests(
+    stream: &mut Stream,
+    conn: &Arc<Conn>,
+    jobs: &crossbeam_channel::Sender<Job>,
+) -> io::Result<()> {
+    loop {
+        let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
+        match stream.read_exact(&mut hb) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let h = wire::parse_request(&hb).map_err(bad)?;
+        let mut data = vec![0u8; h.data_len()];
+        stream.read_exact(&mut data)?;
+        let conn = conn.clone();
+        let job: Job = Box::new(move || {
+            let (error, out) = if h.generation != conn.generation {
+                (libc::ESTALE as u32, Vec::new())
+            } else {
+                match conn.disk() {
+                    Ok(d) => match execute(&*d, &h, &data) {
+                        Ok(out) => (0, out),
+                        Err(e) => (e.errno() as u32, Vec::new()),
+                    },
+                    Err(_) => (libc::EIO as u32, Vec::new()),
+                }
+            };
+            let r = ReplyHeader {
+                kind: wire::KIND_REPLY,
+                error,
+                id: h.id,
+                data_len: out.len() as u32,
+            };
+            conn.send(&r, &out);
+        });
+        if jobs.send(job).is_err() {
+            return Err(io::Error::other("worker pool stopped"));
+        }
+    }
+}
+
+/// Run one request against `disk`: the reply data (read data, encoded extents) or the error.
+///
+/// # Errors
+/// The disk's error; out-of-range requests.
+pub fn execute(disk: &dyn Disk, h: &RequestHeader, data: &[u8]) -> Result<Vec<u8>, DiskError> {
+    let len = u64::from(h.length);
+    if h.op != wire::OP_FLUSH {
+        check_range(h.offset, len, disk.size())?;
+    }
+    let fua = h.flags & wire::FLAG_FUA != 0;
+    match h.op {
+        wire::OP_READ => {
+            let mut buf = vec![0u8; h.length as usize];
+            disk.read_at(&mut buf, h.offset)?;
+            Ok(buf)
+        }
+        wire::OP_WRITE => disk
+            .write_at(data, h.offset, WriteFlags { fua })
+            .map(|()| Vec::new()),
+        wire::OP_FLUSH => disk.flush().map(|()| Vec::new()),
+        wire::OP_DISCARD => disk.discard(h.offset, len).map(|()| Vec::new()),
+        wire::OP_WRITE_ZEROES => {
+            let flags = ZeroFlags {
+                fua,
+                fast_only: h.flags & wire::FLAG_FAST_ZERO != 0,
+            };
+            disk.write_zeroes(h.offset, len, flags).map(|()| Vec::new())
+        }
+        wire::OP_BLOCK_STATUS => Ok(wire::encode_extents(&disk.block_status(h.offset, len)?)),
+        _ => Err(DiskError::NotSupported),
+    }
+}

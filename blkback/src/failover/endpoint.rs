@@ -1,0 +1,1048 @@
+//! The endpoint: a [`Disk`] that forwards every call to the active driver over the channel,
+//! keeps every unanswered request in an ordered in-flight table, and fails over to a backup
+//! driver when the monitor declares the active one faulty.
+//!
+//! **Failover**, in the monitor thread:
+//!
+//! 1. stop sending to the old driver and shut its connection down;
+//! 2. fence it as far as this host allows: a driver on a Unix socket is local, so it is sent
+//!    SIGKILL (its pid came in the hello and is checked against `/proc/PID/stat`'s start
+//!    time, so a reused pid is never hit) and the endpoint waits until the process is gone
+//!    and its connection's reader has exited. A TCP driver cannot be fenced yet (see
+//!    docs/failover.md);
+//! 3. take the standby connection (kept connected and heart-beating) or connect to the next
+//!    driver address that answers;
+//! 4. re-send, one at a time in the order they completed, the writes (and discards and
+//!    write-zeroes) that were **acknowledged since the last completed flush**: the new driver
+//!    opens the overlay afresh and sees its map as last flushed, so without them an
+//!    acknowledged, unflushed write would read back as older data. Applying them again is
+//!    harmless (every write is idempotent);
+//! 5. re-send every unanswered request, in id order, and answer the original callers from
+//!    the new driver.
+//!
+//! The acknowledged-unflushed set is bounded: past `unflushed_limit` bytes the endpoint sends
+//! a flush of its own.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use super::monitor::{Monitor, MonitorConfig, Outstanding};
+use super::wire::{self, ChannelKey, RequestHeader};
+use super::{Addr, Stream};
+use crate::disk::{push_extent, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
+
+/// Endpoint settings.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// The export every driver is asked for.
+    pub export: String,
+    /// Driver addresses: the first that answers is active, the next one is the standby;
+    /// after a failover the old address becomes the standby once a driver answers there.
+    pub drivers: Vec<Addr>,
+    pub key: Option<ChannelKey>,
+    pub monitor: MonitorConfig,
+    /// How often the monitor checks the drivers.
+    pub tick: Duration,
+    /// How long to look for a driver (at start, and at failover) before failing requests.
+    pub connect_timeout: Duration,
+    /// Handshake read timeout.
+    pub handshake_timeout: Duration,
+    /// SIGKILL a local (Unix socket) driver declared faulty and wait for it to die before
+    /// replaying.
+    pub kill_local: bool,
+    /// Bytes of acknowledged writes kept for replay before the endpoint flushes on its own.
+    pub unflushed_limit: u64,
+}
+
+impl EndpointConfig {
+    /// Defaults for `export` served by `drivers`.
+    pub fn new(export: &str, drivers: Vec<Addr>) -> Self {
+        Self {
+            export: export.to_owned(),
+            drivers,
+            key: None,
+            monitor: MonitorConfig::default(),
+            tick: Duration::from_millis(10),
+            connect_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(2),
+            kill_local: true,
+            unflushed_limit: 256 << 20,
+        }
+    }
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("no driver addresses given")]
+    NoDrivers,
+    #[error("no driver answered within {0:?}: {1}")]
+    Unreachable(Duration, String),
+}
+
+/// One failover, as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct FailoverRecord {
+    pub at: SystemTime,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    /// Acknowledged-unflushed writes re-applied.
+    pub reapplied: usize,
+    /// Unanswered requests re-sent.
+    pub resent: usize,
+    /// From the fault being declared to the last request re-sent.
+    pub took: Duration,
+}
+
+/// A snapshot for `status`.
+#[derive(Debug, Clone)]
+pub struct EndpointStatus {
+    pub active: Option<String>,
+    pub standby: Option<String>,
+    pub generation: u64,
+    pub in_flight: usize,
+    pub unflushed_writes: usize,
+    pub failovers: u64,
+    pub last_failover: Option<FailoverRecord>,
+}
+
+#[derive(Debug, Clone)]
+struct Req {
+    op: u8,
+    flags: u8,
+    offset: u64,
+    length: u32,
+    data: Arc<[u8]>,
+}
+
+fn mutates(op: u8) -> bool {
+    matches!(
+        op,
+        wire::OP_WRITE | wire::OP_DISCARD | wire::OP_WRITE_ZEROES
+    )
+}
+
+type Outcome = Result<Vec<u8>, i32>;
+
+#[derive(Debug)]
+struct Pending {
+    req: Req,
+    /// Generation and time it was last sent; `None` while no driver is active.
+    sent: Option<(u64, Instant)>,
+    done: Sender<Outcome>,
+    /// Sent by the endpoint itself (a re-applied write, its own flush): not a caller's
+    /// request, not re-acknowledged.
+    internal: bool,
+    /// For a flush: acknowledged writes up to this completion number are covered by it.
+    flush_mark: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    next_gen: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// Acknowledged mutating requests since the last flush, by completion number.
+    acked: BTreeMap<u64, Req>,
+    acked_bytes: u64,
+    completions: u64,
+    own_flush: bool,
+    active: Option<Arc<Conn>>,
+    standby: Option<Arc<Conn>>,
+    failovers: u64,
+    last_failover: Option<FailoverRecord>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    addr_idx: usize,
+    addr: Addr,
+    generation: u64,
+    pid: u32,
+    start_time: Option<u64>,
+    writer: Mutex<Stream>,
+    ctl: Stream,
+    monitor: Mutex<Monitor>,
+    broken: AtomicBool,
+    reader_exit: Receiver<()>,
+}
+
+impl Conn {
+    fn send(&self, id: u64, r: &Req) {
+        let h = RequestHeader {
+            op: r.op,
+            flags: r.flags,
+            id,
+            generation: self.generation,
+            offset: r.offset,
+            length: r.length,
+        };
+        let mut w = self.writer.lock();
+        let res = w
+            .write_all(&wire::encode_request(&h))
+            .and_then(|()| w.write_all(&r.data));
+        if res.is_err() {
+            self.broken.store(true, Ordering::Release);
+            self.monitor.lock().on_broken();
+        }
+    }
+
+    fn shutdown(&self) {
+        self.ctl.shutdown();
+    }
+
+    /// Wait for the reader thread to exit (it does once the stream is shut down).
+    fn wait_reader(&self, t: Duration) -> bool {
+        matches!(
+            self.reader_exit.recv_timeout(t),
+            Err(RecvTimeoutError::Disconnected)
+        )
+    }
+
+    fn healthy(&self, now: Instant) -> bool {
+        !self.broken.load(Ordering::Acquire)
+            && self
+                .monitor
+                .lock()
+                .check(now, Outstanding::default())
+                .is_none()
+    }
+}
+
+/// A process's state letter and start time from `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let s = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Whether the process that had `start_time` is gone (exited, a zombie, or its pid reused).
+fn process_gone(pid: u32, start_time: u64) -> bool {
+    match proc_stat(pid) {
+        None => true,
+        Some((state, start)) => start != start_time || state == 'Z' || state == 'X',
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: EndpointConfig,
+    size: u64,
+    read_only: bool,
+    state: Mutex<State>,
+    closed: AtomicBool,
+}
+
+/// The failover endpoint. Cheap to clone (all clones share one endpoint).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+struct Handshaken {
+    stream: Stream,
+    generation: u64,
+    pid: u32,
+    size: u64,
+    read_only: bool,
+}
+
+fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Handshaken, String> {
+    let mut s = addr
+        .connect(cfg.handshake_timeout)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let io = |e: io::Error| format!("{addr}: handshake: {e}");
+    s.set_read_timeout(Some(cfg.handshake_timeout))
+        .map_err(io)?;
+    s.set_write_timeout(Some(cfg.handshake_timeout))
+        .map_err(io)?;
+    let nonce = wire::fresh_nonce();
+    let hello = wire::Hello {
+        keyed: cfg.key.is_some(),
+        generation,
+        nonce,
+        export: cfg.export.clone(),
+    };
+    s.write_all(&wire::encode_hello(&hello)).map_err(io)?;
+    let mut b = [0u8; wire::HELLO_REPLY_LEN];
+    s.read_exact(&mut b).map_err(io)?;
+    let r = wire::parse_hello_reply(&b).map_err(|e| format!("{addr}: {e}"))?;
+    if r.status != 0 {
+        return Err(format!(
+            "{addr}: driver refused export {:?}: {}",
+            cfg.export,
+            io::Error::from_raw_os_error(r.status as i32)
+        ));
+    }
+    let mac = match &cfg.key {
+        Some(k) => {
+            if !r.keyed || !k.check_driver_mac(&nonce, &r.nonce, generation, &r.mac) {
+                return Err(format!("{addr}: driver failed authentication"));
+            }
+            k.endpoint_mac(&nonce, &r.nonce, generation)
+        }
+        None => [0; 32],
+    };
+    s.write_all(&wire::encode_auth(&mac)).map_err(io)?;
+    let mut rd = [0u8; wire::READY_LEN];
+    s.read_exact(&mut rd).map_err(io)?;
+    let status = wire::parse_ready(&rd).map_err(|e| format!("{addr}: {e}"))?;
+    if status != 0 {
+        return Err(format!("{addr}: driver refused our authentication"));
+    }
+    s.set_read_timeout(None).map_err(io)?;
+    s.set_write_timeout(None).map_err(io)?;
+    Ok(Handshaken {
+        stream: s,
+        generation,
+        pid: r.pid,
+        size: r.size,
+        read_only: r.read_only,
+    })
+}
+
+impl Endpoint {
+    /// Connect to the first driver that answers and start the monitor and standby threads.
+    ///
+    /// # Errors
+    /// [`EndpointError`] when no driver answers within `connect_timeout`.
+    pub fn start(cfg: EndpointConfig) -> Result<Self, EndpointError> {
+        if cfg.drivers.is_empty() {
+            return Err(EndpointError::NoDrivers);
+        }
+        let t0 = Instant::now();
+        let (idx, h) = loop {
+            let mut last = String::new();
+            let mut found = None;
+            for (i, a) in cfg.drivers.iter().enumerate() {
+                match handshake(&cfg, a, 1) {
+                    Ok(h) => {
+                        found = Some((i, h));
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            if let Some(f) = found {
+                break f;
+            }
+            if t0.elapsed() > cfg.connect_timeout {
+                return Err(EndpointError::Unreachable(cfg.connect_timeout, last));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let inner = Arc::new(Inner {
+            size: h.size,
+            read_only: h.read_only,
+            state: Mutex::new(State {
+                next_id: 1,
+                next_gen: 2,
+                ..State::default()
+            }),
+            closed: AtomicBool::new(false),
+            cfg,
+        });
+        let conn = inner.adopt(idx, h);
+        inner.state.lock().active = Some(conn);
+        let i2 = inner.clone();
+        std::thread::Builder::new()
+            .name("fo-monitor".into())
+            .spawn(move || i2.monitor_loop())
+            .expect("spawn the monitor thread");
+        let i3 = inner.clone();
+        std::thread::Builder::new()
+            .name("fo-standby".into())
+            .spawn(move || i3.standby_loop())
+            .expect("spawn the standby thread");
+        Ok(Self { inner })
+    }
+
+    /// A snapshot of the endpoint's state.
+    pub fn status(&self) -> EndpointStatus {
+        let st = self.inner.state.lock();
+        EndpointStatus {
+            active: st.active.as_ref().map(|c| c.addr.to_string()),
+            standby: st.standby.as_ref().map(|c| c.addr.to_string()),
+            generation: st.active.as_ref().map_or(0, |c| c.generation),
+            in_flight: st.pending.values().filter(|p| !p.internal).count(),
+            unflushed_writes: st.acked.len(),
+            failovers: st.failovers,
+            last_failover: st.last_failover.clone(),
+        }
+    }
+
+    /// Stop the threads and close the driver connections; later calls fail with EIO.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let mut st = self.inner.state.lock();
+        for c in [st.active.take(), st.standby.take()].into_iter().flatten() {
+            c.shutdown();
+        }
+        for (_, p) in std::mem::take(&mut st.pending) {
+            let _ = p.done.send(Err(libc::EIO));
+        }
+    }
+
+    fn call(&self, req: Req) -> Result<Vec<u8>, DiskError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(DiskError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (id, active) = self.inner.submit(req.clone(), tx, false);
+        if let Some(c) = active {
+            c.send(id, &req);
+        }
+        match rx.recv() {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(errno)) => Err(match errno {
+                libc::EPERM => DiskError::ReadOnly,
+                libc::EOPNOTSUPP => DiskError::NotSupported,
+                e => DiskError::Io(io::Error::from_raw_os_error(e)),
+            }),
+            Err(_) => Err(DiskError::Io(io::Error::from_raw_os_error(libc::EIO))),
+        }
+    }
+
+    fn simple(&self, op: u8, flags: u8, offset: u64, len: u64) -> Result<(), DiskError> {
+        // Ops without data may cover more than a u32: split them.
+        let mut done = 0;
+        while done < len || (len == 0 && done == 0) {
+            let n = (len - done).min(1 << 30);
+            self.call(Req {
+                op,
+                flags,
+                offset: offset + done,
+                length: n as u32,
+                data: Arc::from(Vec::new()),
+            })?;
+            done += n;
+            if len == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn submit(&self, req: Req, done: Sender<Outcome>, internal: bool) -> (u64, Option<Arc<Conn>>) {
+        let mut st = self.state.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        let active = st.active.clone();
+        let flush_mark = st.completions;
+        st.pending.insert(
+            id,
+            Pending {
+                req,
+                sent: active.as_ref().map(|c| (c.generation, Instant::now())),
+                done,
+                internal,
+                flush_mark,
+            },
+        );
+        (id, active)
+    }
+
+    /// Wrap a handshaken stream and start its reader.
+    fn adopt(self: &Arc<Self>, idx: usize, h: Handshaken) -> Arc<Conn> {
+        let addr = self.cfg.drivers[idx].clone();
+        let start_time = if addr.is_local() {
+            proc_stat(h.pid).map(|(_, s)| s)
+        } else {
+            None
+        };
+        let (exit_tx, exit_rx) = crossbeam_channel::bounded::<()>(0);
+        let writer = h.stream.try_clone().expect("dup the channel socket");
+        let ctl = h.stream.try_clone().expect("dup the channel socket");
+        let conn = Arc::new(Conn {
+            addr_idx: idx,
+            addr,
+            generation: h.generation,
+            pid: h.pid,
+            start_time,
+            writer: Mutex::new(writer),
+            ctl,
+            monitor: Mutex::new(Monitor::new(self.cfg.monitor, Instant::now())),
+            broken: AtomicBool::new(false),
+            reader_exit: exit_rx,
+        });
+        let (me, c) = (self.clone(), conn.clone());
+        let mut stream = h.stream;
+        std::thread::Builder::new()
+            .name("fo-reader".into())
+            .spawn(move || {
+                let r = me.read_replies(&mut stream, &c);
+                if let Err(e) = r {
+                    tracing::debug!(driver = %c.addr, error = %e, "driver connection ended");
+                }
+                c.broken.store(true, Ordering::Release);
+                c.monitor.lock().on_broken();
+                drop(exit_tx);
+            })
+            .expect("spawn a reader thread");
+        conn
+    }
+
+    fn read_replies(&self, s: &mut Stream, conn: &Conn) -> io::Result<()> {
+        loop {
+            let mut hb = [0u8; wire::REPLY_HEADER_LEN];
+            s.read_exact(&mut hb)?;
+            let h = wire::parse_reply(&hb)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if h.kind == wire::KIND_HEARTBEAT {
+                conn.monitor.lock().on_heartbeat(Instant::now());
+                continue;
+            }
+            let mut data = vec![0u8; h.data_len as usize];
+            s.read_exact(&mut data)?;
+            let now = Instant::now();
+            let latency = self.complete(h.id, h.error, data, now);
+            if let Some(l) = latency {
+                conn.monitor.lock().on_completion(now, l);
+            }
+        }
+    }
+
+    /// Answer request `id`; the latency since it was last sent.
+    fn complete(&self, id: u64, error: u32, data: Vec<u8>, now: Instant) -> Option<Duration> {
+        let mut st = self.state.lock();
+        let p = st.pending.remove(&id)?;
+        if error == 0 && mutates(p.req.op) && !p.internal {
+            st.completions += 1;
+            let n = st.completions;
+            st.acked_bytes += p.req.data.len() as u64;
+            st.acked.insert(n, p.req.clone());
+        }
+        if p.req.op == wire::OP_FLUSH {
+            if error == 0 {
+                let kept = st.acked.split_off(&(p.flush_mark + 1));
+                st.acked = kept;
+                st.acked_bytes = st.acked.values().map(|r| r.data.len() as u64).sum();
+            }
+            if p.internal {
+                st.own_flush = false;
+            }
+        }
+        drop(st);
+        let out = if error == 0 {
+            Ok(data)
+        } else {
+            Err(error as i32)
+        };
+        let _ = p.done.send(out);
+        p.sent.map(|(_, t)| now.saturating_duration_since(t))
+    }
+
+    fn monitor_loop(self: Arc<Self>) {
+        while !self.closed.load(Ordering::Acquire) {
+            std::thread::sleep(self.cfg.tick);
+            let now = Instant::now();
+            let (active, standby, out, own_flush) = {
+                let st = self.state.lock();
+                let mut out = Outstanding::default();
+                if let Some(a) = &st.active {
+                    for p in st.pending.values() {
+                        if let Some((g, t)) = p.sent {
+                            if g == a.generation && !p.internal {
+                                out.oldest_sent = Some(out.oldest_sent.map_or(t, |o| o.min(t)));
+                                out.newest_sent = Some(out.newest_sent.map_or(t, |o| o.max(t)));
+                            }
+                        }
+                    }
+                }
+                let flush = !st.own_flush && st.acked_bytes > self.cfg.unflushed_limit;
+                (st.active.clone(), st.standby.clone(), out, flush)
+            };
+            match active {
+                None => self.failover(None, "no active driver".into()),
+                Some(a) => {
+                    let fault = a.monitor.lock().check(now, out);
+                    if let Some(f) = fault {
+                        self.failover(Some(a), f.to_string());
+                        continue;
+                    }
+                }
+            }
+            if let Some(s) = standby {
+                if !s.healthy(now) {
+                    tracing::info!(driver = %s.addr, "standby driver lost");
+                    s.shutdown();
+                    let mut st = self.state.lock();
+                    if st.standby.as_ref().is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                        st.standby = None;
+                    }
+                }
+            }
+            if own_flush {
+                self.state.lock().own_flush = true;
+                let (tx, _rx) = crossbeam_channel::bounded(1);
+                let req = Req {
+                    op: wire::OP_FLUSH,
+                    flags: 0,
+                    offset: 0,
+                    length: 0,
+                    data: Arc::from(Vec::new()),
+                };
+                let (id, active) = self.submit(req.clone(), tx, true);
+                if let Some(c) = active {
+                    c.send(id, &req);
+                }
+            }
+        }
+    }
+
+    fn standby_loop(self: Arc<Self>) {
+        let n = self.cfg.drivers.len();
+        let mut next = 0usize;
+        while !self.closed.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            let active_idx = {
+                let st = self.state.lock();
+                if st.standby.is_some() || n < 2 {
+                    continue;
+                }
+                st.active.as_ref().map(|c| c.addr_idx)
+            };
+            next = (next + 1) % n;
+            if Some(next) == active_idx {
+                continue;
+            }
+            let generation = self.new_generation();
+            let Ok(h) = handshake(&self.cfg, &self.cfg.drivers[next], generation) else {
+                continue;
+            };
+            if h.size != self.size {
+                tracing::error!(driver = %self.cfg.drivers[next], size = h.size, "driver serves a different size; ignored");
+                continue;
+            }
+            let conn = self.adopt(next, h);
+            let mut st = self.state.lock();
+            let clash = st.active.as_ref().is_some_and(|a| a.addr_idx == next);
+            if clash || st.standby.is_some() {
+                conn.shutdown();
+            } else {
+                tracing::info!(driver = %conn.addr, generation, "standby driver connected");
+                st.standby = Some(conn);
+            }
+        }
+    }
+
+    fn new_generation(&self) -> u64 {
+        let mut st = self.state.lock();
+        let g = st.next_gen;
+        st.next_gen += 1;
+        g
+    }
+
+    /// Make sure a faulty driver can no longer write: shut its connection, and for a local
+    /// driver SIGKILL it and wait until it is gone.
+    fn fence(&self, c: &Conn) {
+        c.shutdown();
+        if self.cfg.kill_local && c.addr.is_local() && c.pid != 0 {
+            if let Some(start) = c.start_time {
+                if !process_gone(c.pid, start) {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &c.pid.to_string()])
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                }
+                let t0 = Instant::now();
+                while !process_gone(c.pid, start) {
+                    if t0.elapsed() > Duration::from_secs(10) {
+                        tracing::error!(
+                            pid = c.pid,
+                            "faulty driver did not die within 10 s; replaying anyway"
+                        );
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        if !c.wait_reader(Duration::from_secs(10)) {
+            tracing::error!(driver = %c.addr, "reader of the faulty driver did not stop");
+        }
+    }
+
+    fn failover(self: &Arc<Self>, old: Option<Arc<Conn>>, reason: String) {
+        let t0 = Instant::now();
+        {
+            let mut st = self.state.lock();
+            if let Some(o) = &old {
+                if st.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, o)) {
+                    st.active = None;
+                }
+            }
+        }
+        let from = old.as_ref().map_or("-".to_owned(), |o| o.addr.to_string());
+        if let Some(o) = &old {
+            tracing::warn!(driver = %o.addr, generation = o.generation, reason = %reason, "driver declared faulty");
+            self.fence(o);
+        }
+        let start_idx = old.as_ref().map_or(0, |o| o.addr_idx + 1);
+        let mut failed_requests = false;
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(new) = self.find_driver(start_idx) else {
+                if t0.elapsed() > self.cfg.connect_timeout && !failed_requests {
+                    tracing::error!(
+                        "no driver answered within {:?}; failing requests",
+                        self.cfg.connect_timeout
+                    );
+                    let mut st = self.state.lock();
+                    for (_, p) in std::mem::take(&mut st.pending) {
+                        let _ = p.done.send(Err(libc::EIO));
+                    }
+                    st.own_flush = false;
+                    failed_requests = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            match self.replay(&new) {
+                Ok((reapplied, resent)) => {
+                    let rec = FailoverRecord {
+                        at: SystemTime::now(),
+                        from,
+                        to: new.addr.to_string(),
+                        reason,
+                        reapplied,
+                        resent,
+                        took: t0.elapsed(),
+                    };
+                    tracing::warn!(
+                        to = %rec.to, generation = new.generation, reapplied, resent,
+                        took_ms = rec.took.as_millis() as u64, "failed over"
+                    );
+                    let mut st = self.state.lock();
+                    if old.is_some() {
+                        st.failovers += 1;
+                        st.last_failover = Some(rec);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(driver = %new.addr, error = %e, "backup failed during replay");
+                    self.fence(&new);
+                }
+            }
+        }
+    }
+
+    /// The standby if healthy, else a fresh connection to the first address that answers
+    /// (starting after the failed one).
+    fn find_driver(self: &Arc<Self>, start_idx: usize) -> Option<Arc<Conn>> {
+        let now = Instant::now();
+        let standby = self.state.lock().standby.take();
+        if let Some(s) = standby {
+            if s.healthy(now) {
+                return Some(s);
+            }
+            s.shutdown();
+        }
+        let n = self.cfg.drivers.len();
+        for k in 0..n {
+            let idx = (start_idx + k) % n;
+            let generation = self.new_generation();
+            match handshake(&self.cfg, &self.cfg.drivers[idx], generation) {
+                Ok(h) if h.size == self.size => return Some(self.adopt(idx, h)),
+                Ok(_) => {
+                    tracing::error!(driver = %self.cfg.drivers[idx], "driver serves a different size")
+                }
+                Err(e) => tracing::debug!(error = %e, "driver not available"),
+            }
+        }
+        None
+    }
+
+    /// Re-apply the acknowledged-unflushed writes one at a time, then re-send every
+    /// unanswered request in order and make `new` active. Returns the two counts.
+    fn replay(self: &Arc<Self>, new: &Arc<Conn>) -> Result<(usize, usize), String> {
+        let acked: Vec<Req> = self.state.lock().acked.values().cloned().collect();
+        for req in &acked {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let id = {
+                let mut st = self.state.lock();
+                let id = st.next_id;
+                st.next_id += 1;
+                st.pending.insert(
+                    id,
+                    Pending {
+                        req: req.clone(),
+                        sent: Some((new.generation, Instant::now())),
+                        done: tx,
+                        internal: true,
+                        flush_mark: 0,
+                    },
+                );
+                id
+            };
+            new.send(id, req);
+            loop {
+                match rx.recv_timeout(self.cfg.tick) {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => {
+                        tracing::error!(
+                            errno = e,
+                            offset = req.offset,
+                            "re-applying an acknowledged write failed"
+                        );
+                        break;
+                    }
+                    Err(_) => {
+                        let fault = new
+                            .monitor
+                            .lock()
+                            .check(Instant::now(), Outstanding::default());
+                        if let Some(f) = fault {
+                            self.state.lock().pending.remove(&id);
+                            return Err(f.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let mark = st.completions;
+        let mut resent = 0;
+        let ids: Vec<u64> = st.pending.keys().copied().collect();
+        for id in ids {
+            let p = st.pending.get_mut(&id).expect("present");
+            p.sent = Some((new.generation, now));
+            if p.req.op == wire::OP_FLUSH {
+                p.flush_mark = mark;
+            }
+            if !p.internal {
+                resent += 1;
+            }
+            new.send(id, &p.req);
+        }
+        st.active = Some(new.clone());
+        Ok((acked.len(), resent))
+    }
+}
+
+impl Disk for Endpoint {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        for (i, chunk) in buf.chunks_mut(wire::MAX_DATA as usize).enumerate() {
+            let off = offset + (i as u64) * u64::from(wire::MAX_DATA);
+            let data = self.call(Req {
+                op: wire::OP_READ,
+                flags: 0,
+                offset: off,
+                length: chunk.len() as u32,
+                data: Arc::from(Vec::new()),
+            })?;
+            if data.len() != chunk.len() {
+                return Err(DiskError::Io(io::Error::other("driver sent a short read")));
+            }
+            chunk.copy_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> Result<(), DiskError> {
+        for (i, chunk) in buf.chunks(wire::MAX_DATA as usize).enumerate() {
+            let off = offset + (i as u64) * u64::from(wire::MAX_DATA);
+            self.call(Req {
+                op: wire::OP_WRITE,
+                flags: if flags.fua { wire::FLAG_FUA } else { 0 },
+                offset: off,
+                length: chunk.len() as u32,
+                data: Arc::from(chunk),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        self.simple(wire::OP_FLUSH, 0, 0, 0)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.simple(wire::OP_DISCARD, 0, offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), DiskError> {
+        let mut f = 0;
+        if flags.fua {
+            f |= wire::FLAG_FUA;
+        }
+        if flags.fast_only {
+            f |= wire::FLAG_FAST_ZERO;
+        }
+        self.simple(wire::OP_WRITE_ZEROES, f, offset, len)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(u64::from(wire::MAX_DATA));
+            let data = self.call(Req {
+                op: wire::OP_BLOCK_STATUS,
+                flags: 0,
+                offset: offset + done,
+                length: n as u32,
+                data: Arc::from(Vec::new()),
+            })?;
+            let ext = wire::parse_extents(&data)
+                .map_err(|e| DiskError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+            if ext.iter().map(|e| e.len).sum::<u64>() != n {
+                return Err(DiskError::Io(io::Error::other(
+                    "driver's extents do not cover the range",
+                )));
+            }
+            for e in ext {
+                push_extent(&mut out, e);
+            }
+            done += n;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::driver::{self, DriverConfig, DriverListener};
+    use super::*;
+    use crate::memory::MemDisk;
+
+    fn start_driver(dir: &Path, name: &str, disk: Arc<MemDisk>, key: Option<&[u8]>) -> Addr {
+        let addr = Addr::Unix(dir.join(name));
+        let l = DriverListener::bind(&addr).unwrap();
+        let cfg = DriverConfig {
+            opener: Arc::new(move |n: &str| {
+                if n == "vm" {
+                    Ok(disk.clone() as Arc<dyn Disk>)
+                } else {
+                    Err("no such export".into())
+                }
+            }),
+            heartbeat_interval: Duration::from_millis(20),
+            key: key.map(ChannelKey::from_secret),
+            workers: 4,
+        };
+        std::thread::spawn(move || driver::run(l, cfg));
+        addr
+    }
+
+    fn cfg(addrs: Vec<Addr>) -> EndpointConfig {
+        let mut c = EndpointConfig::new("vm", addrs);
+        c.connect_timeout = Duration::from_secs(5);
+        c
+    }
+
+    #[test]
+    fn requests_reach_the_driver_and_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(1 << 20));
+        let a = start_driver(dir.path(), "a", disk.clone(), None);
+        let ep = Endpoint::start(cfg(vec![a])).unwrap();
+        assert_eq!(ep.size(), 1 << 20);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        ep.write_at(&data, 4096, WriteFlags::default()).unwrap();
+        ep.flush().unwrap();
+        let mut back = vec![0u8; 8192];
+        ep.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(&disk.contents()[4096..4096 + 8192], &data[..]);
+        ep.write_zeroes(4096, 4096, ZeroFlags::default()).unwrap();
+        ep.read_at(&mut back, 4096).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        let ext = ep.block_status(0, 1 << 20).unwrap();
+        assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 1 << 20);
+        let e = ep.read_at(&mut back, (1 << 20) - 10).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert_eq!(ep.status().in_flight, 0);
+        ep.close();
+    }
+
+    #[test]
+    fn keys_must_match_and_unknown_exports_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(4096));
+        let a = start_driver(dir.path(), "a", disk.clone(), Some(b"right"));
+        let mut c = cfg(vec![a.clone()]);
+        c.connect_timeout = Duration::from_millis(200);
+        c.key = Some(ChannelKey::from_secret(b"wrong"));
+        assert!(Endpoint::start(c.clone()).is_err());
+        c.key = None;
+        assert!(Endpoint::start(c.clone()).is_err());
+        c.key = Some(ChannelKey::from_secret(b"right"));
+        let ep = Endpoint::start(c.clone()).unwrap();
+        ep.write_at(&[7; 512], 0, WriteFlags::default()).unwrap();
+        ep.close();
+        c.export = "other".into();
+        let e = Endpoint::start(c).unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+
+    /// The active driver's connection breaks; the endpoint fails over to the backup and
+    /// re-applies the writes acknowledged since the last flush, in order, before anything else.
+    #[test]
+    fn unflushed_acknowledged_writes_are_reapplied_after_failover() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two drivers with *separate* disks: what the backup holds after the failover is
+        // exactly what the endpoint re-applied to it.
+        let (da, db) = (
+            Arc::new(MemDisk::new(1 << 16)),
+            Arc::new(MemDisk::new(1 << 16)),
+        );
+        let a = start_driver(dir.path(), "a", da.clone(), None);
+        let b = start_driver(dir.path(), "b", db.clone(), None);
+        let mut c = cfg(vec![a, b]);
+        c.kill_local = false; // both drivers are threads of this test process
+        let ep = Endpoint::start(c).unwrap();
+        ep.write_at(&[1; 4096], 0, WriteFlags::default()).unwrap();
+        ep.flush().unwrap();
+        ep.write_at(&[2; 4096], 4096, WriteFlags::default())
+            .unwrap();
+        ep.write_at(&[3; 4096], 4096, WriteFlags::default())
+            .unwrap();
+        assert_eq!(ep.status().unflushed_writes, 2);
+        // Break the active connection from the endpoint's side.
+        let active = ep.inner.state.lock().active.clone().unwrap();
+        active.shutdown();
+        let t0 = Instant::now();
+        while ep.status().failovers == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no failover");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let st = ep.status();
+        assert_eq!(st.last_failover.as_ref().unwrap().reapplied, 2);
+        // The flushed write is not re-applied, the two unflushed ones are, in order.
+        let b_now = db.contents();
+        assert!(b_now[..4096].iter().all(|&x| x == 0));
+        assert!(b_now[4096..8192].iter().all(|&x| x == 3));
+        let mut back = vec![0u8; 4096];
+        ep.read_at(&mut back, 4096).unwrap();
+        assert!(back.iter().all(|&x| x == 3));
+        ep.flush().unwrap();
+        assert_eq!(ep.status().unflushed_writes, 0);
+        ep.close();
+    }
+}

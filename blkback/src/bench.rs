@@ -414,7 +414,18 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
             x[x.len() / 2]
         };
         let (q, r, o) = (med(&mut v[0]), med(&mut v[1]), med(&mut v[2]));
-        eprintln!("{name}: qemu-nbd {q:.0}, remoca {r:.0}, overlay {o:.0} {unit}");
+        let all = |x: &[f64]| {
+            x.iter()
+                .map(|s| format!("{s:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        eprintln!(
+            "{name}: qemu-nbd {q:.0} [{}], remoca {r:.0} [{}], overlay {o:.0} [{}] {unit}",
+            all(&v[0]),
+            all(&v[1]),
+            all(&v[2])
+        );
         let _ = io::stderr().flush();
         rows.push(Row {
             name: name.into(),

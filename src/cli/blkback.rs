@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
+use remoca_blkback::failover;
 use remoca_blkback::nbd::{self, Listener};
 use remoca_blkback::overlay::{self, header, Overlay};
 use remoca_blkback::raw::RawFile;
@@ -17,7 +18,10 @@ use serde::Deserialize;
 use super::Global;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BlkbackArgs {
+    #[command(subcommand)]
+    cmd: Option<Box<BlkbackCmd>>,
     /// TOML config: `listen = "ADDR"` or `socket = "PATH"`, and `[[export]]` tables with
     /// `name`, `template`, optional `overlay` and `readonly`.
     #[arg(long, conflicts_with_all = ["listen", "socket", "export"])]
@@ -46,6 +50,75 @@ pub struct BlkbackArgs {
     /// (the `--backend` in use is real), `on` also on the simulated host, `off` never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     blkif: String,
+}
+
+/// The split backend for failover (docs/failover.md). Without a subcommand, `remoca
+/// blkback` serves the exports itself as before.
+#[derive(Debug, Subcommand)]
+enum BlkbackCmd {
+    /// A storage driver: serves the failover channel from the exports' disk stacks.
+    Driver(DriverArgs),
+    /// The failover endpoint: serves one export over NBD, forwarding to the active driver and
+    /// failing over to a backup driver, re-sending every unanswered request.
+    Endpoint(EndpointArgs),
+}
+
+#[derive(Debug, Args)]
+struct DriverArgs {
+    /// Channel address: `unix:PATH` or `tcp:HOST:PORT` (port 0 picks one; it is printed).
+    #[arg(long)]
+    listen: String,
+    /// An export, as for `remoca blkback --export`:
+    /// `name=NAME,template=PATH[,overlay=PATH][,readonly][,block-size=N]`. Repeat for more.
+    #[arg(long = "export", value_name = "SPEC", required = true)]
+    export: Vec<String>,
+    /// Pre-shared key file; endpoints must prove they hold it.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Worker threads running disk requests.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+}
+
+#[derive(Debug, Args)]
+struct EndpointArgs {
+    /// Where NBD clients connect: `unix:PATH` or `tcp:HOST:PORT`.
+    #[arg(long)]
+    nbd: String,
+    /// The export to ask the drivers for; served over NBD under the same name.
+    #[arg(long)]
+    export: String,
+    /// The active driver's channel address (`unix:PATH` or `tcp:HOST:PORT`).
+    #[arg(long)]
+    driver: String,
+    /// A backup driver's address; repeat for more.
+    #[arg(long = "backup", required = true)]
+    backup: Vec<String>,
+    /// Pre-shared key file (the drivers' key).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// No heartbeat for this long (ms): the driver is faulty.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_timeout_ms: u64,
+    /// Smallest progress bound (ms).
+    #[arg(long, default_value_t = 1000)]
+    bound_floor_ms: u64,
+    /// Largest progress bound (ms).
+    #[arg(long, default_value_t = 60000)]
+    bound_ceiling_ms: u64,
+    /// The progress bound is this many times the recent p99 latency.
+    #[arg(long, default_value_t = 4.0)]
+    bound_k: f64,
+    /// Do not SIGKILL a local driver declared faulty. Without the kill, a hung driver that
+    /// wakes up may write after the takeover: only for drivers fenced some other way.
+    #[arg(long)]
+    no_kill_local: bool,
+    /// Bytes of acknowledged, unflushed writes kept for replay before the endpoint flushes.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    unflushed_limit: u64,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +295,11 @@ enum Bind {
 
 pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
     super::init_tracing(g.verbose);
+    match a.cmd.map(|c| *c) {
+        Some(BlkbackCmd::Driver(d)) => return run_driver(d),
+        Some(BlkbackCmd::Endpoint(e)) => return run_endpoint(e),
+        None => {}
+    }
     let (bind, configs) = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -340,6 +418,141 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
     if let Some(server) = blkif {
         server.shutdown().context("blkif backend")?;
     }
+    served
+}
+
+fn channel_key(path: Option<&Path>) -> anyhow::Result<Option<failover::wire::ChannelKey>> {
+    let Some(p) = path else { return Ok(None) };
+    let bytes = std::fs::read(p).with_context(|| format!("reading key file {}", p.display()))?;
+    if bytes.len() < 16 {
+        bail!("key file {} holds fewer than 16 bytes", p.display());
+    }
+    Ok(Some(failover::wire::ChannelKey::from_secret(&bytes)))
+}
+
+fn channel_addr(s: &str) -> anyhow::Result<failover::Addr> {
+    failover::Addr::parse(s).map_err(anyhow::Error::msg)
+}
+
+/// `remoca blkback driver`.
+fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
+    let configs = a
+        .export
+        .iter()
+        .map(|s| parse_export_spec(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Open every export once now, so a bad spec fails at start rather than at takeover.
+    let opened = Exports::open(&configs).context("cannot open exports")?;
+    let listener = failover::driver::DriverListener::bind(&channel_addr(&a.listen)?)
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    println!("driver listening on {}", listener.local_addr()?);
+    for e in opened.iter() {
+        println!(
+            "export {:?}: {} ({} bytes)",
+            e.name,
+            e.description,
+            e.disk.size()
+        );
+    }
+    drop(opened);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    failover::driver::run(
+        listener,
+        failover::driver::DriverConfig {
+            opener: failover::driver::opener_for(configs),
+            heartbeat_interval: std::time::Duration::from_millis(a.heartbeat_ms.max(1)),
+            key: channel_key(a.key_file.as_deref())?,
+            workers: a.workers,
+        },
+    )
+    .context("driver stopped")
+}
+
+/// `remoca blkback endpoint`.
+fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let mut drivers = vec![channel_addr(&a.driver)?];
+    for b in &a.backup {
+        drivers.push(channel_addr(b)?);
+    }
+    let mut cfg = failover::endpoint::EndpointConfig::new(&a.export, drivers);
+    cfg.key = channel_key(a.key_file.as_deref())?;
+    cfg.monitor.heartbeat_timeout = Duration::from_millis(a.heartbeat_timeout_ms);
+    cfg.monitor.floor = Duration::from_millis(a.bound_floor_ms);
+    cfg.monitor.ceiling = Duration::from_millis(a.bound_ceiling_ms);
+    cfg.monitor.k = a.bound_k;
+    cfg.kill_local = !a.no_kill_local;
+    cfg.unflushed_limit = a.unflushed_limit;
+    let nbd_addr = channel_addr(&a.nbd)?;
+    let endpoint = failover::endpoint::Endpoint::start(cfg).context("starting the endpoint")?;
+    let exports = Exports::from_disks(vec![(
+        a.export.clone(),
+        format!("failover endpoint ({} drivers)", 1 + a.backup.len()),
+        Arc::new(endpoint.clone()) as Arc<dyn Disk>,
+    )])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let served = rt.block_on(async {
+        let listener = match &nbd_addr {
+            failover::Addr::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr.as_str())
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                println!("listening on {}", l.local_addr()?);
+                Listener::Tcp(l)
+            }
+            failover::Addr::Unix(path) => {
+                let l = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                println!("listening on {}", path.display());
+                Listener::Unix(l)
+            }
+        };
+        let st = endpoint.status();
+        println!(
+            "export {:?}: {} bytes, active driver {}",
+            a.export,
+            endpoint.size(),
+            st.active.as_deref().unwrap_or("-")
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        nbd::run(listener, exports, shutdown).await?;
+        if let failover::Addr::Unix(path) = &nbd_addr {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok::<(), anyhow::Error>(())
+    });
+    let st = endpoint.status();
+    eprintln!(
+        "endpoint: active {}, generation {}, {} failovers{}",
+        st.active.as_deref().unwrap_or("-"),
+        st.generation,
+        st.failovers,
+        st.last_failover
+            .map(|f| format!(
+                ", last {} -> {} ({}; {} re-applied, {} re-sent, {} ms)",
+                f.from,
+                f.to,
+                f.reason,
+                f.reapplied,
+                f.resent,
+                f.took.as_millis()
+            ))
+            .unwrap_or_default()
+    );
+    endpoint.close();
     served
 }
 

@@ -61,6 +61,7 @@ where
     // memory per record.
     let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
 
+    let budget = ReadBudget::default();
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> io::Result<(u64, u32)> {
             let (mut n, mut crc) = (0u64, 0u32);
@@ -95,8 +96,29 @@ where
                 .map_err(|_| ImageError::Output(io::Error::other("writer stopped")))
         };
 
-        let walked = img
-            .walk_frames(|fh, off, payload| {
+        // A reader thread walks the frames (positioned reads, frame checksums) while this
+        // thread regenerates the previous window, so reading never waits for decompression.
+        let (fr_tx, fr_rx) =
+            sync_channel::<Result<(FrameHeader, u64, Vec<u8>), ImageError>>(FRAMES_AHEAD);
+        let reader = {
+            let budget = &budget;
+            s.spawn(move || {
+                let walked = img.walk_frames(|fh, off, payload| {
+                    budget.take(payload.len());
+                    fr_tx
+                        .send(Ok((*fh, off, payload)))
+                        .map_err(|_| ImageError::Output(io::Error::other("restore stopped")))
+                });
+                if let Err(e) = walked {
+                    let _ = fr_tx.send(Err(e));
+                }
+            })
+        };
+        let walked = (|| {
+            for frame in &fr_rx {
+                let (fh, off, payload) = frame?;
+                budget.give(payload.len());
+                let fh = &fh;
                 if fh.kind == FrameKind::Block {
                     let b = index.blocks.get(st.next_block as usize);
                     if b.map(|b| b.offset) != Some(off) {
@@ -116,7 +138,7 @@ where
                     }
                     st.pending.push((*fh, payload));
                     st.next_block += 1;
-                    return Ok(());
+                    continue;
                 }
                 if matches!(fh.kind, FrameKind::Index) {
                     return Err(ImageError::Corrupt {
@@ -130,9 +152,13 @@ where
                 if st.frames_bytes > FLUSH_BYTES {
                     st.flush(&pool, &send)?;
                 }
-                Ok(())
-            })
-            .and_then(|()| st.flush(&pool, &send));
+            }
+            st.flush(&pool, &send)
+        })();
+        // Stops the reader if we stopped early (its next send fails).
+        drop(fr_rx);
+        budget.close();
+        reader.join().expect("frame reader thread panicked");
         drop(tx);
         let written = writer.join().expect("writer thread panicked");
         let (n, crc) = written.map_err(ImageError::Output)?;
@@ -158,6 +184,44 @@ where
             elapsed: start.elapsed(),
         })
     })
+}
+
+/// Frames the reader thread may read ahead of regeneration (also bounded by
+/// [`READ_AHEAD_BYTES`]).
+const FRAMES_AHEAD: usize = 1024;
+
+/// Frame payload bytes the reader thread may hold ahead of regeneration (about two windows
+/// of compressed blocks); one frame more is allowed when nothing is held.
+const READ_AHEAD_BYTES: usize = 32 << 20;
+
+/// Bytes read ahead by the frame reader, so a run of large frames cannot pile up in memory.
+#[derive(Default)]
+struct ReadBudget {
+    held: std::sync::Mutex<(usize, bool)>,
+    freed: std::sync::Condvar,
+}
+
+impl ReadBudget {
+    /// Waits until `n` more bytes fit (or nothing is held, or the consumer is gone).
+    fn take(&self, n: usize) {
+        let mut g = self.held.lock().expect("budget lock");
+        while g.0 > 0 && g.0 + n > READ_AHEAD_BYTES && !g.1 {
+            g = self.freed.wait(g).expect("budget lock");
+        }
+        g.0 += n;
+    }
+
+    fn give(&self, n: usize) {
+        let mut g = self.held.lock().expect("budget lock");
+        g.0 = g.0.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    /// The consumer stopped: never wait again.
+    fn close(&self) {
+        self.held.lock().expect("budget lock").1 = true;
+        self.freed.notify_all();
+    }
 }
 
 /// Largest written buffer handed back for reuse (a PAGE_DATA record from Xen is at most

@@ -371,3 +371,68 @@ fn blocking_client_from_plain_threads() {
     assert_eq!(a.store.stats().pools[1].pages, 400);
     assert!(c.health().iter().all(|h| h.up));
 }
+
+/// Single-page reads from plain threads take the blocking fast path (the thread talks to the
+/// server itself); it must keep the client's guarantees: verified pages, integrity errors,
+/// failover to the replica when a server dies under it, and the dead server marked down.
+#[test]
+fn blocking_reads_verify_and_fail_over() {
+    let mut a = TestServer::start(64 << 20, Some(key()));
+    let b = TestServer::start(64 << 20, Some(key()));
+    let c = std::sync::Arc::new(BlockingClient::connect(config(&[&a, &b], 2), 2).unwrap());
+    let p = Pool::Persistent;
+    for k in 0..200 {
+        c.put(p, 3, k, &page(3, k)).unwrap();
+    }
+    // Several threads at once, each needing a connection of its own.
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for k in (t..200).step_by(3) {
+                    assert_eq!(c.get(p, 3, k).unwrap(), Some(page(3, k)), "page {k}");
+                    assert_eq!(
+                        c.get_batch(p, 3, &[k]).unwrap(),
+                        vec![Some(page(3, k))],
+                        "page {k} (batch of one)"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(c.get(p, 3, 999).unwrap(), None, "never stored");
+    // A tampered copy on both replicas is an error, never wrong data.
+    c.put(p, 4, 1, &page(4, 1)).unwrap();
+    for s in [&a, &b] {
+        let mut t = s.store.get(p, 4, 1).unwrap().to_vec();
+        t[200] ^= 1;
+        s.store.put(p, 4, 1, Bytes::from(t)).unwrap();
+    }
+    let e = c.get(p, 4, 1).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Integrity {
+                source: SealError::Tampered,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A server dies with the blocking connections open: every page still reads, from b.
+    let victim = a.addr;
+    a.crash();
+    for k in 0..200 {
+        assert_eq!(
+            c.get(p, 3, k).unwrap(),
+            Some(page(3, k)),
+            "page {k} after crash"
+        );
+    }
+    let h = c.health();
+    assert!(!h.iter().find(|h| h.addr == victim).unwrap().up);
+    assert!(h.iter().find(|h| h.addr == b.addr).unwrap().up);
+}

@@ -98,7 +98,12 @@ impl RemoteClient {
         namespace: u64,
         keys: &[u64],
     ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-        self.block_on(self.client.get_batch(pool, namespace, keys))
+        self.client.get_batch_blocking(
+            self.runtime.as_ref().expect("present until drop").handle(),
+            pool,
+            namespace,
+            keys,
+        )
     }
 
     /// See [`Client::delete_batch`].

@@ -1,7 +1,8 @@
 //! A blocking face of [`Client`] for worker threads that are not async (the pager, the block
 //! backend's request threads). It owns a small tokio runtime; every call is
 //! `Handle::block_on`, so many threads may call at once and their requests pipeline on the
-//! shared connections. Do not call it from inside an async task (tokio panics on nested
+//! shared connections, except reads that need one request to one server: the calling thread
+//! sends those and reads the reply itself ([`Client::get_batch_blocking`]). Do not call it from inside an async task (tokio panics on nested
 //! `block_on`).
 
 use std::net::SocketAddr;
@@ -73,7 +74,8 @@ impl BlockingClient {
         self.block_on(self.client.put_batch(pool, namespace, pages))
     }
 
-    /// See [`Client::get`].
+    /// See [`Client::get`]. A page on one server is fetched by this thread itself
+    /// ([`Client::get_batch_blocking`]).
     ///
     /// # Errors
     /// As [`Client::get`].
@@ -83,10 +85,15 @@ impl BlockingClient {
         namespace: u64,
         key: u64,
     ) -> Result<Option<Vec<u8>>, ClientError> {
-        self.block_on(self.client.get(pool, namespace, key))
+        Ok(self
+            .client
+            .get_batch_blocking(self.runtime.handle(), pool, namespace, &[key])?
+            .pop()
+            .flatten())
     }
 
-    /// See [`Client::get_batch`].
+    /// See [`Client::get_batch`]; one request to one server is sent by this thread itself
+    /// ([`Client::get_batch_blocking`]).
     ///
     /// # Errors
     /// As [`Client::get_batch`].
@@ -96,7 +103,8 @@ impl BlockingClient {
         namespace: u64,
         keys: &[u64],
     ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-        self.block_on(self.client.get_batch(pool, namespace, keys))
+        self.client
+            .get_batch_blocking(self.runtime.handle(), pool, namespace, keys)
     }
 
     /// See [`Client::delete`].

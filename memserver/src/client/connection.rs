@@ -56,7 +56,17 @@ async fn read_reply(
     }
 }
 
-fn refused(addr: SocketAddr, r: &Reply) -> ClientError {
+/// The HELLO this client sends: exactly this protocol version.
+pub(super) fn hello_request(client_nonce: [u8; NONCE_LEN]) -> Request {
+    Request::Hello(Hello {
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        client_nonce,
+        client_name: format!("remoca-client/{}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+pub(super) fn refused(addr: SocketAddr, r: &Reply) -> ClientError {
     let reason = match &r.body {
         ReplyBody::Error(s) => s.clone(),
         _ => String::new(),
@@ -98,13 +108,7 @@ impl Connection {
         let mut client_nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut client_nonce);
         let mut out = BytesMut::new();
-        Request::Hello(Hello {
-            min_version: PROTOCOL_VERSION,
-            max_version: PROTOCOL_VERSION,
-            client_nonce,
-            client_name: format!("remoca-client/{}", env!("CARGO_PKG_VERSION")),
-        })
-        .encode(0, &mut out);
+        hello_request(client_nonce).encode(0, &mut out);
         let io = |e| ClientError::Io { addr, source: e };
         s.write_all(&out).await.map_err(io)?;
         let mut buf = BytesMut::with_capacity(4096);

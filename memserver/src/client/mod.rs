@@ -20,6 +20,7 @@ mod error;
 pub mod placement;
 pub mod seal;
 mod server_link;
+mod sync_conn;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -412,88 +413,53 @@ impl Client {
         keys: &[u64],
     ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
         let inner = &self.inner;
-        let locs: Vec<Option<Location>> = keys
-            .iter()
-            .map(|k| inner.locations.get(&(pool, namespace, *k)).map(|l| *l))
-            .collect();
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
-        let mut done = vec![false; keys.len()];
-        let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
-        for (i, l) in locs.iter().enumerate() {
-            match l {
-                None => done[i] = true,
-                Some(l) => {
-                    let first = l
-                        .servers()
-                        .iter()
-                        .copied()
-                        .find(|&s| inner.servers[s as usize].is_up())
-                        .or_else(|| l.servers().first().copied());
-                    if let Some(s) = first {
-                        groups.entry(s).or_default().push(i);
-                    }
-                }
-            }
-        }
-        let mut reqs = Vec::new();
-        for (server, idxs) in groups {
-            for chunk in idxs.chunks(MAX_BATCH as usize) {
-                let chunk = chunk.to_vec();
-                let req = if chunk.len() == 1 {
-                    Request::Get {
-                        pool,
-                        namespace,
-                        key: keys[chunk[0]],
-                    }
-                } else {
-                    Request::GetBatch {
-                        pool,
-                        namespace,
-                        keys: chunk.iter().map(|&i| keys[i]).collect(),
-                    }
-                };
-                reqs.push((server, chunk, req));
-            }
-        }
+        let (mut got, reqs) = GetPlan::new(inner, pool, namespace, keys);
         for (_, chunk, r) in inner.call_all(reqs).await {
-            let values: Vec<Option<Bytes>> = match r {
-                Ok(Reply {
-                    status: Status::Ok,
-                    body: ReplyBody::Values(v),
-                    ..
-                }) => v,
-                Ok(Reply {
-                    status: Status::Ok,
-                    body: ReplyBody::Value(v),
-                    ..
-                }) => vec![Some(v)],
-                Ok(Reply {
-                    status: Status::NotFound,
-                    ..
-                }) => vec![None],
-                _ => continue, // fall back page by page below
-            };
-            for (&i, v) in chunk.iter().zip(values) {
-                let Some(v) = v else {
-                    if pool == Pool::Ephemeral {
-                        done[i] = true; // a miss is normal
-                    }
-                    continue;
-                };
-                let l = locs[i].expect("grouped pages have a location");
-                if let Ok(p) = inner.cipher.open(pool, namespace, keys[i], l.version, &v) {
-                    out[i] = Some(p);
-                    done[i] = true;
+            got.absorb(inner, &chunk, r);
+        }
+        got.finish(inner).await
+    }
+
+    /// [`Client::get_batch`] for a thread that may block (not an async executor's), such as
+    /// a pager or block-backend worker: when the pages need one request to one server, this
+    /// thread sends it and reads the reply on a blocking connection of its own, without a
+    /// hand-off to the runtime's tasks. Anything else (several servers, replica fallback,
+    /// repair) runs as [`Client::get_batch`] does, driven by `handle`.
+    ///
+    /// # Panics
+    /// If called from inside an async task (as `Handle::block_on` does).
+    ///
+    /// # Errors
+    /// As [`Client::get_batch`].
+    pub fn get_batch_blocking(
+        &self,
+        handle: &tokio::runtime::Handle,
+        pool: Pool,
+        namespace: u64,
+        keys: &[u64],
+    ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        let inner = &self.inner;
+        let (mut got, mut reqs) = GetPlan::new(inner, pool, namespace, keys);
+        if reqs.len() != 1 {
+            return handle.block_on(async move {
+                for (_, chunk, r) in inner.call_all(reqs).await {
+                    got.absorb(inner, &chunk, r);
                 }
-            }
+                got.finish(inner).await
+            });
         }
-        for i in 0..keys.len() {
-            if !done[i] {
-                let l = locs[i].expect("undone pages have a location");
-                out[i] = inner.get_from_replicas(pool, namespace, keys[i], l).await?;
-            }
+        let (server, chunk, req) = reqs.pop().expect("one request");
+        let link = &inner.servers[server as usize];
+        let (r, went_down) = link.call_blocking(&req);
+        if went_down {
+            let _g = handle.enter();
+            inner.server_went_down(server);
         }
-        Ok(out)
+        got.absorb(inner, &chunk, r);
+        if got.all_done() {
+            return Ok(got.out);
+        }
+        handle.block_on(got.finish(inner))
     }
 
     /// Delete one page from every replica.
@@ -609,6 +575,132 @@ impl Client {
     }
 }
 
+/// A GET or GET-BATCH in progress: what each page expects, and what came back so far.
+struct GetPlan<'k> {
+    pool: Pool,
+    namespace: u64,
+    keys: &'k [u64],
+    locs: Vec<Option<Location>>,
+    out: Vec<Option<Vec<u8>>>,
+    done: Vec<bool>,
+}
+
+/// Requests of a [`GetPlan`]: server, indices of the pages asked, request.
+type GetRequests = Vec<(u16, Vec<usize>, Request)>;
+
+impl<'k> GetPlan<'k> {
+    /// Look the pages up and group them per server (first up replica), batched.
+    fn new(inner: &Inner, pool: Pool, namespace: u64, keys: &'k [u64]) -> (Self, GetRequests) {
+        let locs: Vec<Option<Location>> = keys
+            .iter()
+            .map(|k| inner.locations.get(&(pool, namespace, *k)).map(|l| *l))
+            .collect();
+        let mut done = vec![false; keys.len()];
+        let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (i, l) in locs.iter().enumerate() {
+            match l {
+                None => done[i] = true,
+                Some(l) => {
+                    let first = l
+                        .servers()
+                        .iter()
+                        .copied()
+                        .find(|&s| inner.servers[s as usize].is_up())
+                        .or_else(|| l.servers().first().copied());
+                    if let Some(s) = first {
+                        groups.entry(s).or_default().push(i);
+                    }
+                }
+            }
+        }
+        let mut reqs = Vec::new();
+        for (server, idxs) in groups {
+            for chunk in idxs.chunks(MAX_BATCH as usize) {
+                let chunk = chunk.to_vec();
+                let req = if chunk.len() == 1 {
+                    Request::Get {
+                        pool,
+                        namespace,
+                        key: keys[chunk[0]],
+                    }
+                } else {
+                    Request::GetBatch {
+                        pool,
+                        namespace,
+                        keys: chunk.iter().map(|&i| keys[i]).collect(),
+                    }
+                };
+                reqs.push((server, chunk, req));
+            }
+        }
+        let plan = GetPlan {
+            pool,
+            namespace,
+            keys,
+            locs,
+            out: vec![None; keys.len()],
+            done,
+        };
+        (plan, reqs)
+    }
+
+    /// Take one request's reply: open and verify every value it carries. Pages it did not
+    /// settle stay undone for [`GetPlan::finish`].
+    fn absorb(&mut self, inner: &Inner, chunk: &[usize], r: Result<Reply, ClientError>) {
+        let (pool, namespace) = (self.pool, self.namespace);
+        let values: Vec<Option<Bytes>> = match r {
+            Ok(Reply {
+                status: Status::Ok,
+                body: ReplyBody::Values(v),
+                ..
+            }) => v,
+            Ok(Reply {
+                status: Status::Ok,
+                body: ReplyBody::Value(v),
+                ..
+            }) => vec![Some(v)],
+            Ok(Reply {
+                status: Status::NotFound,
+                ..
+            }) => vec![None],
+            _ => return, // fall back page by page in `finish`
+        };
+        for (&i, v) in chunk.iter().zip(values) {
+            let Some(v) = v else {
+                if pool == Pool::Ephemeral {
+                    self.done[i] = true; // a miss is normal
+                }
+                continue;
+            };
+            let l = self.locs[i].expect("grouped pages have a location");
+            if let Ok(p) = inner
+                .cipher
+                .open(pool, namespace, self.keys[i], l.version, &v)
+            {
+                self.out[i] = Some(p);
+                self.done[i] = true;
+            }
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        self.done.iter().all(|d| *d)
+    }
+
+    /// Fetch every page not settled yet from its replicas, one by one.
+    async fn finish(mut self, inner: &Arc<Inner>) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        for i in 0..self.keys.len() {
+            if !self.done[i] {
+                let l = self.locs[i].expect("undone pages have a location");
+                self.out[i] = inner
+                    .get_from_replicas(self.pool, self.namespace, self.keys[i], l)
+                    .await?;
+            }
+        }
+        Ok(self.out)
+    }
+}
+
 /// One STATS request to one server on a fresh connection (for `remoca memserver stats`).
 ///
 /// # Errors
@@ -677,15 +769,20 @@ impl Inner {
     }
 
     async fn call(self: &Arc<Self>, server: u16, req: &Request) -> Result<Reply, ClientError> {
-        let link = &self.servers[server as usize];
-        let (r, went_down) = link.call(req).await;
+        let (r, went_down) = self.servers[server as usize].call(req).await;
         if went_down {
-            link.reset();
-            if self.auto_repair {
-                self.request_repair();
-            }
+            self.server_went_down(server);
         }
         r
+    }
+
+    /// Forget the server's connections and, if configured, start re-replicating its pages.
+    /// Needs a runtime context (it may spawn the repair).
+    fn server_went_down(self: &Arc<Self>, server: u16) {
+        self.servers[server as usize].reset();
+        if self.auto_repair {
+            self.request_repair();
+        }
     }
 
     fn request_repair(self: &Arc<Self>) {

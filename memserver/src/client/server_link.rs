@@ -15,10 +15,13 @@ use parking_lot::Mutex;
 use super::connection::Connection;
 use super::error::ClientError;
 use super::placement::server_seed;
+use super::sync_conn::SyncConnection;
 use crate::protocol::auth::AuthKey;
 use crate::protocol::{Reply, Request};
 
 const TIMEOUTS_BEFORE_DOWN: u32 = 3;
+/// Idle blocking connections kept per server (one per worker thread that calls at once).
+const MAX_IDLE_SYNC: usize = 16;
 
 #[derive(Debug, Default)]
 struct Health {
@@ -42,6 +45,8 @@ pub struct ServerLink {
     pub addr: SocketAddr,
     pub seed: u64,
     slots: Vec<Mutex<Option<Arc<Connection>>>>,
+    /// Idle connections for [`ServerLink::call_blocking`].
+    sync_idle: Mutex<Vec<SyncConnection>>,
     connecting: tokio::sync::Mutex<()>,
     rr: AtomicUsize,
     health: Mutex<Health>,
@@ -66,6 +71,7 @@ impl ServerLink {
             addr,
             seed: server_seed(&addr.to_string()),
             slots: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+            sync_idle: Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
             rr: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
@@ -153,14 +159,52 @@ impl ServerLink {
             Ok(c) => c.call(req, self.request_timeout).await,
             Err(e) => Err(e),
         };
-        let mut went_down = false;
-        match &r {
-            Ok(_) => self.record_ok(),
-            Err(ClientError::Down { .. }) => {}
-            Err(e) if e.is_server_failure() => went_down = self.record_failure(e),
-            Err(_) => {}
-        }
+        let went_down = self.record(&r);
         (r, went_down)
+    }
+
+    /// Like [`ServerLink::call`], but the calling thread writes the request and reads the
+    /// reply itself on a blocking connection of its own (no runtime hand-off). Blocks the
+    /// thread for up to the request timeout: never call it on an async executor.
+    pub fn call_blocking(&self, req: &Request) -> (Result<Reply, ClientError>, bool) {
+        self.requests.fetch_add(1, Relaxed);
+        let r = if self.is_usable() {
+            let c = self.sync_idle.lock().pop();
+            let c = match c {
+                Some(c) => Ok(c),
+                None => SyncConnection::connect(
+                    self.addr,
+                    self.auth.as_ref(),
+                    self.connect_timeout,
+                    self.request_timeout,
+                ),
+            };
+            c.and_then(|mut c| {
+                let r = c.call(req)?;
+                let mut idle = self.sync_idle.lock();
+                if idle.len() < MAX_IDLE_SYNC {
+                    idle.push(c);
+                }
+                Ok(r)
+            })
+        } else {
+            Err(ClientError::Down { addr: self.addr })
+        };
+        let went_down = self.record(&r);
+        (r, went_down)
+    }
+
+    /// Health bookkeeping for one call; `true` when it took the server down.
+    fn record(&self, r: &Result<Reply, ClientError>) -> bool {
+        match r {
+            Ok(_) => {
+                self.record_ok();
+                false
+            }
+            Err(ClientError::Down { .. }) => false,
+            Err(e) if e.is_server_failure() => self.record_failure(e),
+            Err(_) => false,
+        }
     }
 
     /// Drop every pooled connection (used after the server is found dead).
@@ -168,5 +212,6 @@ impl ServerLink {
         for s in &self.slots {
             *s.lock() = None;
         }
+        self.sync_idle.lock().clear();
     }
 }

@@ -4,8 +4,13 @@
 //! driver is killed with SIGKILL at random moments. Each killed driver is restarted and
 //! becomes the new backup. The client must see no error and lose no acknowledged write.
 //!
-//! `FAILOVER_KILLS` sets the number of kills (default 15, which keeps the test well under
-//! 30 s); `FAILOVER_SEED` replays a run. The driver processes are this test binary run
+//! Then the active driver is hung with SIGSTOP several times: the endpoint must notice the
+//! lost heartbeat, SIGKILL the hung process (the only fence built so far, see
+//! docs/failover.md) before replaying, and fail over; the test then sends SIGCONT and checks
+//! the process died of SIGKILL rather than resuming.
+//!
+//! `FAILOVER_KILLS` sets the number of kills (default 15) and `FAILOVER_STOPS` the number of
+//! hangs (default 3), which keeps the test well under 30 s; `FAILOVER_SEED` replays a run. The driver processes are this test binary run
 //! again with `FAILOVER_DRIVER_SOCKET` set.
 
 use std::collections::HashMap;
@@ -103,6 +108,17 @@ impl Drivers {
         dead.len()
     }
 
+    fn signal(&self, sock: &Path, sig: &str) -> u32 {
+        let pid = self.children[sock].id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+        pid
+    }
+
     fn kill(&mut self, sock: &Path) {
         if let Some(mut c) = self.children.remove(sock) {
             let _ = c.kill();
@@ -190,7 +206,11 @@ fn active_driver_killed_many_times() {
                 .as_nanos() as u64
                 | 1
         });
-    eprintln!("FAILOVER_KILLS={kills} FAILOVER_SEED={seed}");
+    let stops: usize = std::env::var("FAILOVER_STOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    eprintln!("FAILOVER_KILLS={kills} FAILOVER_STOPS={stops} FAILOVER_SEED={seed}");
 
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("t.raw");
@@ -213,6 +233,8 @@ fn active_driver_killed_many_times() {
 
     let mut cfg = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
     cfg.connect_timeout = Duration::from_secs(20);
+    // Hangs are detected by the lost heartbeat (drivers send one every 50 ms).
+    cfg.monitor.heartbeat_timeout = Duration::from_millis(500);
     let endpoint = Endpoint::start(cfg).unwrap();
     assert_eq!(endpoint.size(), DISK);
 
@@ -376,15 +398,74 @@ fn active_driver_killed_many_times() {
         }
         assert!(!client.is_finished(), "client stopped early");
     }
+    let active_sock = |endpoint: &Endpoint| {
+        let active = endpoint.status().active.expect("an active driver");
+        socks
+            .iter()
+            .find(|s| Addr::Unix((*s).clone()).to_string() == active)
+            .expect("active is one of ours")
+            .clone()
+    };
+    let mut detections = Vec::new();
+    for k in 0..stops {
+        std::thread::sleep(Duration::from_millis(20 + rng.next() % 130));
+        let before = endpoint.status().failovers;
+        let sock = active_sock(&endpoint);
+        drivers.signal(&sock, "-STOP");
+        let t0 = Instant::now();
+        while endpoint.status().failovers == before || endpoint.status().active.is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "stop {k}: the hung driver was never replaced"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        detections.push(t0.elapsed());
+        let reason = endpoint.status().last_failover.unwrap().reason;
+        assert!(
+            reason.contains("heartbeat"),
+            "stop {k}: failed over for {reason:?}"
+        );
+        // Resume it: the endpoint must already have killed it.
+        drivers.signal(&sock, "-CONT");
+        let mut child = drivers.children.remove(&sock).unwrap();
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                panic!("stop {k}: the hung driver resumed after the takeover");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "stop {k}: the hung driver was not killed before the takeover ({status:?})"
+        );
+        drivers.start(&sock);
+        let t0 = Instant::now();
+        while endpoint.status().standby.is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "stop {k}: no standby"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     done.store(true, Ordering::Release);
     let (acked, worst) = client.join().expect("client saw no error");
     let st = endpoint.status();
     // Failovers the endpoint made on its own (a false positive) are harmless to the data
     // but are reported.
-    assert!(st.failovers as usize >= kills);
+    assert!(st.failovers as usize >= kills + stops);
     eprintln!(
-        "{} failovers for {kills} kills; {restarted_by_endpoint} drivers killed by the endpoint itself",
-        st.failovers
+        "{} failovers for {kills} kills and {stops} hangs; {restarted_by_endpoint} other drivers \
+         killed by the endpoint itself; hang to takeover: {:?}",
+        st.failovers, detections
     );
     assert_eq!(st.in_flight, 0);
 

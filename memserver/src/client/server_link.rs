@@ -56,6 +56,7 @@ pub struct ServerLink {
     request_timeout: Duration,
     connect_timeout: Duration,
     retry_after: Duration,
+    reply_spin: Duration,
 }
 
 impl ServerLink {
@@ -66,6 +67,7 @@ impl ServerLink {
         request_timeout: Duration,
         connect_timeout: Duration,
         retry_after: Duration,
+        reply_spin: Duration,
     ) -> ServerLink {
         ServerLink {
             addr,
@@ -81,6 +83,7 @@ impl ServerLink {
             request_timeout,
             connect_timeout,
             retry_after,
+            reply_spin,
         }
     }
 
@@ -177,6 +180,7 @@ impl ServerLink {
                     self.auth.as_ref(),
                     self.connect_timeout,
                     self.request_timeout,
+                    self.reply_spin,
                 ),
             };
             c.and_then(|mut c| {

@@ -9,12 +9,16 @@
 //! back after a clean reply. Any failure (I/O, timeout, protocol, a reply to another id)
 //! drops it, so a late reply can never be taken for the next request's.
 //!
+//! While it waits for the reply the thread first polls the socket for a short, bounded time
+//! ([`super::ClientConfig::reply_spin`]) before sleeping: on a virtual machine, waking a
+//! sleeping thread costs about as much as the loopback round trip itself.
+//!
 //! Same wire protocol, same handshake (HELLO, then AUTH when the server asks) as the
 //! pipelined connection; the server cannot tell them apart.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rand::RngCore;
@@ -39,6 +43,10 @@ pub(crate) struct SyncConnection {
     out: BytesMut,
     scratch: Box<[u8]>,
     next_id: u64,
+    /// How long to poll for the reply before sleeping in `read`.
+    spin: Duration,
+    /// Whether the socket is in non-blocking mode (it stays so between spinning calls).
+    nonblocking: bool,
 }
 
 impl SyncConnection {
@@ -52,6 +60,7 @@ impl SyncConnection {
         auth: Option<&AuthKey>,
         connect_timeout: Duration,
         request_timeout: Duration,
+        spin: Duration,
     ) -> Result<SyncConnection, ClientError> {
         let io = |e| ClientError::Io { addr, source: e };
         let stream = TcpStream::connect_timeout(&addr, connect_timeout).map_err(io)?;
@@ -67,6 +76,8 @@ impl SyncConnection {
             out: BytesMut::with_capacity(8 << 10),
             scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
             next_id: 1,
+            spin: Duration::ZERO,
+            nonblocking: false,
         };
         let mut client_nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut client_nonce);
@@ -100,6 +111,7 @@ impl SyncConnection {
         c.stream
             .set_write_timeout(Some(request_timeout))
             .map_err(io)?;
+        c.spin = spin;
         Ok(c)
     }
 
@@ -117,10 +129,8 @@ impl SyncConnection {
         let addr = self.addr;
         self.out.clear();
         req.encode(id, &mut self.out);
-        self.stream
-            .write_all(&self.out)
-            .map_err(|e| io_error(addr, e))?;
-        let r = self.read_reply()?;
+        self.write_request()?;
+        let r = self.read_reply(Instant::now() + self.spin)?;
         if r.request_id != id {
             if r.status == Status::Malformed && r.request_id == 0 {
                 // The server is closing this connection and says why.
@@ -137,23 +147,59 @@ impl SyncConnection {
         Ok(r)
     }
 
-    fn read_reply(&mut self) -> Result<Reply, ClientError> {
+    fn set_nonblocking(&mut self, on: bool) -> Result<(), ClientError> {
+        if self.nonblocking != on {
+            let addr = self.addr;
+            self.stream
+                .set_nonblocking(on)
+                .map_err(|e| ClientError::Io { addr, source: e })?;
+            self.nonblocking = on;
+        }
+        Ok(())
+    }
+
+    /// Write the encoded request; a socket left non-blocking by the last spin is switched
+    /// back to blocking only if the kernel's send buffer is full.
+    fn write_request(&mut self) -> Result<(), ClientError> {
+        let addr = self.addr;
+        let mut done = 0;
+        while done < self.out.len() {
+            match self.stream.write(&self.out[done..]) {
+                Ok(0) => return Err(ClientError::ConnectionLost { addr }),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock && self.nonblocking => {
+                    self.set_nonblocking(false)?;
+                }
+                Err(e) => return Err(io_error(addr, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Read until one whole reply frame is buffered. Until `spin_until` the socket is polled
+    /// (a loopback or LAN reply usually arrives within tens of microseconds, and waking a
+    /// sleeping thread costs about as much again); after that the thread sleeps in `read`,
+    /// bounded by the request timeout.
+    fn read_reply(&mut self, spin_until: Instant) -> Result<Reply, ClientError> {
         let addr = self.addr;
         let proto = |e| ClientError::Protocol { addr, source: e };
         loop {
             if let Some(f) = decode(&mut self.buf).map_err(proto)? {
                 return Reply::from_frame(f).map_err(proto);
             }
-            let n = loop {
-                match self.stream.read(&mut self.scratch) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(io_error(addr, e)),
+            let spinning = Instant::now() < spin_until;
+            self.set_nonblocking(spinning)?;
+            let n = match self.stream.read(&mut self.scratch) {
+                Ok(0) => return Err(ClientError::ConnectionLost { addr }),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if spinning && e.kind() == ErrorKind::WouldBlock => {
+                    std::hint::spin_loop();
+                    continue;
                 }
+                Err(e) => return Err(io_error(addr, e)),
             };
-            if n == 0 {
-                return Err(ClientError::ConnectionLost { addr });
-            }
             self.buf.extend_from_slice(&self.scratch[..n]);
         }
     }

@@ -397,6 +397,12 @@ fn page_in(
          the four page-in systems take turns page by page",
         ratio * 100.0
     ));
+    let spin = client_config(vec![server.addr], 1).reply_spin;
+    notes.push(format!(
+        "page-in: a remote read is the calling thread's own round trip, polling the socket up \
+         to {} us (reply_spin) before sleeping, so it spends CPU where pread sleeps",
+        spin.as_micros()
+    ));
 
     // xenpaging's baseline: one page file, page g at g * 4096.
     let path = cfg

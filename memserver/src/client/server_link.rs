@@ -168,34 +168,48 @@ impl ServerLink {
 
     /// Like [`ServerLink::call`], but the calling thread writes the request and reads the
     /// reply itself on a blocking connection of its own (no runtime hand-off). Blocks the
-    /// thread for up to the request timeout: never call it on an async executor.
+    /// thread for up to the request timeout: never call it on an async executor. For
+    /// idempotent requests only (a failed call on an idle connection is retried once).
     pub fn call_blocking(&self, req: &Request) -> (Result<Reply, ClientError>, bool) {
         self.requests.fetch_add(1, Relaxed);
         let r = if self.is_usable() {
-            let c = self.sync_idle.lock().pop();
-            let c = match c {
-                Some(c) => Ok(c),
-                None => SyncConnection::connect(
-                    self.addr,
-                    self.auth.as_ref(),
-                    self.connect_timeout,
-                    self.request_timeout,
-                    self.reply_spin,
-                ),
-            };
-            c.and_then(|mut c| {
-                let r = c.call(req)?;
-                let mut idle = self.sync_idle.lock();
-                if idle.len() < MAX_IDLE_SYNC {
-                    idle.push(c);
-                }
-                Ok(r)
-            })
+            let idle = self.sync_idle.lock().pop();
+            match idle {
+                Some(c) => match self.sync_call(c, req) {
+                    // An idle connection the server closed meanwhile says nothing about the
+                    // server yet; a fresh one does. (Only idempotent reads come this way.)
+                    Err(ClientError::ConnectionLost { .. } | ClientError::Io { .. }) => {
+                        self.sync_connect().and_then(|c| self.sync_call(c, req))
+                    }
+                    r => r,
+                },
+                None => self.sync_connect().and_then(|c| self.sync_call(c, req)),
+            }
         } else {
             Err(ClientError::Down { addr: self.addr })
         };
         let went_down = self.record(&r);
         (r, went_down)
+    }
+
+    fn sync_connect(&self) -> Result<SyncConnection, ClientError> {
+        SyncConnection::connect(
+            self.addr,
+            self.auth.as_ref(),
+            self.connect_timeout,
+            self.request_timeout,
+            self.reply_spin,
+        )
+    }
+
+    /// One call on `c`; a connection that answered cleanly goes back to the idle list.
+    fn sync_call(&self, mut c: SyncConnection, req: &Request) -> Result<Reply, ClientError> {
+        let r = c.call(req)?;
+        let mut idle = self.sync_idle.lock();
+        if idle.len() < MAX_IDLE_SYNC {
+            idle.push(c);
+        }
+        Ok(r)
     }
 
     /// Health bookkeeping for one call; `true` when it took the server down.

@@ -441,6 +441,7 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| parse_export_spec(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let key = channel_key(a.key_file.as_deref())?;
     // Open every export once now, so a bad spec fails at start rather than at takeover.
     let opened = Exports::open(&configs).context("cannot open exports")?;
     let listener = failover::driver::DriverListener::bind(&channel_addr(&a.listen)?)
@@ -462,7 +463,7 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
         failover::driver::DriverConfig {
             opener: failover::driver::opener_for(configs),
             heartbeat_interval: std::time::Duration::from_millis(a.heartbeat_ms.max(1)),
-            key: channel_key(a.key_file.as_deref())?,
+            key,
             workers: a.workers,
         },
     )

@@ -78,6 +78,14 @@ impl Drop for Proc {
     }
 }
 
+fn blkback_status(dir: &Path) -> String {
+    run_ok(
+        remoca()
+            .args(["blkback", "status", "--status-dir"])
+            .arg(dir),
+    )
+}
+
 fn qemu_io(uri: &str, cmd: &str) -> String {
     let out = run_ok(Command::new("qemu-io").args(["-f", "raw", uri, "-c", cmd]));
     assert!(
@@ -96,6 +104,7 @@ fn an_nbd_client_keeps_its_data_across_driver_kills_and_restarts() {
     let export = spec("vm", &template, Some(&overlay));
     let sock = |n: &str| -> PathBuf { dir.path().join(n) };
     let (a_sock, b_sock, nbd_sock) = (sock("a.sock"), sock("b.sock"), sock("vm.nbd"));
+    let status_dir = dir.path().join("status");
 
     let mut a = Proc::driver(&a_sock, &export);
     let mut b = Proc::driver(&b_sock, &export);
@@ -110,6 +119,8 @@ fn an_nbd_client_keeps_its_data_across_driver_kills_and_restarts() {
             format!("unix:{}", a_sock.display()),
             "--backup".into(),
             format!("unix:{}", b_sock.display()),
+            "--status-dir".into(),
+            status_dir.display().to_string(),
         ],
         "listening on",
     );
@@ -141,11 +152,37 @@ fn an_nbd_client_keeps_its_data_across_driver_kills_and_restarts() {
     b = Proc::driver(&b_sock, &export);
     qemu_io(&uri, "flush");
 
+    // `remoca blkback status` shows the export on driver A after two failovers (the status
+    // file is rewritten every second).
+    let row = (0..50)
+        .find_map(|_| {
+            let out = blkback_status(&status_dir);
+            let row = out.lines().find(|l| l.starts_with("vm\t"))?.to_owned();
+            if row.split('\t').nth(4) == Some("2") {
+                Some(row)
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                None
+            }
+        })
+        .unwrap_or_else(|| panic!("no row with 2 failovers: {}", blkback_status(&status_dir)));
+    let cols: Vec<&str> = row.split('\t').collect();
+    assert_eq!(cols[1], format!("unix:{}", a_sock.display()), "{row}");
+    assert!(cols[2].parse::<u64>().unwrap() >= 2, "generation: {row}");
+    assert!(
+        cols[5].contains("-> unix:") && cols[5].contains("re-sent"),
+        "{row}"
+    );
+
     // SIGTERM the endpoint: it exits cleanly and reports the two takeovers.
     let (ok, err) = endpoint.terminate();
     assert!(ok, "the endpoint failed on SIGTERM: {err}");
     assert!(err.contains("2 failovers"), "{err}");
     drop((a, b));
+    assert!(
+        blkback_status(&status_dir).contains("no failover endpoint is running"),
+        "the endpoint left its status file"
+    );
 
     // What the client wrote is in the overlay, read by a plain server; the template is intact.
     let srv = Server::tcp(&[spec("vm", &template, Some(&overlay))]);

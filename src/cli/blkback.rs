@@ -61,6 +61,16 @@ enum BlkbackCmd {
     /// The failover endpoint: serves one export over NBD, forwarding to the active driver and
     /// failing over to a backup driver, re-sending every unanswered request.
     Endpoint(EndpointArgs),
+    /// Each running endpoint's export, active driver, generation, in-flight requests and last
+    /// failover (read from the endpoints' status files).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Where the endpoints keep their status files (default: remoca's state directory, `blkback/`).
+    #[arg(long)]
+    status_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +129,17 @@ struct EndpointArgs {
     /// Bytes of acknowledged, unflushed writes kept for replay before the endpoint flushes.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     unflushed_limit: u64,
+    /// Where to keep this endpoint's status file for `remoca blkback status`
+    /// (default: remoca's state directory, `blkback/`).
+    #[arg(long)]
+    status_dir: Option<PathBuf>,
+}
+
+fn status_dir(arg: Option<&std::path::Path>) -> PathBuf {
+    arg.map_or_else(
+        || remoca_xen::sim::attached::runtime_dir().join("blkback"),
+        std::path::Path::to_path_buf,
+    )
 }
 
 #[derive(Debug, Args)]
@@ -298,6 +319,7 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
     match a.cmd.map(|c| *c) {
         Some(BlkbackCmd::Driver(d)) => return run_driver(d),
         Some(BlkbackCmd::Endpoint(e)) => return run_endpoint(e),
+        Some(BlkbackCmd::Status(s)) => return run_status(&s),
         None => {}
     }
     let (bind, configs) = match &a.config {
@@ -495,6 +517,8 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let status_file = failover::status::path_for(&status_dir(a.status_dir.as_deref()), &a.export);
+    let publisher = StatusPublisher::start(endpoint.clone(), a.export.clone(), status_file)?;
     let served = rt.block_on(async {
         let listener = match &nbd_addr {
             failover::Addr::Tcp(addr) => {
@@ -553,8 +577,93 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
             ))
             .unwrap_or_default()
     );
+    publisher.stop();
     endpoint.close();
     served
+}
+
+/// Rewrites an endpoint's status file every second until stopped; removes it at the end.
+struct StatusPublisher {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl StatusPublisher {
+    fn start(
+        endpoint: failover::endpoint::Endpoint,
+        export: String,
+        path: PathBuf,
+    ) -> anyhow::Result<Self> {
+        use failover::status;
+        let write = {
+            let path = path.clone();
+            move || {
+                let text = status::render(
+                    &export,
+                    std::process::id(),
+                    &endpoint.status(),
+                    std::time::SystemTime::now(),
+                );
+                status::write_atomically(&path, &text)
+            }
+        };
+        write().with_context(|| format!("cannot write the status file {}", path.display()))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("endpoint-status".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::park_timeout(std::time::Duration::from_secs(1));
+                        if let Err(e) = write() {
+                            tracing::warn!(error = %e, "cannot update the status file");
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { stop, thread, path })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// `remoca blkback status`.
+fn run_status(a: &StatusArgs) -> anyhow::Result<()> {
+    use failover::status;
+    let dir = status_dir(a.status_dir.as_deref());
+    let entries =
+        status::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    if entries.is_empty() {
+        println!(
+            "no failover endpoint is running (no status file in {})",
+            dir.display()
+        );
+        return Ok(());
+    }
+    println!("{}", status::COLUMNS.join("\t"));
+    for (path, fields) in entries {
+        match fields {
+            Ok(f) => {
+                let mut row: Vec<&str> = status::COLUMNS
+                    .iter()
+                    .map(|c| f.get(*c).map_or("-", String::as_str))
+                    .collect();
+                if !status::writer_alive(&f) {
+                    row.push("(stale: its endpoint is not running)");
+                }
+                println!("{}", row.join("\t"));
+            }
+            Err(e) => eprintln!("warning: {}: {e}", path.display()),
+        }
+    }
+    Ok(())
 }
 
 /// The blkif backend beside NBD, when `--blkif` and the host call for it.

@@ -17,6 +17,7 @@
 pub mod driver;
 pub mod endpoint;
 pub mod monitor;
+pub mod status;
 pub mod wire;
 
 use std::io::{self, Read, Write};

@@ -24,6 +24,44 @@ enum Which {
     /// Remote page-in, swap and read cache against a local page file (O_DIRECT and
     /// buffered), and SHARDS against exact LRU.
     Paging(PagingBenchArgs),
+    /// Failover: detection time and client-visible pause over many driver kills and hangs,
+    /// and the endpoint + driver split's throughput against the plain backend.
+    Failover(FailoverBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverBenchArgs {
+    /// Scratch directory for the template and overlays.
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Disk size in MiB.
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+    /// Seconds per throughput row.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// SIGKILLs of the active driver.
+    #[arg(long, default_value_t = 100)]
+    kills: usize,
+    /// SIGSTOP hangs of the active driver.
+    #[arg(long, default_value_t = 20)]
+    hangs: usize,
+}
+
+fn failover(a: FailoverBenchArgs) -> anyhow::Result<()> {
+    if a.size_mib == 0 || a.seconds <= 0.0 {
+        anyhow::bail!("--size-mib and --seconds must be positive");
+    }
+    let cfg = remoca_blkback::failover::bench::BenchConfig {
+        exe: std::env::current_exe()?,
+        dir: a.dir,
+        size: a.size_mib << 20,
+        seconds: a.seconds,
+        kills: a.kills,
+        hangs: a.hangs,
+    };
+    remoca_blkback::failover::bench::run(&cfg, &mut std::io::stdout())
+        .map_err(|e| anyhow::anyhow!("bench failover: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -79,5 +117,6 @@ pub fn run(args: BenchArgs, g: &Global) -> anyhow::Result<()> {
         Which::Save(a) => super::saverestore::bench(a, g),
         Which::Blkback(a) => super::blkback::bench(a, g),
         Which::Paging(a) => paging(a),
+        Which::Failover(a) => failover(a),
     }
 }

@@ -14,6 +14,7 @@
 //! - [`endpoint`]: a `Disk` that forwards to the active driver and fails over.
 //! - [`monitor`]: the fault rule (broken connection, lost heartbeat, stuck requests).
 
+pub mod bench;
 pub mod driver;
 pub mod endpoint;
 pub mod monitor;

@@ -1,0 +1,513 @@
+//! `remoca bench failover`: what an NBD client sees when the active driver fails, and what
+//! the split into endpoint and driver costs when nothing fails.
+//!
+//! 1. **Throughput**: the same workload (4 KiB random writes at queue depth 8 with a flush
+//!    every 64 writes, then 4 KiB random reads at queue depth 8; `seconds` each) over NBD on
+//!    a unix socket, against (a) the plain stack served in this process, as `remoca blkback`
+//!    serves it, and (b) a failover endpoint in this process forwarding to a driver process
+//!    (`remoca blkback driver`) with its monitor running. Each gets a fresh overlay on the
+//!    same template. Rows print IOPS and the split's ratio to plain.
+//! 2. **Failover**: one client writes 4 KiB blocks at queue depth 1 (a flush every 64) while the active driver is
+//!    killed with SIGKILL `kills` times and hung with SIGSTOP `hangs` times, at random moments
+//!    (each failed driver is restarted and becomes the backup). For each fault it reports the
+//!    **detection time** (the fault to the endpoint declaring the driver faulty), the
+//!    **takeover** (declared to every unanswered request re-sent to the backup) and the
+//!    **client-visible pause** (the longest write that completed within a second after the
+//!    fault). Then every block is read back and compared with what was last acknowledged.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::endpoint::{Endpoint, EndpointConfig};
+use super::Addr;
+use crate::disk::Disk;
+use crate::export::{ExportConfig, Exports};
+use crate::nbd::client::Client;
+use crate::nbd::wire::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+use crate::overlay::Overlay;
+use crate::raw::RawFile;
+
+const BLOCK: u64 = 4096;
+const QD: usize = 8;
+const FLUSH_EVERY: u64 = 64;
+const HEARTBEAT_MS: u64 = 50;
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The `remoca` binary (drivers run as `remoca blkback driver`).
+    pub exe: PathBuf,
+    /// Scratch directory (a fresh temporary one under it is used and removed).
+    pub dir: PathBuf,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Seconds per throughput row.
+    pub seconds: f64,
+    /// SIGKILLs of the active driver.
+    pub kills: usize,
+    /// SIGSTOP hangs of the active driver.
+    pub hangs: usize,
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Drivers {
+    exe: PathBuf,
+    export: String,
+    children: Vec<(PathBuf, Child)>,
+}
+
+impl Drivers {
+    fn start(&mut self, sock: &Path) -> Result<(), Error> {
+        let _ = std::fs::remove_file(sock);
+        let mut child = Command::new(&self.exe)
+            .args(["blkback", "driver", "--listen"])
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--export", &self.export])
+            .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().ok_or("no driver stdout")?);
+        stdout.read_line(&mut line)?;
+        // Keep reading what it prints, so it never writes into a closed pipe.
+        std::thread::spawn(move || stdout.lines().map_while(Result::ok).for_each(drop));
+        if !line.starts_with("driver listening") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("driver did not start: {line:?}").into());
+        }
+        self.children.push((sock.to_owned(), child));
+        Ok(())
+    }
+
+    fn pid(&self, sock: &Path) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(s, _)| s == sock)
+            .map(|(_, c)| c.id())
+    }
+
+    /// Reap `sock`'s driver (killed by us or by the endpoint) and start a new one there.
+    fn restart(&mut self, sock: &Path) -> Result<(), Error> {
+        if let Some(i) = self.children.iter().position(|(s, _)| s == sock) {
+            let (_, mut c) = self.children.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.start(sock)
+    }
+}
+
+impl Drop for Drivers {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An NBD server for one disk on a unix socket, in a runtime of its own.
+struct NbdServer {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    sock: PathBuf,
+}
+
+impl NbdServer {
+    fn start(disk: Arc<dyn Disk>, sock: PathBuf) -> Result<Self, Error> {
+        let exports = Exports::from_disks(vec![("vm".into(), "bench".into(), disk)])?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _g = rt.enter();
+            tokio::net::UnixListener::bind(&sock)?
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(crate::nbd::run(
+            crate::nbd::Listener::Unix(listener),
+            exports,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Ok(Self {
+            rt,
+            stop: Some(tx),
+            sock,
+        })
+    }
+
+    fn client(&self) -> Result<Client<UnixStream>, Error> {
+        Ok(Client::connect(
+            UnixStream::connect(&self.sock)?,
+            "vm",
+            true,
+        )?)
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let rt = std::mem::replace(
+            &mut self.rt,
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("an empty runtime"),
+        );
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn fresh_overlay(template: &Path, overlay: &Path) -> Result<(), Error> {
+    let _ = std::fs::remove_file(overlay);
+    let t = RawFile::open_read_only(template)?;
+    Overlay::create(overlay, &t, 16, &template.to_string_lossy())?;
+    Ok(())
+}
+
+/// Random 4 KiB commands at queue depth [`QD`] for `seconds`; returns operations per second.
+fn drive(c: &mut Client<UnixStream>, cmd: u16, blocks: u64, seconds: f64) -> Result<f64, Error> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let data = vec![0x5au8; BLOCK as usize];
+    let t0 = Instant::now();
+    let (mut flying, mut done, mut since_flush) = (0usize, 0u64, 0u64);
+    while t0.elapsed().as_secs_f64() < seconds || flying > 0 {
+        while flying < QD && t0.elapsed().as_secs_f64() < seconds {
+            let off = (rng.next() % blocks) * BLOCK;
+            let payload: &[u8] = if cmd == CMD_WRITE { &data } else { &[] };
+            c.send(cmd, 0, off, BLOCK as u32, payload)?;
+            flying += 1;
+        }
+        let r = c.recv()?;
+        if r.error != 0 {
+            return Err(format!("NBD error {}", r.error).into());
+        }
+        flying -= 1;
+        done += 1;
+        since_flush += 1;
+        if cmd == CMD_WRITE && since_flush >= FLUSH_EVERY {
+            since_flush = 0;
+            c.send(CMD_FLUSH, 0, 0, 0, &[])?;
+            flying += 1;
+            done = done.saturating_sub(1); // the flush's reply is not an I/O
+        }
+    }
+    Ok(done as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Run the benchmark, printing its table to `out`.
+///
+/// # Errors
+/// Setup failures (files, processes, sockets) and any NBD error or lost write.
+pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
+    let tmp = tempfile::Builder::new()
+        .prefix("remoca-bench-failover")
+        .tempdir_in(&cfg.dir)?;
+    let d = tmp.path();
+    let template = d.join("t.raw");
+    std::fs::write(&template, vec![0u8; cfg.size as usize])?;
+    let overlay = d.join("vm.ovl");
+    let blocks = cfg.size / BLOCK;
+    let export = format!(
+        "name=vm,template={},overlay={}",
+        template.display(),
+        overlay.display()
+    );
+    writeln!(
+        out,
+        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {:.0} s per row, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
+        cfg.size >> 20,
+        cfg.seconds,
+        HEARTBEAT_TIMEOUT.as_millis()
+    )?;
+
+    // 1. Throughput: plain against endpoint + driver.
+    let mut rows = Vec::new();
+    for split in [false, true] {
+        fresh_overlay(&template, &overlay)?;
+        let mut drivers = Drivers {
+            exe: cfg.exe.clone(),
+            export: export.clone(),
+            children: Vec::new(),
+        };
+        let mut endpoint = None;
+        let disk: Arc<dyn Disk> = if split {
+            let socks = [d.join("a.sock"), d.join("b.sock")];
+            for s in &socks {
+                drivers.start(s)?;
+            }
+            let mut ec =
+                EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+            ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+            let e = Endpoint::start(ec)?;
+            endpoint = Some(e.clone());
+            Arc::new(e)
+        } else {
+            let cfg = ExportConfig {
+                name: "vm".into(),
+                template: template.clone(),
+                overlay: Some(overlay.clone()),
+                read_only: false,
+                min_block: 1,
+            };
+            Exports::open(&[cfg])?
+                .iter()
+                .next()
+                .ok_or("no export")?
+                .disk
+                .clone()
+        };
+        let srv = NbdServer::start(disk.clone(), d.join("nbd.sock"))?;
+        let mut c = srv.client()?;
+        let w = drive(&mut c, CMD_WRITE, blocks, cfg.seconds)?;
+        let r = drive(&mut c, CMD_READ, blocks, cfg.seconds)?;
+        drop(c);
+        drop(srv);
+        if let Some(e) = endpoint {
+            e.close();
+        }
+        let _ = std::fs::remove_file(d.join("nbd.sock"));
+        rows.push((w, r));
+    }
+    let (plain, split) = (rows[0], rows[1]);
+    writeln!(out, "\n[throughput]          4K write IOPS   4K read IOPS")?;
+    writeln!(
+        out,
+        "  plain backend        {:>12.0}   {:>12.0}",
+        plain.0, plain.1
+    )?;
+    writeln!(
+        out,
+        "  endpoint + driver    {:>12.0}   {:>12.0}",
+        split.0, split.1
+    )?;
+    writeln!(
+        out,
+        "  ratio                {:>12.2}   {:>12.2}   (goal: overhead under 5 %, ratio >= 0.95)",
+        split.0 / plain.0,
+        split.1 / plain.1
+    )?;
+
+    // 2. Failover under faults.
+    fresh_overlay(&template, &overlay)?;
+    let socks = [d.join("a.sock"), d.join("b.sock")];
+    let mut drivers = Drivers {
+        exe: cfg.exe.clone(),
+        export: export.clone(),
+        children: Vec::new(),
+    };
+    for s in &socks {
+        drivers.start(s)?;
+    }
+    let mut ec = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+    ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+    let endpoint = Endpoint::start(ec)?;
+    let srv = NbdServer::start(Arc::new(endpoint.clone()), d.join("nbd.sock"))?;
+
+    // The writer: QD1, every completion's (time, latency); acknowledged sequence per block.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let mut c = srv.client()?;
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<_, String> {
+            let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+            let mut acked = vec![0u64; blocks as usize];
+            let mut log = Vec::new();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let b = rng.next() % blocks;
+                seq += 1;
+                let mut data = vec![0u8; BLOCK as usize];
+                data[..8].copy_from_slice(&seq.to_le_bytes());
+                data[8..16].copy_from_slice(&b.to_le_bytes());
+                let t = Instant::now();
+                c.send(CMD_WRITE, 0, b * BLOCK, BLOCK as u32, &data)
+                    .map_err(|e| e.to_string())?;
+                let r = c.recv().map_err(|e| e.to_string())?;
+                if r.error != 0 {
+                    return Err(format!("write failed with NBD error {}", r.error));
+                }
+                acked[b as usize] = seq;
+                log.push((Instant::now(), t.elapsed()));
+                if seq % FLUSH_EVERY == 0 {
+                    c.send(CMD_FLUSH, 0, 0, 0, &[]).map_err(|e| e.to_string())?;
+                    let r = c.recv().map_err(|e| e.to_string())?;
+                    if r.error != 0 {
+                        return Err(format!("flush failed with NBD error {}", r.error));
+                    }
+                }
+            }
+            Ok((acked, log, c))
+        })
+    };
+
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut faults: Vec<(bool, Instant)> = Vec::new(); // (a hang?, when)
+    let mut detect = (Vec::new(), Vec::new());
+    let mut takeover = (Vec::new(), Vec::new());
+    let total = cfg.kills + cfg.hangs;
+    let mut hangs_left = cfg.hangs;
+    for i in 0..total {
+        std::thread::sleep(Duration::from_millis(50 + rng.next() % 150));
+        let st = endpoint.status();
+        let active = st.active.clone().ok_or("no active driver")?;
+        let sock = socks
+            .iter()
+            .find(|s| format!("unix:{}", s.display()) == active)
+            .ok_or("active driver unknown")?
+            .clone();
+        let hang = hangs_left > 0 && (rng.next() % (total - i) as u64) < hangs_left as u64;
+        let pid = drivers.pid(&sock).ok_or("no driver process")?;
+        let (at, at_sys) = (Instant::now(), SystemTime::now());
+        if hang {
+            hangs_left -= 1;
+            Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()?;
+        } else {
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()?;
+        }
+        // Wait for the takeover, then restart the failed driver as the backup.
+        let t0 = Instant::now();
+        let rec = loop {
+            let s = endpoint.status();
+            if s.failovers > st.failovers {
+                break s.last_failover.ok_or("failover without a record")?;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err("no failover within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let declared = rec.at.checked_sub(rec.took).unwrap_or(rec.at);
+        let detection = declared.duration_since(at_sys).unwrap_or_default();
+        let took = rec.took.as_secs_f64() * 1e3;
+        if hang {
+            detect.1.push(detection.as_secs_f64() * 1e3);
+            takeover.1.push(took);
+        } else {
+            detect.0.push(detection.as_secs_f64() * 1e3);
+            takeover.0.push(took);
+        }
+        faults.push((hang, at));
+        drivers.restart(&sock)?;
+        while endpoint.status().standby.is_none() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err("the restarted driver never became the standby".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if (i + 1) % 10 == 0 {
+            eprint!("\r  faults {}/{total}", i + 1);
+        }
+    }
+    eprintln!();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Release);
+    let (acked, log, mut c) = writer.join().map_err(|_| "writer panicked")??;
+
+    // Every acknowledged write reads back.
+    let mut lost = 0u64;
+    for (b, &seq) in acked.iter().enumerate() {
+        if seq == 0 {
+            continue;
+        }
+        c.send(CMD_READ, 0, b as u64 * BLOCK, BLOCK as u32, &[])?;
+        let r = c.recv()?;
+        let got = r
+            .data
+            .get(..8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or_default()));
+        if r.error != 0 || got != Some(seq) {
+            lost += 1;
+        }
+    }
+    drop(c);
+    drop(srv);
+    endpoint.close();
+
+    let pauses = |hang: bool| -> Vec<f64> {
+        faults
+            .iter()
+            .filter(|f| f.0 == hang)
+            .map(|&(_, at)| {
+                log.iter()
+                    .filter(|(done, _)| *done > at && *done <= at + Duration::from_secs(1))
+                    .map(|(_, lat)| lat.as_secs_f64() * 1e3)
+                    .fold(0.0, f64::max)
+            })
+            .collect()
+    };
+    let (mut pk, mut ph) = (pauses(false), pauses(true));
+    let mut lat: Vec<f64> = log.iter().map(|(_, l)| l.as_secs_f64() * 1e3).collect();
+    writeln!(
+        out,
+        "\n[failover]       faults   detection p50/p99 ms   takeover p50/p99 ms   client pause p50/p99 ms"
+    )?;
+    writeln!(
+        out,
+        "  SIGKILL        {:>6}   {:>8.1} / {:<8.1}    {:>7.1} / {:<7.1}     {:>8.1} / {:<8.1}",
+        cfg.kills,
+        pct(&mut detect.0, 0.5),
+        pct(&mut detect.0, 0.99),
+        pct(&mut takeover.0, 0.5),
+        pct(&mut takeover.0, 0.99),
+        pct(&mut pk, 0.5),
+        pct(&mut pk, 0.99)
+    )?;
+    writeln!(
+        out,
+        "  SIGSTOP        {:>6}   {:>8.1} / {:<8.1}    {:>7.1} / {:<7.1}     {:>8.1} / {:<8.1}",
+        cfg.hangs,
+        pct(&mut detect.1, 0.5),
+        pct(&mut detect.1, 0.99),
+        pct(&mut takeover.1, 0.5),
+        pct(&mut takeover.1, 0.99),
+        pct(&mut ph, 0.5),
+        pct(&mut ph, 0.99)
+    )?;
+    writeln!(
+        out,
+        "  writes acknowledged {}, write latency p50 {:.3} ms, lost or wrong on read-back: {lost}",
+        log.len(),
+        pct(&mut lat, 0.5)
+    )?;
+    if lost > 0 {
+        return Err(format!("{lost} acknowledged writes did not read back").into());
+    }
+    Ok(())
+}

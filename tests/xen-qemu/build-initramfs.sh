@@ -185,6 +185,9 @@ cp "$OUT/domU.cpio.gz" "$D$SHARE/guest/domU.cpio.gz"
 cp "$XENQEMU_DIR/guest-pv.cfg" "$D$SHARE/guest/guest-pv.cfg"
 shopt -s nullglob
 for t in "$XENQEMU_DIR"/dom0-tests/*.sh; do install -m 0755 "$t" "$D$SHARE/dom0-tests/"; done
+# Their shared helpers (sourced, not run: dom0-init.sh runs only dom0-tests/*.sh).
+install -d "$D$SHARE/dom0-tests/lib"
+for t in "$XENQEMU_DIR"/dom0-tests/lib/*.sh; do install -m 0644 "$t" "$D$SHARE/dom0-tests/lib/"; done
 shopt -u nullglob
 install -m 0755 "$XENQEMU_DIR/dom0-init.sh" "$D/init"
 echo "root:x:0:0:root:/root:/bin/sh" > "$D/etc/passwd"

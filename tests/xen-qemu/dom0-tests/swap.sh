@@ -24,47 +24,10 @@ DEVID=51744 # xvdc: (202 << 8) | (2 << 4); blkif.sh uses xvdb
 EXPORT=guest-swap
 mkdir -p "$T"
 
-failed=0
-result() { # NAME STATUS(0 = pass)
-  if [ "$2" -eq 0 ]; then echo "@@RESULT swap-$1 PASS"; else echo "@@RESULT swap-$1 FAIL"; failed=1; fi
-}
-up() { cut -d' ' -f1 /proc/uptime; }
-note() { echo "  swap [$(up)] $*"; }
-# wait_for SECONDS CONDITION...: poll CONDITION every 0.2 s until it holds or SECONDS passed.
-wait_for() {
-  local end=$((SECONDS + $1))
-  shift
-  while [ $SECONDS -lt $end ]; do
-    "$@" && return 0
-    sleep 0.2
-  done
-  "$@"
-}
-console() { tr -d '\r' < "$CONLOG" 2>/dev/null; }
-# console_line WORD N: the last console line "WORD N ...", without "WORD N ".
-console_line() { console | grep "^$1 $2 " | tail -n 1 | cut -d' ' -f3-; }
-has_console_line() { console | grep -q "^$1 $2\( \|\$\)"; }
-# The number the guest will give the next swap disk it sees (it counts them from 1).
-next_attach() { echo $(($(console | grep -c '^GUEST-SWAP-DISK ') + 1)); }
-state() { xenstore-read "$1/state" 2>/dev/null; }
-state_is() { [ "$(state "$1")" = "$2" ]; }
-both_connected() { state_is "$BE" 4 && state_is "$FE" 4; }
-gone() { ! xenstore-exists "$1" 2>/dev/null; }
-show_device() {
-  note "xenstore of the device:"
-  xenstore-ls -fp "$BE" 2>&1 | sed 's/^/    /'
-  xenstore-ls -fp "$FE" 2>&1 | sed 's/^/    /'
-}
-show_console() {
-  note "guest console (swap lines and tail):"
-  console | grep -E 'GUEST-SWAP|blkfront|GUEST-ERROR|Out of memory|oom' | tail -n 40 | sed 's/^/    | /'
-  console | grep -v '^$' | tail -n 4 | sed 's/^/    | /'
-}
-# The up log without its once-a-second status lines, but for the last three.
-show_up_log() {
-  grep -Ev '^\[ *[0-9]+s\] ' "$T/up.log" | sed 's/^/    up| /'
-  grep -E '^\[ *[0-9]+s\] ' "$T/up.log" | tail -n 3 | sed 's/^/    up| /'
-}
+TAG=swap GTAG=GUEST-SWAP DEV=xvdc
+CONSOLE_GREP='GUEST-SWAP|blkfront|GUEST-ERROR|Out of memory|oom' CONSOLE_LINES=40
+# shellcheck source=lib/vbd.sh
+. "$(dirname "$0")/lib/vbd.sh"
 
 DOMID=$(xl domid "$G" 2>/dev/null)
 if [ -z "$DOMID" ]; then
@@ -75,96 +38,6 @@ fi
 BE=/local/domain/0/backend/vbd3/$DOMID/$DEVID
 FE=/local/domain/$DOMID/device/vbd/$DEVID
 
-# ---------------------------------------------------------------- remoca up
-UP=
-start_up() {
-  remoca up --config "$T/up.toml" > "$T/up.log" 2>&1 &
-  UP=$!
-  for _ in $(seq 120); do
-    grep -q "running; Ctrl-C stops" "$T/up.log" && return 0
-    kill -0 "$UP" 2>/dev/null || return 1
-    sleep 0.5
-  done
-  return 1
-}
-# stop_up: SIGTERM, 30 s to exit, then SIGKILL. Status: remoca's exit status.
-stop_up() {
-  local rc
-  [ -n "$UP" ] || return 0
-  kill -TERM "$UP" 2>/dev/null
-  for _ in $(seq 300); do kill -0 "$UP" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$UP" 2>/dev/null; then
-    note "remoca up (pid $UP) did not stop within 30 s of SIGTERM; killing it"
-    kill -KILL "$UP" 2>/dev/null
-  fi
-  wait "$UP"
-  rc=$?
-  UP=
-  return $rc
-}
-
-# ---------------------------------------------------------------- the device, as libxl writes it
-# As blkif.sh: both directories in one transaction, parents made first with the device's
-# permissions (new nodes take their parent's). The parents may exist already only if blkif.sh
-# left a device behind; then they are shared and left alone on detach while not empty.
-attach() { # PARAMS
-  local bvbd=/local/domain/0/backend/vbd3/$DOMID fvbd=/local/domain/$DOMID/device/vbd
-  xenstore-exists "$bvbd" || xenstore-write "$bvbd" "" || return 1
-  xenstore-chmod "$bvbd" n0 "r$DOMID" || return 1
-  xenstore-exists "$fvbd" || xenstore-write "$fvbd" "" || return 1
-  xenstore-chmod "$fvbd" "n$DOMID" r0 || return 1
-  xenstore-write \
-    "$BE/frontend" "$FE" \
-    "$BE/params" "$1" \
-    "$BE/script" /etc/xen/scripts/block-remoca \
-    "$BE/frontend-id" "$DOMID" \
-    "$BE/online" 1 \
-    "$BE/removable" 0 \
-    "$BE/bootable" 1 \
-    "$BE/state" 1 \
-    "$BE/dev" xvdc \
-    "$BE/type" vbd3 \
-    "$BE/mode" w \
-    "$BE/device-type" disk \
-    "$BE/discard-enable" 1 \
-    "$BE/specification" xen \
-    "$FE/backend" "$BE" \
-    "$FE/backend-id" 0 \
-    "$FE/state" 1 \
-    "$FE/virtual-device" "$DEVID" \
-    "$FE/device-type" disk \
-    "$FE/trusted" 1 \
-    "$FE/protocol" x86_64-abi || return 1
-  xenstore-chmod "$BE" n0 "r$DOMID" && xenstore-chmod "$FE" "n$DOMID" r0
-}
-# detach N: online=0 + backend state 5, wait for Closed on both sides, remove both directories
-# and their empty parents, wait for the guest to report xvdc gone.
-detach() {
-  local n=$1 ok=0
-  if ! xenstore-exists "$BE" 2>/dev/null && ! xenstore-exists "$FE" 2>/dev/null; then return 0; fi
-  xenstore-write "$BE/online" 0 "$BE/state" 5 || ok=1
-  local fe_wait=30
-  if wait_for 30 state_is "$BE" 6; then
-    note "backend Closed (6); frontend state $(state "$FE")"
-  else
-    note "backend did not reach Closed (6): state $(state "$BE")"
-    ok=1
-    fe_wait=3
-  fi
-  wait_for $fe_wait state_is "$FE" 6 || { note "frontend did not reach Closed (6): state $(state "$FE")"; ok=1; }
-  [ $ok -eq 0 ] || show_device
-  xenstore-rm "$FE" || ok=1
-  xenstore-rm "$BE" || ok=1
-  local p
-  for p in "/local/domain/$DOMID/device/vbd" "/local/domain/0/backend/vbd3/$DOMID"; do
-    [ -n "$(xenstore-list "$p" 2>/dev/null)" ] || xenstore-rm "$p" 2>/dev/null
-  done
-  { gone "$BE" && gone "$FE"; } || { note "device directories still there"; ok=1; }
-  if [ -n "$n" ] && has_console_line GUEST-SWAP-DISK "$n"; then
-    wait_for 30 has_console_line GUEST-SWAP-GONE "$n" || { note "the guest did not report xvdc gone"; ok=1; }
-  fi
-  return $ok
-}
 
 N=
 # Whatever happens, leave no device behind for the later tests and no remoca running. A device

@@ -415,15 +415,7 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
         }
         use std::io::Write;
         std::io::stdout().flush()?;
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        };
+        let shutdown = sigint_or_sigterm();
         nbd::run(listener, exports.clone(), shutdown).await?;
         if let Bind::Unix(path) = &bind {
             let _ = std::fs::remove_file(path);
@@ -454,6 +446,16 @@ fn channel_key(path: Option<&Path>) -> anyhow::Result<Option<failover::wire::Cha
 
 fn channel_addr(s: &str) -> anyhow::Result<failover::Addr> {
     failover::Addr::parse(s).map_err(anyhow::Error::msg)
+}
+
+/// Resolves at the first SIGINT or SIGTERM: the NBD servers' shutdown signal.
+async fn sigint_or_sigterm() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 /// `remoca blkback driver`.
@@ -544,15 +546,7 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
         );
         use std::io::Write;
         std::io::stdout().flush()?;
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        };
+        let shutdown = sigint_or_sigterm();
         nbd::run(listener, exports, shutdown).await?;
         if let failover::Addr::Unix(path) = &nbd_addr {
             let _ = std::fs::remove_file(path);

@@ -28,6 +28,7 @@ pub mod commit;
 pub mod disk;
 pub mod export;
 pub mod failover;
+pub mod images;
 pub mod memory;
 pub mod nbd;
 pub mod overlay;

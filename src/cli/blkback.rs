@@ -1,4 +1,4 @@
-//! `remoca blkback`, `remoca image` and `remoca bench blkback`: thin wrappers over
+//! `remoca blkback` and `remoca bench blkback`: thin wrappers over
 //! `remoca_blkback`.
 
 use std::net::SocketAddr;
@@ -10,7 +10,6 @@ use clap::{Args, Subcommand};
 use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::failover;
 use remoca_blkback::nbd::{self, Listener};
-use remoca_blkback::overlay::{self, header, Overlay};
 use remoca_blkback::raw::RawFile;
 use remoca_blkback::{Disk, ExportConfig, Exports};
 use serde::Deserialize;
@@ -143,43 +142,6 @@ fn status_dir(arg: Option<&std::path::Path>) -> PathBuf {
 }
 
 #[derive(Debug, Args)]
-pub struct ImageArgs {
-    #[command(subcommand)]
-    cmd: ImageCmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum ImageCmd {
-    /// Create an empty copy-on-write overlay for a raw template.
-    Create {
-        #[arg(long)]
-        template: PathBuf,
-        #[arg(long)]
-        overlay: PathBuf,
-        /// Cluster size in bytes (power of two, 4096..2097152; K and M suffixes accepted).
-        #[arg(long, default_value = "64K", value_parser = parse_size)]
-        cluster_size: u64,
-    },
-    /// Show an overlay's header and how many clusters it holds.
-    Inspect {
-        overlay: PathBuf,
-        /// Check the overlay against this template (default: the path stored in the overlay).
-        #[arg(long)]
-        template: Option<PathBuf>,
-    },
-    /// Fold an overlay and its template into a new raw template.
-    Commit {
-        overlay: PathBuf,
-        /// The new template to write (must not exist).
-        #[arg(long)]
-        to: PathBuf,
-        /// The overlay's template (default: the path stored in the overlay).
-        #[arg(long)]
-        template: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Size of the raw template served by both servers.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
@@ -296,7 +258,7 @@ fn read_key(
     ))
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
@@ -681,116 +643,9 @@ fn start_blkif(mode: &str, g: &Global, exports: &Exports) -> anyhow::Result<Opti
     Ok(Some(server))
 }
 
-fn open_template(path: &Path) -> anyhow::Result<Arc<dyn Disk>> {
+pub(super) fn open_template(path: &Path) -> anyhow::Result<Arc<dyn Disk>> {
     let t = RawFile::open_read_only(path).context("cannot open template")?;
     Ok(Arc::new(t))
-}
-
-fn template_for(overlay_path: &Path, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match given {
-        Some(t) => Ok(t),
-        None => {
-            let info = overlay::inspect(overlay_path)?;
-            if info.header.template_path.is_empty() {
-                bail!(
-                    "{} records no template path; pass --template",
-                    overlay_path.display()
-                );
-            }
-            Ok(PathBuf::from(info.header.template_path))
-        }
-    }
-}
-
-pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
-    super::init_tracing(g.verbose);
-    match a.cmd {
-        ImageCmd::Create {
-            template,
-            overlay: path,
-            cluster_size,
-        } => {
-            if !cluster_size.is_power_of_two() {
-                bail!("--cluster-size {cluster_size} is not a power of two");
-            }
-            let t = open_template(&template)?;
-            let hint = std::fs::canonicalize(&template).unwrap_or(template.clone());
-            let h = Overlay::create(
-                &path,
-                &*t,
-                cluster_size.trailing_zeros(),
-                &hint.to_string_lossy(),
-            )?;
-            println!(
-                "created {} over {} ({} bytes, {} clusters of {} bytes)",
-                path.display(),
-                hint.display(),
-                h.virtual_size,
-                h.cluster_count,
-                h.cluster_size()
-            );
-        }
-        ImageCmd::Inspect {
-            overlay: path,
-            template,
-        } => {
-            let i = overlay::inspect(&path)?;
-            let h = &i.header;
-            println!("overlay:        {}", path.display());
-            println!("format:         remoca overlay v{}", header::VERSION);
-            println!("virtual size:   {} bytes", h.virtual_size);
-            println!("cluster size:   {} bytes", h.cluster_size());
-            println!("clusters:       {}", h.cluster_count);
-            println!(
-                "  in overlay:   {} ({} bytes)",
-                i.data_clusters,
-                i.data_clusters * h.cluster_size()
-            );
-            println!("  zeroed:       {}", i.zero_clusters);
-            println!("  from template:{}", i.template_clusters);
-            println!("template:       {}", h.template_path);
-            println!(
-                "fingerprint:    {}",
-                overlay::short_hex(&h.template_fingerprint)
-            );
-            let tpath = template.unwrap_or_else(|| PathBuf::from(&h.template_path));
-            match RawFile::open_read_only(&tpath) {
-                Ok(t) => {
-                    let fp = overlay::fingerprint(&t)?;
-                    let ok = fp == h.template_fingerprint && t.size() == h.virtual_size;
-                    println!(
-                        "template check: {}",
-                        if ok { "matches" } else { "DOES NOT MATCH" }
-                    );
-                    if !ok {
-                        bail!(
-                            "{} is not the template this overlay was made for",
-                            tpath.display()
-                        );
-                    }
-                }
-                Err(e) => println!("template check: cannot open ({e})"),
-            }
-        }
-        ImageCmd::Commit {
-            overlay: path,
-            to,
-            template,
-        } => {
-            let tpath = template_for(&path, template)?;
-            let base = open_template(&tpath)?;
-            let ov = Overlay::open(&path, base, true)?;
-            let written = remoca_blkback::commit::commit(&ov, &to)?;
-            println!(
-                "committed {} over {} into {} ({} bytes of data)",
-                path.display(),
-                tpath.display(),
-                to.display(),
-                written
-            );
-        }
-    }
-    Ok(())
 }
 
 pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {

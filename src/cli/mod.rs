@@ -2,6 +2,7 @@
 
 mod bench;
 mod blkback;
+mod image;
 mod memserver;
 mod paging;
 mod saverestore;
@@ -70,7 +71,7 @@ pub enum Command {
     /// Serve disks over NBD and, on a Xen host, as blkif backends.
     Blkback(blkback::BlkbackArgs),
     /// Manage disk images and copy-on-write overlays.
-    Image(blkback::ImageArgs),
+    Image(image::ImageArgs),
     /// Benchmarks that print remoca's figures beside a baseline measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -103,7 +104,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Pager(a) => paging::pager(a, &g),
         Command::Mrc(a) => paging::mrc(a, &g),
         Command::Blkback(a) => blkback::run(a, &g),
-        Command::Image(a) => blkback::image(a, &g),
+        Command::Image(a) => image::image(a, &g),
         Command::Bench(a) => bench::run(a, &g),
     }
 }

@@ -1090,6 +1090,76 @@ fn restarted_backend_reattaches_and_answers_requests_left_on_the_ring() {
     let _ = OP_FLUSH_DISKCACHE;
 }
 
+/// Failover tier 1 with requests finishing out of order: the backend dies (as a SIGKILLed
+/// process: nothing answered, ring unmapped, port closed) after the disk finished a later
+/// request while an earlier one was still running. A new backend re-attaches to the live ring
+/// and must answer both exactly once: none lost, none answered twice (blkfront disables a
+/// disk that gets an answer for a request it is not waiting for).
+#[test]
+fn killed_backend_with_requests_finishing_out_of_order_loses_none_and_answers_none_twice() {
+    let h = Host0::new();
+    let img = image(h.dir.path(), "k.raw", 1024, 43);
+    let server = h.serve(BlkifConfig {
+        workers: 4,
+        ..BlkifConfig::default()
+    });
+    let dom = h.guest("killed");
+    h.add_disk(dom, 51712, &format!("raw:{}", img.display()), "w");
+    let mut f = Front::connect(&h, dom, 51712, X64);
+    assert_eq!(f.read(0, f.pages(0, 1)).0, RSP_OKAY);
+
+    // Every grant copy now takes DELAY: the indirect write makes two (its segment page, then
+    // its data), the plain write one, so the plain write, taken second, finishes first.
+    const DELAY: Duration = Duration::from_secs(2);
+    h.sim.inject("gnttab.copy", Fault::Delay(DELAY)).unwrap();
+    let a_segs = f.pages(10, 12);
+    let a_data = pattern(5, 12 * PAGE);
+    f.fill(&a_segs, &a_data);
+    write_indirect_page(&f, &a_segs);
+    let a = f.push(BlkifOp::Indirect {
+        write: true,
+        sector: 64,
+        nr_segments: 12,
+        pages: vec![f.indirect[0]],
+    });
+    let b_data = pattern(6, PAGE);
+    f.fill(&f.pages(30, 1), &b_data);
+    let b = f.push(BlkifOp::Write {
+        sector: 8,
+        segments: f.pages(30, 1),
+    });
+    let waited = std::time::Instant::now();
+    while file_bytes(&img, 8 * SECTOR, PAGE) != b_data {
+        assert!(
+            waited.elapsed() < PATIENCE,
+            "the plain write never reached the disk"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.crash().unwrap();
+    assert_ne!(
+        file_bytes(&img, 64 * SECTOR, 12 * PAGE),
+        a_data,
+        "setup: the indirect write had finished too before the kill"
+    );
+    h.sim.clear_faults();
+
+    let server = h.serve(BlkifConfig::default());
+    let mut answered = vec![f.response(), f.response()];
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        vec![(a, OP_WRITE, RSP_OKAY), (b, OP_WRITE, RSP_OKAY)],
+        "each request answered once, as a write"
+    );
+    assert_eq!(file_bytes(&img, 64 * SECTOR, 12 * PAGE), a_data);
+    assert_eq!(file_bytes(&img, 8 * SECTOR, PAGE), b_data);
+    // No stray third answer: the next one is for the next request.
+    let (st, got) = f.read(8, f.pages(40, 1));
+    assert_eq!((st, got), (RSP_OKAY, b_data));
+    server.shutdown().unwrap();
+}
+
 #[test]
 fn unusable_devices_are_refused_without_stopping_the_others() {
     let h = Host0::new();

@@ -8,8 +8,22 @@
 //!                     ^              (rejected requests are answered at once)
 //!                     +-- final_check_for_requests (re-arms req_event) --+
 //!  worker:       [indirect pages] -> grant copy in -> Disk -> grant copy out
-//!                -> lock ring: push_response, publish, notify if rsp_event asks
+//!                -> lock ring: answer in turn, publish, notify if rsp_event asks
 //! ```
+//!
+//! Responses are pushed in the order the requests were taken from the ring: a request that
+//! finishes before an earlier one waits for it. So whatever happens to this process, every
+//! request before the published `rsp_prod` was answered and every one from there to
+//! `req_prod` still sits untouched in its slot (a response only overwrites the slot of the
+//! request it answers, and no later one). That is what lets a new backend process replay
+//! exactly the unanswered requests after this one was killed (failover tier 1,
+//! `docs/failover.md`); answering out of order would overwrite an unanswered request with a
+//! later one's response and answer that later one twice. The price: a slow request holds
+//! back the answers of faster ones behind it.
+//!
+//! One hole stays: a kill between writing a response into its slot and publishing
+//! `rsp_prod` (consecutive stores under the ring lock) leaves a slot the replay reads as a
+//! request.
 //!
 //! Invariants: a request is answered exactly once, whatever happens to it (a malformed
 //! request, a bad grant or a disk error is `BLKIF_RSP_ERROR` for that request only; the
@@ -17,6 +31,7 @@
 //! answered, then drops the ring mapping and unbinds the port, so nothing stays mapped.
 //! Only a frontend whose producer index is impossible stops the ring.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -103,6 +118,49 @@ impl Ring {
     }
 }
 
+/// The mapped ring and the answers waiting for their turn.
+#[derive(Debug)]
+struct Live {
+    ring: Ring,
+    /// The number the next request taken from the ring gets.
+    taken: u64,
+    /// The number of the request whose response goes out next.
+    answered: u64,
+    /// Responses of requests that finished before an earlier one: (id, operation, status).
+    early: BTreeMap<u64, (u64, u8, i16)>,
+}
+
+impl Live {
+    fn new(ring: Ring) -> Live {
+        Live {
+            ring,
+            taken: 0,
+            answered: 0,
+            early: BTreeMap::new(),
+        }
+    }
+
+    /// Number the request just taken from the ring.
+    fn take(&mut self) -> u64 {
+        self.taken += 1;
+        self.taken - 1
+    }
+
+    /// Record the response of request `seq` and push every response whose turn it now is.
+    fn answer(&mut self, seq: u64, id: u64, operation: u8, status: i16) {
+        if seq != self.answered {
+            self.early.insert(seq, (id, operation, status));
+            return;
+        }
+        self.ring.push(id, operation, status);
+        self.answered += 1;
+        while let Some((id, operation, status)) = self.early.remove(&self.answered) {
+            self.ring.push(id, operation, status);
+            self.answered += 1;
+        }
+    }
+}
+
 /// Counters of one device.
 #[derive(Debug, Default)]
 pub struct RingStats {
@@ -118,7 +176,7 @@ struct Shared {
     abi: Abi,
     limits: Limits,
     /// `None` once torn down (the mapping is released with it).
-    ring: Mutex<Option<Ring>>,
+    ring: Mutex<Option<Live>>,
     /// Signalled when the last in-flight request is answered.
     idle: Condvar,
     evtchn: Box<dyn EventChannelHandle>,
@@ -176,6 +234,20 @@ impl Dataplane {
             (Abi::X86_32, false) => Ring::X32(BackRing::new(map).map_err(bad_ring)?),
             (Abi::X86_32, true) => Ring::X32(BackRing::attach(map).map_err(bad_ring)?),
         };
+        if c.attach {
+            let waiting = match &ring {
+                Ring::X64(r) => r.unconsumed(),
+                Ring::X32(r) => r.unconsumed(),
+            };
+            match waiting {
+                Ok(n) => {
+                    tracing::info!(device = %c.name, requests = n, "re-attached ring: replaying the unanswered requests")
+                }
+                Err(e) => {
+                    tracing::warn!(device = %c.name, error = %e, "re-attached ring is inconsistent")
+                }
+            }
+        }
         let evtchn = c.host.evtchn.open()?;
         let port = evtchn.bind_interdomain(c.dom, c.ring.port)?;
         let shared = Arc::new(Shared {
@@ -183,7 +255,7 @@ impl Dataplane {
             dom: c.dom,
             abi: c.ring.abi,
             limits: c.limits,
-            ring: Mutex::new(Some(ring)),
+            ring: Mutex::new(Some(Live::new(ring))),
             idle: Condvar::new(),
             evtchn,
             port,
@@ -215,11 +287,28 @@ impl Dataplane {
             let _ = t.join();
         }
         let mut ring = self.shared.ring.lock();
-        while ring.as_ref().is_some_and(|r| r.in_flight() > 0) {
+        while ring.as_ref().is_some_and(|r| r.ring.in_flight() > 0) {
             self.shared.idle.wait(&mut ring);
         }
         *ring = None;
         drop(ring);
+        if let Err(e) = self.shared.evtchn.unbind(self.shared.port) {
+            tracing::warn!(device = %self.shared.name, error = %e, "unbinding the event channel");
+        }
+    }
+}
+
+impl Dataplane {
+    /// What a killed backend process leaves behind, for tests of the restart path: stop
+    /// taking requests, drop the answers of those in flight (their workers may still finish
+    /// the disk work, as a dying process's last writes may land), release the ring mapping
+    /// and unbind the event channel, as the kernel does when the process dies.
+    pub fn abandon(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        *self.shared.ring.lock() = None;
         if let Err(e) = self.shared.evtchn.unbind(self.shared.port) {
             tracing::warn!(device = %self.shared.name, error = %e, "unbinding the event channel");
         }
@@ -280,22 +369,23 @@ fn consume(shared: &Arc<Shared>, pool: &WorkerPool) -> Result<bool, RingError> {
     let mut jobs = Vec::new();
     let result = {
         let mut guard = shared.ring.lock();
-        let Some(ring) = guard.as_mut() else {
+        let Some(live) = guard.as_mut() else {
             return Ok(false);
         };
         let mut result = Ok(());
         loop {
-            match ring.next() {
+            match live.ring.next() {
                 Ok(Some(entry)) => {
                     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    let seq = live.take();
                     match parse_request(shared.abi, &entry, shared.limits) {
-                        Ok(req) => jobs.push(req),
+                        Ok(req) => jobs.push((seq, req)),
                         Err(rej) => {
                             let n = shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
                             if n < LOUD_REJECTS || n % 1000 == 0 {
                                 tracing::warn!(id = rej.id, reason = %rej.reason, rejected = n + 1, "malformed request");
                             }
-                            ring.push(rej.id, rej.operation, rej.status);
+                            live.answer(seq, rej.id, rej.operation, rej.status);
                         }
                     }
                 }
@@ -306,14 +396,14 @@ fn consume(shared: &Arc<Shared>, pool: &WorkerPool) -> Result<bool, RingError> {
                 }
             }
         }
-        if ring.publish() {
+        if live.ring.publish() {
             shared.notify();
         }
-        result.and_then(|()| ring.final_check())
+        result.and_then(|()| live.ring.final_check())
     };
-    for req in jobs {
+    for (seq, req) in jobs {
         let s = shared.clone();
-        pool.submit(move || s.serve(req));
+        pool.submit(move || s.serve(seq, req));
     }
     result
 }
@@ -327,8 +417,8 @@ impl Shared {
         }
     }
 
-    /// Run one request on a worker and answer it.
-    fn serve(&self, req: BlkifRequest) {
+    /// Run request number `seq` on a worker and answer it (in turn).
+    fn serve(&self, seq: u64, req: BlkifRequest) {
         let status = match self.execute(&req) {
             Ok(()) => RSP_OKAY,
             Err(status) => {
@@ -340,12 +430,12 @@ impl Shared {
             }
         };
         let mut guard = self.ring.lock();
-        if let Some(ring) = guard.as_mut() {
-            ring.push(req.id, req.response_operation(), status);
-            if ring.publish() {
+        if let Some(live) = guard.as_mut() {
+            live.answer(seq, req.id, req.response_operation(), status);
+            if live.ring.publish() {
                 self.notify();
             }
-            if ring.in_flight() == 0 {
+            if live.ring.in_flight() == 0 {
                 self.idle.notify_all();
             }
         }

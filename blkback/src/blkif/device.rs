@@ -16,6 +16,7 @@
 //! The backend writes only its own keys (`state` and the feature/disk keys); it never
 //! removes anything: the directories belong to the toolstack.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{select, Receiver};
@@ -61,7 +62,8 @@ struct Device {
     stats: Arc<RingStats>,
 }
 
-/// Run a device until its backend directory is removed or `stop` fires.
+/// Run a device until its backend directory is removed or `stop` fires. When `crash` is set
+/// by then, the ring is dropped as a killed process would leave it (tests of the restart).
 pub(crate) fn run(
     host: Host,
     id: DeviceId,
@@ -69,6 +71,7 @@ pub(crate) fn run(
     pool: Arc<WorkerPool>,
     stats: Arc<RingStats>,
     stop: Receiver<()>,
+    crash: &AtomicBool,
 ) {
     let span = tracing::info_span!("blkif-device", device = %id.name());
     let _enter = span.enter();
@@ -119,7 +122,11 @@ pub(crate) fn run(
     // Shutdown or removal: answer what is in flight and release the ring, but leave the
     // xenstore state as it is so a restarted backend can re-attach to a live frontend.
     if let Some(dp) = dev.dataplane.take() {
-        dp.stop();
+        if crash.load(Ordering::Acquire) {
+            dp.abandon();
+        } else {
+            dp.stop();
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub mod xenbus;
 pub use dataplane::RingStats;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -162,6 +163,18 @@ pub fn serve_with_stats(
     shutdown: Receiver<()>,
     stats: DeviceStats,
 ) -> Result<(), BlkifError> {
+    serve_inner(host, config, shutdown, stats, &Arc::default())
+}
+
+/// [`serve_with_stats`]; `crash` set before `shutdown` fires leaves every ring as a killed
+/// process would ([`BlkifServer::crash`]).
+fn serve_inner(
+    host: &Host,
+    config: BlkifConfig,
+    shutdown: Receiver<()>,
+    stats: DeviceStats,
+    crash: &Arc<AtomicBool>,
+) -> Result<(), BlkifError> {
     config.validate()?;
     let config = Arc::new(config);
     let root = config.root();
@@ -187,13 +200,19 @@ pub fn serve_with_stats(
             recv(shutdown) -> _ => break Ok(()),
         }
         while watch.try_next().is_some() {}
-        if let Err(e) = scan(host, &config, &pool, &stats, &mut devices, &done_tx) {
+        if let Err(e) = scan(host, &config, &pool, &stats, &mut devices, &done_tx, crash) {
             tracing::warn!(error = %e, "scanning backend devices");
         }
     };
     for (_, d) in std::mem::take(&mut devices) {
         drop(d.stop);
         let _ = d.thread.join();
+    }
+    if crash.load(Ordering::Acquire) {
+        // A killed process does not wait for its workers: let them finish elsewhere.
+        let _ = std::thread::Builder::new()
+            .name("blkif-io-drop".into())
+            .spawn(move || drop(pool));
     }
     tracing::info!("blkif backend stopped");
     result
@@ -214,6 +233,7 @@ fn scan(
     stats: &DeviceStats,
     devices: &mut BTreeMap<(DomId, u32), Running>,
     done: &crossbeam_channel::Sender<(DomId, u32)>,
+    crash: &Arc<AtomicBool>,
 ) -> Result<(), BlkifError> {
     let finished: Vec<_> = devices
         .iter()
@@ -247,11 +267,11 @@ fn scan(
             stats.lock().insert(id.name(), ring_stats.clone());
             let (stop, stop_rx) = crossbeam_channel::bounded(0);
             let (host, config, pool) = (host.clone(), config.clone(), pool.clone());
-            let done = done.clone();
+            let (done, crash) = (done.clone(), crash.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("blkif-dev-{}", id.name()))
                 .spawn(move || {
-                    device::run(host, id, config, pool, ring_stats, stop_rx);
+                    device::run(host, id, config, pool, ring_stats, stop_rx, &crash);
                     let _ = done.send((domid, devid));
                 })
                 .map_err(BlkifError::Thread)?;
@@ -267,6 +287,7 @@ pub struct BlkifServer {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<Result<(), BlkifError>>>,
     stats: DeviceStats,
+    crash: Arc<AtomicBool>,
 }
 
 impl BlkifServer {
@@ -279,14 +300,17 @@ impl BlkifServer {
         let (stop, rx) = crossbeam_channel::bounded(0);
         let stats = DeviceStats::default();
         let s = stats.clone();
+        let crash = Arc::new(AtomicBool::new(false));
+        let c = crash.clone();
         let thread = std::thread::Builder::new()
             .name("blkif".into())
-            .spawn(move || serve_with_stats(&host, config, rx, s))
+            .spawn(move || serve_inner(&host, config, rx, s, &c))
             .map_err(BlkifError::Thread)?;
         Ok(BlkifServer {
             stop: Some(stop),
             thread: Some(thread),
             stats,
+            crash,
         })
     }
 
@@ -300,6 +324,19 @@ impl BlkifServer {
     /// # Errors
     /// What [`serve`] returned.
     pub fn shutdown(mut self) -> Result<(), BlkifError> {
+        self.finish()
+    }
+
+    /// Stop as a SIGKILLed backend process stops, for tests of the restart path (failover
+    /// tier 1): no more requests are taken, the in-flight ones are never answered, every ring
+    /// mapping and event channel is released, and xenstore is left as it is. Workers already
+    /// running a request may still finish its disk work.
+    ///
+    /// # Errors
+    /// What [`serve`] returned.
+    #[doc(hidden)]
+    pub fn crash(mut self) -> Result<(), BlkifError> {
+        self.crash.store(true, Ordering::Release);
         self.finish()
     }
 

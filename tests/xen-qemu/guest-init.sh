@@ -128,6 +128,52 @@ swap_disk() {
 }
 swap_disk &
 
+# A disk for dom0-tests/tier1.sh (xvdd), whose serving `remoca up` dom0 SIGKILLs and restarts
+# several times while this runs: each time /dev/xvdd appears, TIER1_ROUNDS rounds of fresh
+# random data (TIER1_KIB KiB at offset 0, so a lost write leaves an older round's data behind)
+# written with O_DIRECT and an fsync (a flush request), in 4 KiB requests on odd rounds and
+# 64 KiB (indirect) ones on even rounds, read back with O_DIRECT and compared. One line per
+# round (dom0 times its kills by them), then a verdict with the counts of mismatching rounds,
+# failed dd commands and kernel I/O error lines, and the SHA-256 of the last round (dom0 checks
+# the image holds it).
+TIER1_ROUNDS=14
+TIER1_KIB=512
+kernel_io_errors() { dmesg | grep -c -E 'I/O error|blk_update_request|blkfront.*(error|disabled)'; }
+tier1_disk() {
+  n=0
+  while true; do
+    while [ ! -b /dev/xvdd ]; do sleep 1; done
+    n=$((n + 1))
+    echo "GUEST-TIER1-DISK $n $(cat /sys/block/xvdd/size 2>/dev/null) sectors"
+    k0=$(kernel_io_errors)
+    r=0 bad=0 errs=0 sum=
+    while [ $r -lt $TIER1_ROUNDS ] && [ -b /dev/xvdd ]; do
+      r=$((r + 1))
+      bs=4096
+      [ $((r % 2)) -eq 0 ] && bs=65536
+      head -c $((TIER1_KIB * 1024)) /dev/urandom > /tmp/tier1-w
+      sum=$(sha256sum < /tmp/tier1-w | cut -d' ' -f1)
+      echo "GUEST-TIER1-ROUND $n $r bs=$bs $sum"
+      if ! err=$(dd if=/tmp/tier1-w of=/dev/xvdd bs=$bs oflag=direct conv=notrunc,fsync 2>&1); then
+        errs=$((errs + 1))
+        echo "GUEST-TIER1-IOERR $n $r write: $(echo "$err" | tail -n 1)"
+      fi
+      if ! err=$(dd if=/dev/xvdd of=/tmp/tier1-r bs=$bs count=$((TIER1_KIB * 1024 / bs)) iflag=direct 2>&1); then
+        errs=$((errs + 1))
+        echo "GUEST-TIER1-IOERR $n $r read: $(echo "$err" | tail -n 1)"
+      fi
+      cmp -s /tmp/tier1-w /tmp/tier1-r || { bad=$((bad + 1)); echo "GUEST-TIER1-MISMATCH $n $r"; }
+    done
+    rm -f /tmp/tier1-w /tmp/tier1-r
+    kerr=$(($(kernel_io_errors) - k0))
+    [ $kerr -eq 0 ] || dmesg | tail -n 20 | sed "s/^/GUEST-TIER1-DMESG $n /"
+    echo "GUEST-TIER1-DONE $n rounds=$r mismatches=$bad ioerrors=$errs kernel_errors=$kerr last=$sum"
+    while [ -b /dev/xvdd ]; do sleep 1; done
+    echo "GUEST-TIER1-GONE $n"
+  done
+}
+tier1_disk &
+
 i=0
 while true; do
   i=$((i + 1))

@@ -5,9 +5,15 @@
 //! becomes the new backup. The client must see no error and lose no acknowledged write.
 //!
 //! Then the active driver is hung with SIGSTOP several times: the endpoint must notice the
-//! lost heartbeat, SIGKILL the hung process (the only fence built so far, see
+//! lost heartbeat, SIGKILL the hung process (its default extra measure besides the fence, see
 //! docs/failover.md) before replaying, and fail over; the test then sends SIGCONT and checks
 //! the process died of SIGKILL rather than resuming.
+//!
+//! A second test proves the generation fence without any kill: the endpoint does not SIGKILL
+//! faulty drivers (as for a driver on another host), the active driver is SIGSTOPped with
+//! writes sent to it, the backup takes over and newer data is written to the same blocks,
+//! then the hung driver is woken with SIGCONT: the writes it still holds would overwrite
+//! the newer data, and the fence must refuse them.
 //!
 //! `FAILOVER_KILLS` sets the number of kills (default 15) and `FAILOVER_STOPS` the number of
 //! hangs (default 3), which keeps the test well under 30 s; `FAILOVER_SEED` replays a run. The driver processes are this test binary run
@@ -39,6 +45,9 @@ const FLUSH_EVERY: u64 = 16;
 const ENV_SOCKET: &str = "FAILOVER_DRIVER_SOCKET";
 const ENV_TEMPLATE: &str = "FAILOVER_DRIVER_TEMPLATE";
 const ENV_OVERLAY: &str = "FAILOVER_DRIVER_OVERLAY";
+/// Set in the test process: its drivers run without the generation fence (to show the
+/// fence test fails without it).
+const ENV_NO_FENCE: &str = "FAILOVER_NO_FENCE";
 
 /// Run as a driver process when asked to (never returns then).
 fn maybe_be_a_driver() {
@@ -56,6 +65,8 @@ fn maybe_be_a_driver() {
     let r = driver::run(
         listener,
         DriverConfig {
+            fencer: (std::env::var_os(ENV_NO_FENCE).is_none())
+                .then(|| driver::fencer_for(vec![cfg.clone()])),
             opener: driver::opener_for(vec![cfg]),
             heartbeat_interval: Duration::from_millis(50),
             key: None,
@@ -67,6 +78,8 @@ fn maybe_be_a_driver() {
 }
 
 struct Drivers {
+    /// The test whose binary re-run serves as a driver (`--exact NAME`).
+    test: &'static str,
     template: PathBuf,
     overlay: PathBuf,
     children: HashMap<PathBuf, Child>,
@@ -75,7 +88,7 @@ struct Drivers {
 impl Drivers {
     fn start(&mut self, sock: &Path) {
         let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "active_driver_killed_many_times", "--nocapture"])
+            .args(["--exact", self.test, "--nocapture"])
             .env(ENV_SOCKET, sock)
             .env(ENV_TEMPLATE, &self.template)
             .env(ENV_OVERLAY, &self.overlay)
@@ -223,6 +236,7 @@ fn active_driver_killed_many_times() {
     }
     let socks = [dir.path().join("a.sock"), dir.path().join("b.sock")];
     let mut drivers = Drivers {
+        test: "active_driver_killed_many_times",
         template: template.clone(),
         overlay: overlay.clone(),
         children: HashMap::new(),
@@ -503,6 +517,195 @@ fn active_driver_killed_many_times() {
             pct(0.99),
             pauses.last().unwrap(),
             worst
+        );
+    }
+}
+
+/// The state letter of a process (`T` = stopped), or `None` once it is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// The fence, with no SIGKILL anywhere: a driver hung with SIGSTOP while writes are sent to
+/// it, woken with SIGCONT after the backup took over and newer data was written to the same
+/// blocks, must write nothing. `FAILOVER_FENCE_ROUNDS` (default 4) sets the rounds;
+/// `FAILOVER_NO_FENCE=1` runs the drivers without the fence, and then this test fails.
+#[test]
+fn hung_driver_woken_after_takeover_writes_nothing() {
+    maybe_be_a_driver();
+    const SLOTS_F: u64 = 8;
+    const STALE: u64 = 4;
+    let rounds: usize = std::env::var("FAILOVER_FENCE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("t.raw");
+    let template_bytes: Vec<u8> = (0..DISK).map(|i| (i * 11 % 253) as u8).collect();
+    std::fs::write(&template, &template_bytes).unwrap();
+    let overlay = dir.path().join("vm.ovl");
+    {
+        let t = RawFile::open_read_only(&template).unwrap();
+        Overlay::create(&overlay, &t, 16, &template.to_string_lossy()).unwrap();
+    }
+    let socks = [dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let mut drivers = Drivers {
+        test: "hung_driver_woken_after_takeover_writes_nothing",
+        template: template.clone(),
+        overlay: overlay.clone(),
+        children: HashMap::new(),
+    };
+    for s in &socks {
+        drivers.start(s);
+    }
+    let mut cfg = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+    cfg.connect_timeout = Duration::from_secs(20);
+    cfg.monitor.heartbeat_timeout = Duration::from_millis(500);
+    // No kill: the hung driver stays alive and is stopped by the fence alone.
+    cfg.kill_local = false;
+    let endpoint = Endpoint::start(cfg).unwrap();
+
+    let nbd_sock = dir.path().join("nbd.sock");
+    let exports = Exports::from_disks(vec![(
+        "vm".into(),
+        "failover endpoint".into(),
+        Arc::new(endpoint.clone()) as Arc<dyn Disk>,
+    )])
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = {
+        let _g = rt.enter();
+        tokio::net::UnixListener::bind(&nbd_sock).unwrap()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(remoca_blkback::nbd::run(
+        remoca_blkback::nbd::Listener::Unix(listener),
+        exports,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut c = Client::connect(UnixStream::connect(&nbd_sock).unwrap(), "vm", true).unwrap();
+    let mut acked = vec![0u64; SLOTS_F as usize];
+    let mut seq = 0u64;
+    let write_all = |c: &mut Client<UnixStream>, acked: &mut Vec<u64>, seq: &mut u64| {
+        for slot in 0..SLOTS_F {
+            *seq += 1;
+            let seq = *seq;
+            c.write(slot * BLOCK as u64, &block(seq, slot), false)
+                .unwrap();
+            acked[slot as usize] = seq;
+        }
+        c.flush().unwrap();
+    };
+    let active_sock = |endpoint: &Endpoint| {
+        let active = endpoint.status().active.expect("an active driver");
+        socks
+            .iter()
+            .find(|s| Addr::Unix((*s).clone()).to_string() == active)
+            .expect("active is one of ours")
+            .clone()
+    };
+    for round in 0..rounds {
+        write_all(&mut c, &mut acked, &mut seq);
+        // Every write so far is answered, so the driver is between requests: hang it, then
+        // send it writes it will hold until it wakes.
+        let before = endpoint.status().failovers;
+        let sock = active_sock(&endpoint);
+        let pid = drivers.signal(&sock, "-STOP");
+        let mut stale = HashMap::new();
+        for slot in 0..STALE {
+            seq += 1;
+            let cookie = c
+                .send(
+                    CMD_WRITE,
+                    0,
+                    slot * BLOCK as u64,
+                    BLOCK as u32,
+                    &block(seq, slot),
+                )
+                .unwrap();
+            stale.insert(cookie, (slot, seq));
+        }
+        // The endpoint declares the silent driver faulty and re-sends them to the backup.
+        while !stale.is_empty() {
+            let r = c.recv().unwrap();
+            assert_eq!(
+                r.error, 0,
+                "round {round}: write failed with NBD error {}",
+                r.error
+            );
+            let (slot, q) = stale.remove(&r.cookie).expect("a reply to a write");
+            acked[slot as usize] = q;
+        }
+        let st = endpoint.status();
+        assert!(st.failovers > before, "round {round}: no takeover");
+        let reason = st.last_failover.unwrap().reason;
+        assert!(
+            reason.contains("heartbeat"),
+            "round {round}: failed over for {reason:?}"
+        );
+        assert_ne!(
+            active_sock(&endpoint),
+            sock,
+            "round {round}: still on the hung driver"
+        );
+        assert_eq!(
+            proc_state(pid),
+            Some('T'),
+            "round {round}: the hung driver is not stopped"
+        );
+        // Newer data over the same blocks, through the new driver.
+        write_all(&mut c, &mut acked, &mut seq);
+        // Wake the old driver: it still holds the writes sent to it before the takeover.
+        drivers.signal(&sock, "-CONT");
+        // Give it time to run them (a settle, not a measured bound).
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(
+            proc_state(pid).is_some_and(|s| s != 'Z'),
+            "round {round}: the woken driver died; the test must not rely on a kill"
+        );
+        for slot in 0..SLOTS_F {
+            let got = c.read(slot * BLOCK as u64, BLOCK as u32).unwrap();
+            check(
+                &got,
+                slot,
+                acked[slot as usize],
+                &template_bytes,
+                &format!("round {round}, after the hung driver woke"),
+            );
+        }
+        // The woken driver, never restarted, becomes the new backup.
+        let t0 = Instant::now();
+        while endpoint.status().standby.as_deref() != Some(&Addr::Unix(sock.clone()).to_string()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "round {round}: the woken driver never became the backup"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(drivers.children[&sock].id(), pid);
+    }
+    let _ = c.disconnect();
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    endpoint.close();
+    for s in &socks {
+        drivers.kill(s);
+    }
+    // The storage itself holds the newest data.
+    let t = Arc::new(RawFile::open_read_only(&template).unwrap());
+    let ov = Overlay::open(&overlay, t, true).unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    for slot in 0..SLOTS_F {
+        ov.read_at(&mut buf, slot * BLOCK as u64).unwrap();
+        check(
+            &buf,
+            slot,
+            acked[slot as usize],
+            &template_bytes,
+            "overlay file",
         );
     }
 }

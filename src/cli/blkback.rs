@@ -90,6 +90,10 @@ struct DriverArgs {
     /// Worker threads running disk requests.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Do not use the generation fence (`<overlay>.fence`): a superseded driver that wakes
+    /// up could then write after a takeover. Only for storage fenced some other way.
+    #[arg(long)]
+    no_fence: bool,
 }
 
 #[derive(Debug, Args)]
@@ -121,8 +125,9 @@ struct EndpointArgs {
     /// The progress bound is this many times the recent p99 latency.
     #[arg(long, default_value_t = 4.0)]
     bound_k: f64,
-    /// Do not SIGKILL a local driver declared faulty. Without the kill, a hung driver that
-    /// wakes up may write after the takeover: only for drivers fenced some other way.
+    /// Do not SIGKILL a local driver declared faulty; it is then stopped only by the drivers'
+    /// generation fence (as a driver on another host is). A driver hung inside a write
+    /// then delays the takeover until it resumes or dies.
     #[arg(long)]
     no_kill_local: bool,
     /// Bytes of acknowledged, unflushed writes kept for replay before the endpoint flushes.
@@ -447,6 +452,7 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
     failover::driver::run(
         listener,
         failover::driver::DriverConfig {
+            fencer: (!a.no_fence).then(|| failover::driver::fencer_for(configs.clone())),
             opener: failover::driver::opener_for(configs),
             heartbeat_interval: std::time::Duration::from_millis(a.heartbeat_ms.max(1)),
             key,

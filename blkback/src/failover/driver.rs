@@ -16,12 +16,14 @@
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::fence::{self, Fence, FencedDisk};
 use super::wire::{self, ChannelKey, HelloReply, ReplyHeader, RequestHeader};
 use super::{Addr, Stream};
 use crate::disk::{check_range, Disk, DiskError, WriteFlags, ZeroFlags};
@@ -29,6 +31,20 @@ use crate::export::{ExportConfig, Exports};
 
 /// Opens the disk stack of an export by name: a fresh stack on every call.
 pub type Opener = Arc<dyn Fn(&str) -> Result<Arc<dyn Disk>, String> + Send + Sync>;
+
+/// The fence record of an export by name (`None`: not fenced). See [`super::fence`].
+pub type Fencer = Arc<dyn Fn(&str) -> Option<PathBuf> + Send + Sync>;
+
+/// A fencer over export configurations: `<overlay>.fence` (or `<template>.fence`), none for
+/// read-only exports.
+pub fn fencer_for(configs: Vec<ExportConfig>) -> Fencer {
+    Arc::new(move |name: &str| {
+        configs
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(fence::record_for)
+    })
+}
 
 /// An opener over export configurations (template, overlay): each call opens the files.
 pub fn opener_for(configs: Vec<ExportConfig>) -> Opener {
@@ -56,6 +72,8 @@ pub fn opener_for(configs: Vec<ExportConfig>) -> Opener {
 #[derive(Clone)]
 pub struct DriverConfig {
     pub opener: Opener,
+    /// Where each export's fence record is; `None` turns the generation fence off.
+    pub fencer: Option<Fencer>,
     /// How often a heartbeat is sent on every connection.
     pub heartbeat_interval: Duration,
     /// Pre-shared key; connections without it are refused.
@@ -69,6 +87,7 @@ impl std::fmt::Debug for DriverConfig {
         f.debug_struct("DriverConfig")
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("keyed", &self.key.is_some())
+            .field("fenced", &self.fencer.is_some())
             .field("workers", &self.workers)
             .finish()
     }
@@ -185,7 +204,22 @@ struct Conn {
     generation: u64,
     export: String,
     opener: Opener,
+    fencer: Option<Fencer>,
+    fence: OnceLock<Arc<Fence>>,
     disk: OnceLock<Result<Arc<dyn Disk>, String>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(f) = self.fence.get() {
+            if f.refused() > 0 {
+                tracing::warn!(
+                    export = %self.export, generation = self.generation, refused = f.refused(),
+                    "connection ended; the fence refused its writes after a newer driver took over"
+                );
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -204,11 +238,39 @@ impl Conn {
         w.shutdown();
     }
 
-    /// The connection's disk stack, opened on first use.
+    /// The connection's disk stack, opened on first use: first the storage is taken over for
+    /// this connection's generation (the fence), then the stack is opened and wrapped so its
+    /// writes stop once a newer generation takes over.
     fn disk(&self) -> Result<Arc<dyn Disk>, String> {
         self.disk
             .get_or_init(|| {
-                let r = (self.opener)(&self.export);
+                let record = self.fencer.as_ref().and_then(|f| f(&self.export));
+                let fence = match record {
+                    None => None,
+                    Some(path) => {
+                        let f = Fence::take_over(&path, self.generation, |waited| {
+                            tracing::warn!(
+                                record = %path.display(), waited_ms = waited.as_millis() as u64,
+                                "takeover waits for a write of a superseded driver to end"
+                            )
+                        });
+                        match f {
+                            Ok(f) => {
+                                let f = Arc::new(f);
+                                let _ = self.fence.set(f.clone());
+                                Some(f)
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot take the storage over");
+                                return Err(e.to_string());
+                            }
+                        }
+                    }
+                };
+                let r = (self.opener)(&self.export).map(|d| match &fence {
+                    Some(f) => Arc::new(FencedDisk::new(d, f.clone())) as Arc<dyn Disk>,
+                    None => d,
+                });
                 match &r {
                     Ok(_) => tracing::info!(export = %self.export, generation = self.generation, "opened the disk stack"),
                     Err(e) => tracing::error!(export = %self.export, error = %e, "cannot open the disk stack"),
@@ -292,6 +354,8 @@ fn serve_connection(
         generation,
         export,
         opener: cfg.opener.clone(),
+        fencer: cfg.fencer.clone(),
+        fence: OnceLock::new(),
         disk: OnceLock::new(),
     });
     let hb = conn.clone();

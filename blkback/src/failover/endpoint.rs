@@ -5,11 +5,12 @@
 //! **Failover**, in the monitor thread:
 //!
 //! 1. stop sending to the old driver and shut its connection down;
-//! 2. fence it as far as this host allows: a driver on a Unix socket is local, so it is sent
-//!    SIGKILL (its pid came in the hello and is checked against `/proc/PID/stat`'s start
-//!    time, so a reused pid is never hit) and the endpoint waits until the process is gone
-//!    and its connection's reader has exited. A TCP driver cannot be fenced yet (see
-//!    docs/failover.md);
+//! 2. as an extra measure (unless `kill_local` is off), SIGKILL a driver on a Unix socket,
+//!    which is local (its pid came in the hello and is checked against `/proc/PID/stat`'s
+//!    start time, so a reused pid is never hit), and wait until the process is gone and its
+//!    connection's reader has exited. What stops a superseded driver's writes in every case
+//!    is the drivers' generation fence ([`super::fence`]): the new driver records its newer
+//!    generation next to the storage before its first write;
 //! 3. take the standby connection (kept connected and heart-beating) or connect to the next
 //!    driver address that answers;
 //! 4. re-send, one at a time in the order they completed, the writes (and discards and
@@ -322,11 +323,17 @@ impl Endpoint {
             return Err(EndpointError::NoDrivers);
         }
         let t0 = Instant::now();
+        // Generations start at the wall clock in microseconds, so the drivers of a restarted
+        // endpoint supersede (and fence) every driver of its predecessor.
+        let first_gen = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64)
+            .max(1);
         let (idx, h) = loop {
             let mut last = String::new();
             let mut found = None;
             for (i, a) in cfg.drivers.iter().enumerate() {
-                match handshake(&cfg, a, 1) {
+                match handshake(&cfg, a, first_gen) {
                     Ok(h) => {
                         found = Some((i, h));
                         break;
@@ -347,7 +354,7 @@ impl Endpoint {
             read_only: h.read_only,
             state: Mutex::new(State {
                 next_id: 1,
-                next_gen: 2,
+                next_gen: first_gen + 1,
                 ..State::default()
             }),
             closed: AtomicBool::new(false),
@@ -942,6 +949,7 @@ mod tests {
                     Err("no such export".into())
                 }
             }),
+            fencer: None,
             heartbeat_interval: Duration::from_millis(20),
             key: key.map(ChannelKey::from_secret),
             workers: 4,

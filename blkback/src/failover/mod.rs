@@ -12,11 +12,13 @@
 //! - [`wire`]: the channel's frames (hello, auth, requests, replies, heartbeats).
 //! - [`driver`]: serves channel requests from any `Arc<dyn Disk>`.
 //! - [`endpoint`]: a `Disk` that forwards to the active driver and fails over.
+//! - [`fence`]: the generation fence that stops a superseded driver's writes.
 //! - [`monitor`]: the fault rule (broken connection, lost heartbeat, stuck requests).
 
 pub mod bench;
 pub mod driver;
 pub mod endpoint;
+pub mod fence;
 pub mod monitor;
 pub mod status;
 pub mod wire;

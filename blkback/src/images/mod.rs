@@ -12,3 +12,4 @@
 //!   the `Disk` layer that serves a template from a chunk list.
 
 pub mod chunk;
+pub mod store;

@@ -11,5 +11,9 @@
 //! - `cache`, `peer`, `template`: the per-node cooperative chunk cache, the peer protocol and
 //!   the `Disk` layer that serves a template from a chunk list.
 
+pub mod cache;
 pub mod chunk;
+pub mod fetch;
+pub mod peer;
+pub mod template;
 pub mod store;

@@ -1,0 +1,246 @@
+//! One node of the cooperative cache put together: its [`NodeCache`], its [`Fetcher`] and its
+//! peer server (serving the cache, pulling from the origin for the chunks it is home of), and
+//! a deployment of an image through a [`ChunkTemplate`] with prefetch in boot order.
+//!
+//! `remoca image node` runs one of these; the multi-node tests and `remoca bench images`
+//! run several.
+
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::server::{RunningServer, Service};
+use crate::disk::Disk;
+use crate::images::cache::NodeCache;
+use crate::images::chunk::{ChunkId, ChunkList};
+use crate::images::fetch::{FetchConfig, Fetcher, OriginPath};
+use crate::images::template::{AccessProfile, ChunkTemplate};
+
+/// How to run one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The cache directory and its bound in bytes.
+    pub cache_dir: std::path::PathBuf,
+    pub cache_bytes: u64,
+    /// Peers, origin, timeouts. `fetch.me` is set to the listener's address when `None`.
+    pub fetch: FetchConfig,
+    /// Test hook: serve corrupted chunks (see [`Service::corrupting`]).
+    pub corrupt_served_chunks: bool,
+}
+
+/// A running node: stops serving when dropped.
+#[derive(Debug)]
+pub struct Node {
+    pub fetcher: Arc<Fetcher>,
+    pub server: RunningServer,
+}
+
+impl Node {
+    /// Start a node serving on `listener` (already bound, so every node's address can be
+    /// known before any starts).
+    ///
+    /// # Errors
+    /// Opening the cache; starting the server.
+    pub fn start(listener: TcpListener, mut cfg: NodeConfig) -> io::Result<Node> {
+        let cache = Arc::new(NodeCache::open(&cfg.cache_dir, cfg.cache_bytes)?);
+        if cfg.fetch.me.is_none() {
+            cfg.fetch.me = Some(listener.local_addr()?);
+        }
+        let fetcher = Arc::new(Fetcher::new(cache.clone(), cfg.fetch));
+        let holder = cache.clone();
+        let svc = Service::new(cache, move |id| holder.contains(id))
+            .with_pull(Arc::new(OriginPath(fetcher.clone())))
+            .corrupting(cfg.corrupt_served_chunks);
+        let server = RunningServer::start_on(listener, Arc::new(svc))?;
+        Ok(Node { fetcher, server })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+}
+
+/// What one deployment did.
+#[derive(Debug, Clone)]
+pub struct DeployReport {
+    /// Image bytes read through the template.
+    pub bytes: u64,
+    pub data_chunks: usize,
+    pub elapsed: Duration,
+    /// Chunks the prefetcher could not get (the reader then failed too, or got them later).
+    pub prefetch_failures: usize,
+}
+
+/// Deploy `list` on this node the way a booting VM would: a reader reads every chunk through
+/// a [`ChunkTemplate`] in `profile` order (then the rest in list order; list order without a
+/// profile), while a prefetcher fetches ahead in the same order, `batch` chunks per request
+/// and `parallel` requests in flight. The bytes read are written at their offsets into `out`
+/// when given. `progress` counts chunks read so far.
+///
+/// # Errors
+/// The first read that fails (a chunk no peer and no origin could give).
+pub fn deploy(
+    fetcher: &Arc<Fetcher>,
+    list: &ChunkList,
+    profile: Option<&AccessProfile>,
+    out: Option<&File>,
+    batch: usize,
+    parallel: usize,
+    progress: &AtomicU64,
+) -> io::Result<DeployReport> {
+    let start = Instant::now();
+    let order: Vec<usize> = match profile.filter(|p| p.chunks == list.chunks.len()) {
+        Some(p) => {
+            let mut seen = vec![false; list.chunks.len()];
+            let mut o = Vec::with_capacity(list.chunks.len());
+            for i in p
+                .order
+                .iter()
+                .map(|&i| i as usize)
+                .chain(0..list.chunks.len())
+            {
+                if i < seen.len() && !seen[i] {
+                    seen[i] = true;
+                    o.push(i);
+                }
+            }
+            o
+        }
+        None => (0..list.chunks.len()).collect(),
+    };
+    let wanted: Vec<(ChunkId, usize)> = order
+        .iter()
+        .filter_map(|&i| list.chunks[i].map(|id| (id, list.len_of(i))))
+        .collect();
+    let template = ChunkTemplate::new(list.clone(), fetcher.clone())
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let stop = AtomicBool::new(false);
+    let cs = list.chunk_size.bytes() as u64;
+    let (read, prefetch_failures) = std::thread::scope(|s| {
+        let pf = s.spawn(|| fetcher.prefetch(&wanted, batch, parallel, &stop));
+        let read = (|| -> io::Result<u64> {
+            let mut buf = vec![0u8; cs as usize];
+            let mut bytes = 0u64;
+            for &i in &order {
+                let len = list.len_of(i);
+                let b = &mut buf[..len];
+                template
+                    .read_at(b, i as u64 * cs)
+                    .map_err(|e| io::Error::other(format!("chunk {i}: {e}")))?;
+                if let Some(f) = out {
+                    f.write_all_at(b, i as u64 * cs)?;
+                }
+                bytes += len as u64;
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(bytes)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let failures = pf.join().unwrap_or(0);
+        (read, failures)
+    });
+    let bytes = read?;
+    if let Some(f) = out {
+        f.set_len(list.size)?;
+        f.sync_all()?;
+    }
+    Ok(DeployReport {
+        bytes,
+        data_chunks: wanted.len(),
+        elapsed: start.elapsed(),
+        prefetch_failures,
+    })
+}
+
+/// Write `list` as text: a header line `remoca-chunk-list v1 <chunk size> <size>`, then one
+/// line per chunk, its id in hex or `0` for a zero chunk. The format a node reads with
+/// `--chunk-list` (until it gets lists from the store).
+///
+/// # Errors
+/// I/O errors.
+pub fn save_chunk_list(list: &ChunkList, path: &Path) -> io::Result<()> {
+    let mut text = format!(
+        "remoca-chunk-list v1 {} {}\n",
+        list.chunk_size.bytes(),
+        list.size
+    );
+    for c in &list.chunks {
+        match c {
+            Some(id) => text.push_str(&id.to_string()),
+            None => text.push('0'),
+        }
+        text.push('\n');
+    }
+    std::fs::write(path, text)
+}
+
+/// Read a list written by [`save_chunk_list`].
+///
+/// # Errors
+/// I/O errors; [`io::ErrorKind::InvalidData`] for anything malformed or inconsistent.
+pub fn load_chunk_list(path: &Path) -> io::Result<ChunkList> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    let text = std::fs::read_to_string(path)?;
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    let (cs, size) = match head.as_slice() {
+        ["remoca-chunk-list", "v1", cs, size] => (
+            cs.parse::<u64>().map_err(|e| bad(e.to_string()))?,
+            size.parse::<u64>().map_err(|e| bad(e.to_string()))?,
+        ),
+        _ => return Err(bad(format!("{}: not a chunk list", path.display()))),
+    };
+    let chunk_size = crate::images::chunk::ChunkSize::new(cs).map_err(|e| bad(e.to_string()))?;
+    let chunks = lines
+        .map(|l| match l.trim() {
+            "0" => Ok(None),
+            hex => hex.parse().map(Some).map_err(|e| bad(format!("{e}"))),
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let list = ChunkList {
+        chunk_size,
+        size,
+        chunks,
+    };
+    if !list.is_consistent() {
+        return Err(bad(format!(
+            "{}: {} entries for {size} bytes",
+            path.display(),
+            list.chunks.len()
+        )));
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::chunk::ChunkSize;
+
+    #[test]
+    fn chunk_lists_round_trip_and_bad_ones_are_refused() {
+        let list = ChunkList {
+            chunk_size: ChunkSize::new(8192).unwrap(),
+            size: 20000,
+            chunks: vec![Some(ChunkId::of(b"a")), None, Some(ChunkId::of(b"c"))],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        save_chunk_list(&list, &p).unwrap();
+        assert_eq!(load_chunk_list(&p).unwrap(), list);
+        for text in [
+            "",
+            "remoca-chunk-list v1 8192 20000\n0\n0\n",
+            "remoca-chunk-list v1 1000 2000\n0\n0\n",
+            "remoca-chunk-list v1 8192 20000\n0\nzz\n0\n",
+        ] {
+            std::fs::write(&p, text).unwrap();
+            assert!(load_chunk_list(&p).is_err(), "{text:?}");
+        }
+    }
+}

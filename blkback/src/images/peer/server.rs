@@ -1,0 +1,286 @@
+//! The peer-protocol server: one tokio task per connection, requests answered in order.
+//! Chunk reads (disk, and pull-through fetches from the origin) run on tokio's blocking pool.
+//!
+//! A node runs it over its [`crate::images::cache::NodeCache`], with the fetcher's
+//! origin-only path as the pull source; the origin runs it over any
+//! [`ChunkSource`] (the store, or an in-memory map in tests) with no pull source.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::wire::{self, Frame};
+use crate::images::chunk::{ChunkError, ChunkId, ChunkSource};
+
+/// Something that can fetch a batch of chunks at once (the fetcher's origin path).
+pub trait BatchSource: Send + Sync {
+    /// One result per want, in order.
+    fn fetch_batch(&self, wants: &[(ChunkId, usize)]) -> Vec<Result<Vec<u8>, ChunkError>>;
+}
+
+/// Counters of one server since it started.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub chunks_served: AtomicU64,
+    /// Chunk bytes sent (payload only): the egress a deployment test reports for the origin.
+    pub bytes_served: AtomicU64,
+    pub missing: AtomicU64,
+    /// Chunks fetched from the origin on a pull request.
+    pub pulled: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+/// What a server serves from.
+pub struct Service {
+    local: Arc<dyn ChunkSource>,
+    holds: Box<dyn Fn(&ChunkId) -> bool + Send + Sync>,
+    pull: Option<Arc<dyn BatchSource>>,
+    corrupt: bool,
+    pub stats: ServerStats,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("pull", &self.pull.is_some())
+            .field("corrupt", &self.corrupt)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Service {
+    /// Serve what `local` has; `holds` answers HAVE queries.
+    pub fn new(
+        local: Arc<dyn ChunkSource>,
+        holds: impl Fn(&ChunkId) -> bool + Send + Sync + 'static,
+    ) -> Service {
+        Service {
+            local,
+            holds: Box::new(holds),
+            pull: None,
+            corrupt: false,
+            stats: ServerStats::default(),
+        }
+    }
+
+    /// On a GET with the pull flag, fetch what `local` lacks from `pull`.
+    pub fn with_pull(mut self, pull: Arc<dyn BatchSource>) -> Service {
+        self.pull = Some(pull);
+        self
+    }
+
+    /// **Test hook**: flip one byte of every chunk served, to play a bad peer in the
+    /// multi-node tests. Never set in production.
+    pub fn corrupting(mut self, yes: bool) -> Service {
+        self.corrupt = yes;
+        self
+    }
+
+    fn answer_get(&self, pull: bool, wants: &[(ChunkId, u32)]) -> Vec<Frame> {
+        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(wants.len());
+        let mut lacking = Vec::new();
+        for (i, (id, len)) in wants.iter().enumerate() {
+            match self.local.fetch(id, *len as usize) {
+                Ok(d) if d.len() == *len as usize => out.push(Some(d)),
+                _ => {
+                    out.push(None);
+                    lacking.push(i);
+                }
+            }
+        }
+        if let (true, Some(p), false) = (pull, &self.pull, lacking.is_empty()) {
+            let ask: Vec<(ChunkId, usize)> = lacking
+                .iter()
+                .map(|&i| (wants[i].0, wants[i].1 as usize))
+                .collect();
+            for (i, r) in lacking.iter().zip(p.fetch_batch(&ask)) {
+                if let Ok(d) = r {
+                    if d.len() == wants[*i].1 as usize {
+                        self.stats.pulled.fetch_add(1, Ordering::Relaxed);
+                        out[*i] = Some(d);
+                    }
+                }
+            }
+        }
+        wants
+            .iter()
+            .zip(out)
+            .map(|((id, _), d)| match d {
+                Some(mut data) => {
+                    self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .bytes_served
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if self.corrupt {
+                        data[0] ^= 0x5a;
+                    }
+                    Frame::Chunk { id: *id, data }
+                }
+                None => {
+                    self.stats.missing.fetch_add(1, Ordering::Relaxed);
+                    Frame::Missing(*id)
+                }
+            })
+            .collect()
+    }
+}
+
+async fn connection(svc: Arc<Service>, mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    loop {
+        let frame = match wire::read_frame_async(&mut s).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                svc.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                let _ = s
+                    .write_all(&wire::encode(&Frame::Error(e.to_string())))
+                    .await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        svc.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let replies = match frame {
+            Frame::Get { pull, wants } => {
+                let svc = svc.clone();
+                tokio::task::spawn_blocking(move || svc.answer_get(pull, &wants))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+            Frame::HaveQuery(ids) => {
+                vec![Frame::Have(ids.iter().map(|i| (svc.holds)(i)).collect())]
+            }
+            _ => {
+                svc.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                let msg = "only GET and HAVE_QUERY are requests".to_string();
+                let _ = s.write_all(&wire::encode(&Frame::Error(msg))).await;
+                return Ok(());
+            }
+        };
+        for f in replies {
+            s.write_all(&wire::encode(&f)).await?;
+        }
+    }
+}
+
+/// Accept connections on `listener` forever, one task each.
+///
+/// # Errors
+/// An error from `accept` that is not about one connection.
+pub async fn serve(listener: TcpListener, svc: Arc<Service>) -> io::Result<()> {
+    loop {
+        let (s, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        svc.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(svc, s).await {
+                tracing::debug!("peer {peer}: {e}");
+            }
+        });
+    }
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// A server running on its own thread and runtime; stops when dropped.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    svc: Arc<Service>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Bind `listen` (port 0 for any) and serve `svc` on a new thread.
+    ///
+    /// # Errors
+    /// Bind errors, runtime creation errors.
+    pub fn start(listen: SocketAddr, svc: Arc<Service>) -> io::Result<RunningServer> {
+        RunningServer::start_on(std::net::TcpListener::bind(listen)?, svc)
+    }
+
+    /// Serve `svc` on an already bound listener, on a new thread.
+    ///
+    /// # Errors
+    /// Runtime creation errors.
+    pub fn start_on(
+        std_listener: std::net::TcpListener,
+        svc: Arc<Service>,
+    ) -> io::Result<RunningServer> {
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(16)
+            .enable_all()
+            .build()?;
+        let s2 = svc.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("chunk-server {addr}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("chunk server {addr}: {e}");
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        r = serve(listener, s2) => if let Err(e) = r {
+                            tracing::error!("chunk server {addr}: {e}");
+                        },
+                        _ = stopped => {}
+                    }
+                });
+                rt.shutdown_background();
+            })?;
+        Ok(RunningServer {
+            addr,
+            svc,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.svc.stats
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -227,7 +227,7 @@ impl PortTable {
     }
 }
 
-/// A dom0 event-channel handle on the simulated host.
+/// An event-channel handle on the simulated host, of dom0 or of [`SimHost::acting_as`]'s domain.
 #[derive(Debug)]
 struct SimEvtchnHandle {
     inner: Arc<Inner>,
@@ -259,18 +259,18 @@ impl EventChannelHandle for SimEvtchnHandle {
         self.host.check("evtchn.bind")?;
         let mut st = self.inner.state.lock();
         st.domain(dom)?;
-        st.ports.bind(self.id, 0, dom, remote_port)
+        st.ports.bind(self.id, self.host.me, dom, remote_port)
     }
 
     fn unbind(&self, port: Port) -> Result<()> {
-        self.inner.state.lock().ports.unbind(0, port)
+        self.inner.state.lock().ports.unbind(self.host.me, port)
     }
 
     fn notify(&self, port: Port) -> Result<()> {
         if self.host.check("evtchn.notify")? == super::faults::Verdict::Drop {
             return Ok(());
         }
-        self.inner.state.lock().ports.send(0, port)?;
+        self.inner.state.lock().ports.send(self.host.me, port)?;
         self.inner.changed.notify_all();
         Ok(())
     }
@@ -290,7 +290,7 @@ impl EventChannelHandle for SimEvtchnHandle {
     }
 
     fn unmask(&self, port: Port) -> Result<()> {
-        self.inner.state.lock().ports.unmask(0, port)
+        self.inner.state.lock().ports.unmask(self.host.me, port)
     }
 }
 

@@ -24,16 +24,21 @@ impl GrantTables for SimHost {
 }
 
 impl SimHost {
-    /// Resolve a grant for dom0: the frame behind it, after Xen's checks.
+    /// Resolve a grant for this view's domain (dom0 unless [`SimHost::acting_as`]): the frame
+    /// behind it, after Xen's checks.
     fn resolve_grant(&self, dom: DomId, gref: GrantRef, writable: bool) -> Result<Gfn> {
         let st = self.inner.state.lock();
         let d = st.domain(dom)?;
-        let e = d.grants.get(&gref).filter(|e| e.to == 0).ok_or_else(|| {
-            Error::os(
-                format!("grant {gref} of domain {dom}: bad grant reference"),
-                libc::EINVAL,
-            )
-        })?;
+        let e = d
+            .grants
+            .get(&gref)
+            .filter(|e| e.to == self.me)
+            .ok_or_else(|| {
+                Error::os(
+                    format!("grant {gref} of domain {dom}: bad grant reference"),
+                    libc::EINVAL,
+                )
+            })?;
         if writable && e.readonly {
             return Err(Error::os(
                 format!("writable use of read-only grant {gref} of domain {dom}"),

@@ -161,6 +161,9 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct SimHost {
     inner: Arc<Inner>,
+    /// The domain whose grant mappings and event channels this view makes (0 but for
+    /// [`SimHost::acting_as`]).
+    me: DomId,
 }
 
 impl Default for SimHost {
@@ -179,6 +182,7 @@ impl SimHost {
                 store: SimXenstore::new(),
                 faults: faults::FaultPlan::default(),
             }),
+            me: 0,
         };
         host.create_domain(DomainSpec::pv("Domain-0", 4096))
             .expect("creating the simulated dom0");
@@ -315,6 +319,17 @@ impl SimHost {
     /// Is the domain crashed (e.g. its pager went away with pages out)?
     pub fn is_crashed(&self, dom: DomId) -> Result<bool> {
         Ok(self.inner.state.lock().domain(dom)?.crashed)
+    }
+
+    /// The same host seen from a driver domain `dom`: grants are resolved, and event channels
+    /// bound, notified and unbound, as that domain (a guest must grant to it and allocate its
+    /// port for it). Xenstore and domain control stay dom0's. A driver domain's backend runs
+    /// on `Host::from_sim(sim.acting_as(dom))`.
+    pub fn acting_as(&self, dom: DomId) -> SimHost {
+        SimHost {
+            inner: self.inner.clone(),
+            me: dom,
+        }
     }
 
     /// The guest grants `gfn` to `to`, like gnttab_grant_foreign_access.

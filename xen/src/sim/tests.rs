@@ -85,6 +85,56 @@ fn event_channels_bind_notify_mask_and_rebind_after_close() {
         .is_errno(libc::ESRCH));
 }
 
+/// A driver domain's view: a guest grants to and opens its port for that domain, so only
+/// that view maps the page and binds the port, not dom0 (and the other way round).
+#[test]
+fn a_driver_domain_view_uses_grants_and_ports_meant_for_it() {
+    let sim = SimHost::new();
+    let dom = sim.create_domain(DomainSpec::pv("g", 16)).unwrap();
+    let drv = sim.create_domain(DomainSpec::pv("driver", 16)).unwrap();
+    let view = sim.acting_as(drv);
+    let to_drv = sim.grant_access(dom, drv, 1, false).unwrap();
+    let to_dom0 = sim.grant_access(dom, 0, 2, false).unwrap();
+    let (g0, gd) = (
+        GrantTables::open(&sim).unwrap(),
+        GrantTables::open(&view).unwrap(),
+    );
+    assert!(g0
+        .map(dom, &[to_drv], true)
+        .unwrap_err()
+        .is_errno(libc::EINVAL));
+    assert!(gd
+        .map(dom, &[to_dom0], true)
+        .unwrap_err()
+        .is_errno(libc::EINVAL));
+    sim.guest_write(dom, 1, 0, b"for the driver").unwrap();
+    let m = gd.map(dom, &[to_drv], true).unwrap();
+    let mut got = [0u8; 14];
+    m.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"for the driver");
+    drop(m);
+
+    let port = sim.evtchn_alloc_unbound(dom, drv).unwrap();
+    let (e0, ed) = (
+        EventChannels::open(&sim).unwrap(),
+        EventChannels::open(&view).unwrap(),
+    );
+    assert!(
+        e0.bind_interdomain(dom, port).is_err(),
+        "dom0 may not bind it"
+    );
+    let local = ed.bind_interdomain(dom, port).unwrap();
+    ed.notify(local).unwrap();
+    assert!(sim.evtchn_guest_wait(dom, port, Duration::from_secs(1)));
+    sim.evtchn_guest_notify(dom, port).unwrap();
+    assert_eq!(ed.wait(Duration::from_secs(1)).unwrap(), Some(local));
+    // Closed by the driver domain, the port is free for that domain again, not for dom0.
+    drop(ed);
+    assert!(e0.bind_interdomain(dom, port).is_err());
+    let again = EventChannels::open(&view).unwrap();
+    again.bind_interdomain(dom, port).unwrap();
+}
+
 #[test]
 fn injected_faults_hit_the_named_call() {
     let sim = SimHost::new();

@@ -130,15 +130,25 @@ swap_disk &
 
 # A disk for dom0-tests/tier1.sh (xvdd), whose serving `remoca up` dom0 SIGKILLs and restarts
 # several times while this runs: each time /dev/xvdd appears, TIER1_ROUNDS rounds of fresh
-# random data (TIER1_KIB KiB at offset 0, so a lost write leaves an older round's data behind)
-# written with O_DIRECT and an fsync (a flush request), in 4 KiB requests on odd rounds and
-# 64 KiB (indirect) ones on even rounds, read back with O_DIRECT and compared. One line per
-# round (dom0 times its kills by them), then a verdict with the counts of mismatching rounds,
-# failed dd commands and kernel I/O error lines, and the SHA-256 of the last round (dom0 checks
-# the image holds it).
-TIER1_ROUNDS=14
+# random data (TIER1_KIB KiB at offset 0, so a lost write leaves an older round's data behind),
+# each half written by its own dd at once (two requests on the ring at a time, which may finish
+# out of order) with O_DIRECT and an fsync (a flush request), in 4 KiB requests on odd rounds
+# and 64 KiB (indirect) ones on even rounds, then read back the same way and compared. One line
+# per round (dom0 times its kills by them), then a verdict with the counts of mismatching
+# rounds, failed dd commands and kernel I/O error lines, and the SHA-256 of the last round
+# (dom0 checks the image holds it).
+TIER1_ROUNDS=20
 TIER1_KIB=512
 kernel_io_errors() { dmesg | grep -c -E 'I/O error|blk_update_request|blkfront.*(error|disabled)'; }
+# tier1_dd N ROUND WHAT dd-ARGS...: run dd, count and report a failure.
+tier1_dd() {
+  t1n=$1 t1r=$2 t1what=$3
+  shift 3
+  if ! err=$(dd "$@" 2>&1); then
+    echo "GUEST-TIER1-IOERR $t1n $t1r $t1what: $(echo "$err" | tail -n 1)"
+    return 1
+  fi
+}
 tier1_disk() {
   n=0
   while true; do
@@ -151,20 +161,22 @@ tier1_disk() {
       r=$((r + 1))
       bs=4096
       [ $((r % 2)) -eq 0 ] && bs=65536
+      half=$((TIER1_KIB * 512 / bs))
       head -c $((TIER1_KIB * 1024)) /dev/urandom > /tmp/tier1-w
       sum=$(sha256sum < /tmp/tier1-w | cut -d' ' -f1)
       echo "GUEST-TIER1-ROUND $n $r bs=$bs $sum"
-      if ! err=$(dd if=/tmp/tier1-w of=/dev/xvdd bs=$bs oflag=direct conv=notrunc,fsync 2>&1); then
-        errs=$((errs + 1))
-        echo "GUEST-TIER1-IOERR $n $r write: $(echo "$err" | tail -n 1)"
-      fi
-      if ! err=$(dd if=/dev/xvdd of=/tmp/tier1-r bs=$bs count=$((TIER1_KIB * 1024 / bs)) iflag=direct 2>&1); then
-        errs=$((errs + 1))
-        echo "GUEST-TIER1-IOERR $n $r read: $(echo "$err" | tail -n 1)"
-      fi
+      ( tier1_dd "$n" "$r" write if=/tmp/tier1-w of=/dev/xvdd bs=$bs count=$half oflag=direct conv=notrunc,fsync ) &
+      p=$!
+      tier1_dd "$n" "$r" write if=/tmp/tier1-w of=/dev/xvdd bs=$bs skip=$half seek=$half count=$half oflag=direct conv=notrunc,fsync || errs=$((errs + 1))
+      wait $p || errs=$((errs + 1))
+      ( tier1_dd "$n" "$r" read if=/dev/xvdd of=/tmp/tier1-r1 bs=$bs count=$half iflag=direct ) &
+      p=$!
+      tier1_dd "$n" "$r" read if=/dev/xvdd of=/tmp/tier1-r2 bs=$bs skip=$half count=$half iflag=direct || errs=$((errs + 1))
+      wait $p || errs=$((errs + 1))
+      cat /tmp/tier1-r1 /tmp/tier1-r2 > /tmp/tier1-r
       cmp -s /tmp/tier1-w /tmp/tier1-r || { bad=$((bad + 1)); echo "GUEST-TIER1-MISMATCH $n $r"; }
     done
-    rm -f /tmp/tier1-w /tmp/tier1-r
+    rm -f /tmp/tier1-w /tmp/tier1-r /tmp/tier1-r1 /tmp/tier1-r2
     kerr=$(($(kernel_io_errors) - k0))
     [ $kerr -eq 0 ] || dmesg | tail -n 20 | sed "s/^/GUEST-TIER1-DMESG $n /"
     echo "GUEST-TIER1-DONE $n rounds=$r mismatches=$bad ioerrors=$errs kernel_errors=$kerr last=$sum"

@@ -22,7 +22,7 @@ IMG=$T/disk.img
 CONLOG=/var/log/xen/console/guest-$G.log
 DEVID=51760 # xvdd: (202 << 8) | (3 << 4); blkif.sh uses xvdb, swap.sh xvdc
 KILLS=${TIER1_KILLS:-5}
-ROUNDS=14   # guest-init.sh's TIER1_ROUNDS
+ROUNDS=20   # guest-init.sh's TIER1_ROUNDS
 KIB=512     # guest-init.sh's TIER1_KIB
 mkdir -p "$T"
 
@@ -102,6 +102,9 @@ done_seen() { has_console_line GUEST-TIER1-DONE "$N"; }
 export RUST_LOG=warn,remoca_blkback::blkif=info
 plain_log() { sed $'s/\e\\[[0-9;]*m//g' "$T/up.log"; }
 reattached() { plain_log | grep -q 're-attaching to the ring' && plain_log | grep -q 'connected.* attach=true'; }
+# How many requests the new process found between rsp_prod and req_prod (its log says).
+replayed() { plain_log | grep 'replaying the unanswered requests' | grep -o 'requests=[0-9]*' | tail -n 1 | cut -d= -f2; }
+replays=
 kills_ok=1
 done_kills=0
 if [ $connected -eq 0 ]; then
@@ -133,7 +136,9 @@ if [ $connected -eq 0 ]; then
       break
     fi
     if wait_for 30 reattached; then
-      note "kill $k (pid $pid) in round $r; states then $sb/$sf; new pid $UP re-attached $(awk -v a="$t0" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}') s after the kill"
+      n_re=$(replayed)
+      replays="$replays ${n_re:-?}"
+      note "kill $k (pid $pid) in round $r; states then $sb/$sf; new pid $UP re-attached $(awk -v a="$t0" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}') s after the kill, replaying ${n_re:-?} requests"
     else
       note "kill $k (pid $pid) in round $r: the new remoca up did not re-attach"
       show_up_log
@@ -144,7 +149,7 @@ if [ $connected -eq 0 ]; then
   done
 fi
 [ "$done_kills" -eq "$KILLS" ] || kills_ok=1
-note "$done_kills of $KILLS kills done"
+note "$done_kills of $KILLS kills done; requests replayed after each:${replays:- none}"
 result kills-reattach $kills_ok
 
 # ---------------------------------------------------------------- the guest's verdict

@@ -10,6 +10,7 @@ use remoca_blkback::blkif::parse::{
     encode_request, encode_segments, entry_from_bytes_32, entry_from_bytes_64, Abi, BlkifOp,
     BlkifRequest, DataSegment,
 };
+use remoca_blkback::blkif::xenbus::move_frontend;
 use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::overlay::Overlay;
 use remoca_blkback::raw::RawFile;
@@ -182,6 +183,7 @@ struct Front {
     /// First guest frame of this device's pages.
     base: u64,
     next_id: u64,
+    setup: Setup,
 }
 
 /// How the frontend describes its ring.
@@ -208,18 +210,24 @@ impl Front {
     /// The whole handshake: [`Front::initialise`], then Connected on both sides.
     fn connect(h: &Host0, dom: DomId, devid: u32, setup: Setup) -> Front {
         let f = Front::initialise(h, dom, devid, setup);
-        h.wait_state(&backend_path(dom, devid), 4);
+        let be = h
+            .read(&format!("{}/backend", frontend_path(dom, devid)))
+            .unwrap();
+        h.wait_state(&be, 4);
         f.set_state(4);
         f
     }
 
     /// Wait for the backend's InitWait, set up ring, port and data grants, publish them
-    /// and move to Initialised.
+    /// and move to Initialised. The backend is the one the frontend's `backend` and
+    /// `backend-id` name, and the grants and the port are for that domain.
     fn initialise(h: &Host0, dom: DomId, devid: u32, setup: Setup) -> Front {
-        let be = backend_path(dom, devid);
         let fe = frontend_path(dom, devid);
-        h.wait_state(&be, 2);
         let guest = h.sim.xenstore().connect(dom);
+        let own = |k: &str| read_string(&guest, Tx::NONE, &format!("{fe}/{k}")).unwrap();
+        let be = own("backend");
+        let backend_id: DomId = own("backend-id").parse().unwrap();
+        h.wait_state(&be, 2);
         // The frontend reads the backend's offer as the guest, through its permissions.
         let offer = |k: &str| read_string(&guest, Tx::NONE, &format!("{be}/{k}")).unwrap();
         let max_order: u32 = offer("max-ring-page-order").parse().unwrap();
@@ -231,7 +239,7 @@ impl Front {
         let gfns: Vec<u64> = (base..base + pages as u64).collect();
         let ring_grefs: Vec<GrantRef> = gfns
             .iter()
-            .map(|g| h.sim.grant_access(dom, 0, *g, false).unwrap())
+            .map(|g| h.sim.grant_access(dom, backend_id, *g, false).unwrap())
             .collect();
         let map = Arc::new(ForeignMemory::map(&h.sim, dom, &gfns, true).unwrap());
         let abi = setup.protocol.unwrap_or(Abi::X86_32);
@@ -239,18 +247,18 @@ impl Front {
             Abi::X86_64 => Ring::X64(FrontRing::init(map).unwrap()),
             Abi::X86_32 => Ring::X32(FrontRing::init(map).unwrap()),
         };
-        let port = h.sim.evtchn_alloc_unbound(dom, 0).unwrap();
+        let port = h.sim.evtchn_alloc_unbound(dom, backend_id).unwrap();
         let data = (0..DATA_PAGES as u64)
             .map(|i| {
                 h.sim
-                    .grant_access(dom, 0, base + DATA_GFN + i, false)
+                    .grant_access(dom, backend_id, base + DATA_GFN + i, false)
                     .unwrap()
             })
             .collect();
         let indirect = (0..8)
             .map(|i| {
                 h.sim
-                    .grant_access(dom, 0, base + INDIRECT_GFN + i, true)
+                    .grant_access(dom, backend_id, base + INDIRECT_GFN + i, true)
                     .unwrap()
             })
             .collect();
@@ -284,7 +292,29 @@ impl Front {
             indirect,
             base,
             next_id: 1,
+            setup,
         }
+    }
+
+    /// blkfront's resume (`blkfront_resume` + `blkif_recover`), after the toolstack moved the
+    /// device to another backend: drop the old ring and every grant, find the backend again
+    /// from `backend`/`backend-id`, make a new ring, port and grants for it, connect, and
+    /// return the new frontend (request ids go on). The caller re-issues what was in flight.
+    fn resume(mut self, h: &Host0) -> Front {
+        self.ring = None;
+        for g in self
+            .ring_grefs
+            .iter()
+            .chain(&self.data)
+            .chain(&self.indirect)
+        {
+            h.sim
+                .revoke_grant(self.dom, *g)
+                .expect("a grant of the old ring is still mapped");
+        }
+        let mut f = Front::connect(h, self.dom, self.devid, self.setup);
+        f.next_id = self.next_id;
+        f
     }
 
     fn set_state(&self, state: u32) {
@@ -1158,6 +1188,101 @@ fn killed_backend_with_requests_finishing_out_of_order_loses_none_and_answers_no
     let (st, got) = f.read(8, f.pages(40, 1));
     assert_eq!((st, got), (RSP_OKAY, b_data));
     server.shutdown().unwrap();
+}
+
+/// Failover tier 2 on the simulator (no second driver domain runs in the Xen-under-QEMU
+/// stage): the driver domain serving a disk dies with writes in flight; the toolstack moves
+/// the device to a standby driver domain (`move_frontend`) and the guest goes through
+/// suspend/resume, where blkfront makes a new ring for the new backend and re-issues what
+/// was in flight. Every write reaches the disk once answered, none is lost, and the disk
+/// keeps serving from the standby.
+#[test]
+fn driver_domain_death_moves_the_disk_to_a_standby_domain_and_no_write_is_lost() {
+    let h = Host0::new();
+    let img = image(h.dir.path(), "t2.raw", 1024, 47);
+    let primary = h.serve(BlkifConfig::default());
+    let standby_dom = h
+        .sim
+        .create_domain(DomainSpec::pv("standby-driver", 16))
+        .unwrap();
+    let standby = BlkifServer::spawn(
+        Host::from_sim(h.sim.acting_as(standby_dom)),
+        BlkifConfig {
+            backend_domid: standby_dom,
+            ..BlkifConfig::default()
+        },
+    )
+    .unwrap();
+    let dom = h.guest("moved");
+    h.add_disk(dom, 51712, &format!("raw:{}", img.display()), "w");
+    let mut f = Front::connect(&h, dom, 51712, X64);
+    let before = pattern(8, PAGE);
+    assert_eq!(f.write(0, f.pages(0, 1), &before), RSP_OKAY);
+
+    // Three writes in flight (every grant copy stalls) when the driver domain dies.
+    h.sim
+        .inject("gnttab.copy", Fault::Delay(Duration::from_secs(2)))
+        .unwrap();
+    let writes: Vec<(u64, usize, Vec<u8>)> = (1..=3u8)
+        .map(|k| {
+            (
+                u64::from(k) * 64,
+                usize::from(k) * 2,
+                pattern(100 + k, 2 * PAGE),
+            )
+        })
+        .collect();
+    for (sector, page, data) in &writes {
+        f.fill(&f.pages(*page, 2), data);
+        f.push(BlkifOp::Write {
+            sector: *sector,
+            segments: f.pages(*page, 2),
+        });
+    }
+    primary.crash().unwrap();
+    assert!(f.try_response().is_none(), "setup: a write was answered");
+    h.sim.clear_faults();
+
+    // The toolstack's half, then the guest's suspend/resume.
+    let old = backend_path(dom, 51712);
+    let new = move_frontend(&h.xs0(), &old, standby_dom, "vbd3").unwrap();
+    assert_eq!(
+        new,
+        format!("/local/domain/{standby_dom}/backend/vbd3/{dom}/51712")
+    );
+    let fe = frontend_path(dom, 51712);
+    assert_eq!(h.read(&format!("{fe}/backend")), Some(new.clone()));
+    assert_eq!(
+        h.read(&format!("{fe}/backend-id")),
+        Some(standby_dom.to_string())
+    );
+    assert_eq!(
+        h.read(&format!("{new}/params")),
+        h.read(&format!("{old}/params"))
+    );
+    let mut f = f.resume(&h);
+    assert_eq!(h.read(&format!("{new}/state")).as_deref(), Some("4"));
+    let ids: Vec<u64> = writes
+        .iter()
+        .map(|(sector, page, _)| {
+            f.push(BlkifOp::Write {
+                sector: *sector,
+                segments: f.pages(*page, 2),
+            })
+        })
+        .collect();
+    let mut answered: Vec<(u64, u8, i16)> = ids.iter().map(|_| f.response()).collect();
+    answered.sort_unstable();
+    let want: Vec<(u64, u8, i16)> = ids.iter().map(|id| (*id, OP_WRITE, RSP_OKAY)).collect();
+    assert_eq!(answered, want);
+    for (sector, _, data) in &writes {
+        assert_eq!(&file_bytes(&img, *sector as usize * SECTOR, 2 * PAGE), data);
+    }
+    let (st, got) = f.read(0, f.pages(20, 1));
+    assert_eq!((st, got), (RSP_OKAY, before));
+    let stats = standby.stats().lock().len();
+    assert_eq!(stats, 1, "the standby serves the disk");
+    standby.shutdown().unwrap();
 }
 
 #[test]

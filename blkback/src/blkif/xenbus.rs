@@ -10,8 +10,8 @@
 //!  either:    5 (Closing) -> backend drains, unmaps, unbinds -> 6 (Closed)
 //! ```
 
-use remoca_xen::xenstore::{read_string, with_transaction};
-use remoca_xen::{GrantRef, Port, Tx, XenStore};
+use remoca_xen::xenstore::{read_string, with_transaction, Access, Perm};
+use remoca_xen::{DomId, GrantRef, Port, Tx, XenStore};
 
 use super::parse::Abi;
 use super::BlkifError;
@@ -206,6 +206,96 @@ pub fn read_frontend_ring(
     let abi = Abi::from_protocol(protocol.as_deref().map(str::trim))
         .map_err(|p| BlkifError::Frontend(format!("protocol {p:?} is not supported")))?;
     Ok(FrontendRing { refs, port, abi })
+}
+
+/// The toolstack's keys of a backend directory, copied when a device moves to another
+/// driver domain.
+const TOOLSTACK_KEYS: &[&str] = &[
+    "frontend",
+    "frontend-id",
+    "params",
+    "script",
+    "online",
+    "removable",
+    "bootable",
+    "dev",
+    "type",
+    "mode",
+    "device-type",
+    "discard-enable",
+    "specification",
+];
+
+/// Failover tier 2, the toolstack's half (`docs/failover.md`): point a guest's disk at a
+/// standby driver domain `to` after the domain serving it died. In one transaction:
+///
+/// - a backend directory `/local/domain/<to>/backend/<kind>/<guest>/<devid>` with the old
+///   one's toolstack keys and state Initialising (1), owned by `to` and readable by the guest;
+/// - the frontend's `backend` and `backend-id` pointing at it, the frontend directory and its
+///   nodes readable by `to` (blkfront keeps the nodes it rewrites on resume);
+/// - the frontend's `state` set to Initialising, as a restore writes it, so the standby does
+///   not take the old ring (granted to the dead domain) for its own.
+///
+/// The old backend directory is left to the toolstack. The guest must then be suspended and
+/// resumed: blkfront's resume re-reads `backend`/`backend-id`, makes a new ring and event
+/// channel for the new backend and re-issues every request that was in flight. Returns the
+/// new backend path.
+///
+/// # Errors
+/// [`BlkifError::Params`] when the old backend has no `frontend`/`frontend-id`, xenstore
+/// errors otherwise.
+pub fn move_frontend(
+    store: &dyn XenStore,
+    old_backend: &str,
+    to: DomId,
+    kind: &str,
+) -> Result<String, BlkifError> {
+    let missing = |k: &str| BlkifError::Params(format!("{old_backend}/{k} is missing"));
+    let frontend = read_opt(store, &format!("{old_backend}/frontend"))?
+        .ok_or_else(|| missing("frontend"))?
+        .trim()
+        .to_owned();
+    let guest: DomId = read_opt(store, &format!("{old_backend}/frontend-id"))?
+        .ok_or_else(|| missing("frontend-id"))?
+        .trim()
+        .parse()
+        .map_err(|_| BlkifError::Params(format!("{old_backend}/frontend-id is not a number")))?;
+    let devid = old_backend
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let new_backend = format!("/local/domain/{to}/backend/{kind}/{guest}/{devid}");
+    with_transaction(store, 16, |tx| {
+        let back_perms = [Perm::new(to, Access::None), Perm::new(guest, Access::Read)];
+        let front_perms = [Perm::new(guest, Access::None), Perm::new(to, Access::Read)];
+        store.mkdir(tx, &new_backend)?;
+        store.set_perms(tx, &new_backend, &back_perms)?;
+        for k in TOOLSTACK_KEYS {
+            match store.read(tx, &format!("{old_backend}/{k}")) {
+                Ok(v) => store.write(tx, &format!("{new_backend}/{k}"), &v)?,
+                Err(e) if e.is_errno(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        store.write(tx, &format!("{new_backend}/state"), b"1")?;
+        for k in store.directory(tx, &new_backend)? {
+            store.set_perms(tx, &format!("{new_backend}/{k}"), &back_perms)?;
+        }
+        store.write(tx, &format!("{frontend}/backend"), new_backend.as_bytes())?;
+        store.write(
+            tx,
+            &format!("{frontend}/backend-id"),
+            to.to_string().as_bytes(),
+        )?;
+        store.write(tx, &format!("{frontend}/state"), b"1")?;
+        store.set_perms(tx, &frontend, &front_perms)?;
+        for k in store.directory(tx, &frontend)? {
+            store.set_perms(tx, &format!("{frontend}/{k}"), &front_perms)?;
+        }
+        Ok(())
+    })?;
+    Ok(new_backend)
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ impl Store {
             if let Ok(m) = self.manifest(&v) {
                 referenced.extend(m.own_chunks().copied());
             }
-            let mut reported = HashSet::new();
+            let mut reported: HashSet<ChunkId> = o.corrupt.iter().map(|(id, _)| *id).collect();
             for (i, id) in list.chunks.iter().enumerate() {
                 let Some(id) = id else { continue };
                 users.entry(*id).or_default().insert(v.clone());
@@ -101,6 +101,22 @@ impl Store {
                     Some(_) => {}
                 }
             }
+        }
+        // Records open found rotten and left out of the index.
+        for (id, l) in &o.corrupt {
+            if self.index.contains_key(id) {
+                continue; // another, good copy serves it
+            }
+            r.bad_chunks.push(BadChunk {
+                id: *id,
+                arena: l.arena,
+                offset: l.offset,
+                why: "its bytes do not hash to its id (found re-reading the arena)".into(),
+                used_by: users
+                    .get(id)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default(),
+            });
         }
         // Chunks, in file order.
         let mut all: Vec<_> = self.index.iter().collect();

@@ -56,6 +56,9 @@ pub struct ArenaScan {
     pub sealed: bool,
     /// Why a scan stopped before the end of the file, if it did.
     pub torn: Option<String>,
+    /// Records whose header is whole but whose payload does not hash to their id (rot, or
+    /// a payload that never reached the disk); the scan steps over them.
+    pub corrupt: Vec<(ChunkId, Location)>,
 }
 
 /// The footer table of a sealed arena, or `None` if its trailer or footer does not check.
@@ -94,7 +97,7 @@ pub fn scan_arena(file: &File, number: u32, check_payloads: bool) -> Result<Aren
             records,
             valid_len: len,
             sealed: true,
-            torn: None,
+            ..ArenaScan::default()
         });
     }
     // A writer killed while creating the arena may leave it without a whole header: it
@@ -154,16 +157,29 @@ pub fn scan_arena(file: &File, number: u32, check_payloads: bool) -> Result<Aren
             out.torn = Some(format!("unfinished footer at {pos}"));
             break;
         }
-        if check_payloads && read_chunk(file, &h.id, &loc).is_err() {
-            out.torn = Some(format!(
-                "record for {} at {pos} does not hash to its id",
-                h.id
-            ));
-            break;
-        }
-        out.records.push((h.id, loc));
         pos = loc.offset + h.stored_len as u64;
-        out.valid_len = pos;
+        if check_payloads && read_chunk(file, &h.id, &loc).is_err() {
+            out.corrupt.push((h.id, loc));
+        } else {
+            out.records.push((h.id, loc));
+            out.valid_len = pos;
+        }
+    }
+    // Bad records after the last good one are a torn tail (payloads that never reached the
+    // disk), cut with it; bad records between good ones are rot, reported.
+    let tail = out.valid_len;
+    if out.corrupt.last().is_some_and(|c| c.1.offset > tail) {
+        let first_torn = out
+            .corrupt
+            .iter()
+            .position(|c| c.1.offset > tail)
+            .expect("some");
+        let (id, l) = out.corrupt[first_torn];
+        out.torn.get_or_insert(format!(
+            "record for {id} at {} does not hash to its id",
+            l.offset - arena::RECORD_HEADER_LEN as u64
+        ));
+        out.corrupt.truncate(first_torn);
     }
     Ok(out)
 }

@@ -139,6 +139,8 @@ pub struct OpenReport {
     pub rescanned: Vec<u32>,
     /// Why a rescanned arena's scan stopped early (a torn tail after a crash).
     pub torn: Vec<(u32, String)>,
+    /// Records found while re-reading arenas whose payload does not hash to their id.
+    pub corrupt: Vec<(ChunkId, Location)>,
     /// The index file was missing or did not parse.
     pub index_missing: bool,
 }
@@ -280,6 +282,7 @@ impl Store {
                 if let Some(t) = scan.torn {
                     self.open_report.torn.push((n, t));
                 }
+                self.open_report.corrupt.extend(scan.corrupt);
                 (
                     scan.records,
                     ArenaState {

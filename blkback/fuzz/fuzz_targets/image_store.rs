@@ -1,0 +1,17 @@
+//! The image store's parsers on arbitrary bytes: arena header, chunk record header and
+//! payload, footer table, trailer, manifest and index. None may panic or allocate more than
+//! the input justifies.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use remoca_blkback::images::store::{arena, index::IndexFile, Manifest};
+
+fuzz_target!(|data: &[u8]| {
+    arena::parse_any(data);
+    if let Ok(m) = Manifest::decode(data) {
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+    if let Ok(i) = IndexFile::decode(data) {
+        assert_eq!(IndexFile::decode(&i.encode()).unwrap(), i);
+    }
+});

@@ -49,8 +49,29 @@ fn verify(srv: &Server, durable: &BTreeMap<u64, Vec<u8>>, round: usize) {
 
 #[test]
 fn kill_9_during_writes_never_loses_flushed_data() {
+    crash_rounds(None);
+}
+
+/// The same with 4 KiB clusters (the library's default cluster size), where most writes
+/// copy up a whole cluster of their own and full 4 KiB writes allocate without copy-up.
+#[test]
+fn kill_9_during_writes_never_loses_flushed_data_4k_clusters() {
+    crash_rounds(Some("4K"));
+}
+
+fn crash_rounds(cluster_size: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let (t, o) = template_and_overlay(dir.path(), SIZE);
+    if let Some(cs) = cluster_size {
+        std::fs::remove_file(&o).unwrap();
+        run_ok(
+            remoca()
+                .args(["image", "create", "--cluster-size", cs, "--template"])
+                .arg(&t)
+                .arg("--overlay")
+                .arg(&o),
+        );
+    }
     let before = sha(&t);
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -82,8 +103,13 @@ fn kill_9_during_writes_never_loses_flushed_data() {
         for k in 0..300 {
             let Some(slot) = slots.pop() else { break };
             let base = slot * SLOT;
-            let start = rng.below(SLOT / 2);
-            let len = 1 + rng.below(SLOT - start);
+            // One in four writes covers its whole slot (a full 4 KiB cluster).
+            let (start, len) = if k % 4 == 1 {
+                (0, SLOT)
+            } else {
+                let start = rng.below(SLOT / 2);
+                (start, 1 + rng.below(SLOT - start))
+            };
             let ok = if k % 8 == 7 {
                 let r = c.command(CMD_WRITE_ZEROES, 0, base + start, len as u32);
                 pending.push((base + start, vec![0u8; len as usize]));

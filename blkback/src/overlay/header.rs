@@ -35,8 +35,11 @@ pub const HEADER_SIZE: u64 = 4096;
 /// Smallest and largest cluster: 4 KiB and 2 MiB.
 pub const MIN_CLUSTER_BITS: u32 = 12;
 pub const MAX_CLUSTER_BITS: u32 = 21;
-/// Default cluster size: 64 KiB, like qcow2.
-pub const DEFAULT_CLUSTER_BITS: u32 = 16;
+/// Default cluster size: 4 KiB, the guests' block size, so that a guest's 4 KiB write to
+/// a cluster still on the template is one 4 KiB write and never a copy-up (a 64 KiB cluster
+/// made that write read 60 KiB of template and write 64 KiB). The map costs 2 bits per
+/// 4 KiB of disk (64 MiB per TiB, in memory); [`MAX_MAP_LEN`] caps such disks at 4 TiB.
+pub const DEFAULT_CLUSTER_BITS: u32 = 12;
 /// Largest cluster map accepted, in bytes.
 pub const MAX_MAP_LEN: u64 = 256 << 20;
 /// Longest template path stored as a hint.

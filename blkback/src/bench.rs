@@ -18,17 +18,20 @@
 //! more on the overlay: `perf` showed more time in `ext4_block_write_begin`, a difference
 //! that had nothing to do with the servers.)
 //!
-//! Every row is the median of `reps` rounds over the three targets, each round starting
-//! with the next target. For the first write pass the overlay is discarded (all clusters
-//! Zero, data punched out) before each of its runs, so every round pays cluster and block
-//! allocation again, while the raw copies stay preallocated. Each server gets its own copy
-//! of the template for writes, so every row starts from the same bytes; after the first
-//! pass every overlay cluster is allocated, so the later write rows measure overwrites of
-//! allocated clusters.
+//! Every figure is the median of `reps` rounds, printed with the rounds' minimum and
+//! maximum; the ratios are the medians (and ranges) of the per-round ratios, since the
+//! targets of one round run back to back and share whatever else the machine was doing.
+//! Each round starts with another target. The read rows read an overlay that was never
+//! written (its reads fall through to the template). Each write row is measured on the raw
+//! copies (preallocated: qemu-nbd and remoca each overwrite their own) and on an overlay
+//! that is **fresh in every round** (a new file, the remoca server restarted on it), written
+//! once ("first write": every cluster it touches is allocated) and then with the same
+//! requests again ("rewrite": those clusters are already `Data`); the table has a row for
+//! each, with the same raw and qemu-nbd samples.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,7 +73,7 @@ pub enum BenchError {
     Setup(String),
 }
 
-/// One row of the result table.
+/// One row of the result table: medians of the rounds, and the samples behind them.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub name: String,
@@ -78,6 +81,7 @@ pub struct Row {
     pub qemu: f64,
     pub remoca: f64,
     pub overlay: f64,
+    pub samples: Samples,
 }
 
 /// The result table.
@@ -86,6 +90,7 @@ pub struct Report {
     pub size: u64,
     pub count: u64,
     pub reps: usize,
+    pub cluster_size: u64,
     pub rows: Vec<Row>,
 }
 
@@ -93,28 +98,39 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "remoca bench blkback: {} MiB raw template, {} requests per 4 KiB run, \
-             median of {} rounds, unix sockets",
+            "remoca bench blkback: {} MiB raw template, overlay clusters of {} KiB, {} requests \
+             per 4 KiB run, {} rounds, unix sockets",
             self.size >> 20,
+            self.cluster_size >> 10,
             self.count,
             self.reps
+        )?;
+        writeln!(
+            f,
+            "figures: median (min-max) of the rounds; ratios: median (min-max) of the \
+             per-round ratios (the targets of a round ran back to back)"
         )?;
         writeln!(
             f,
             "| test | unit | qemu-nbd | remoca raw | remoca overlay | raw/qemu | overlay/raw |"
         )?;
         writeln!(f, "|---|---|---:|---:|---:|---:|---:|")?;
+        let cell = |med: f64, x: &[f64]| {
+            let (lo, hi) = min_max(x);
+            format!("{med:.0} ({lo:.0}-{hi:.0})")
+        };
+        let ratio = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} ({lo:.2}-{hi:.2})");
         for r in &self.rows {
             writeln!(
                 f,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.name,
                 r.unit,
-                r.qemu,
-                r.remoca,
-                r.overlay,
-                r.remoca / r.qemu,
-                r.overlay / r.remoca
+                cell(r.qemu, &r.samples.qemu),
+                cell(r.remoca, &r.samples.remoca),
+                cell(r.overlay, &r.samples.overlay),
+                ratio(r.qemu_ratio()),
+                ratio(r.overlay_ratio()),
             )?;
         }
         Ok(())
@@ -273,6 +289,129 @@ impl Drop for Reaped {
     }
 }
 
+/// remoca's NBD server, in process, serving `plain` and `overlay` on a unix socket.
+struct Remoca {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), crate::nbd::ServerError>>>,
+}
+
+impl Remoca {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        sock: &Path,
+        plain: &Arc<dyn Disk>,
+        overlay: &Arc<dyn Disk>,
+    ) -> Result<Self, BenchError> {
+        let exports = Exports::from_disks(vec![
+            ("plain".into(), "raw copy".into(), plain.clone()),
+            (
+                "overlay".into(),
+                "overlay over template".into(),
+                overlay.clone(),
+            ),
+        ])
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+        let _ = std::fs::remove_file(sock);
+        let listener = {
+            let _g = rt.enter();
+            tokio::net::UnixListener::bind(sock)?
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(crate::nbd::run(
+            crate::nbd::Listener::Unix(listener),
+            exports,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Ok(Self {
+            stop: Some(stop_tx),
+            server: Some(server),
+        })
+    }
+
+    /// Stop serving and wait until the server has let go of its disks.
+    fn stop(mut self, rt: &tokio::runtime::Runtime) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.server.take() {
+            let _ = rt.block_on(h);
+        }
+    }
+}
+
+/// A fresh, empty overlay at `path` over `base` (any old one removed first).
+fn fresh_overlay(
+    path: &Path,
+    base: &Arc<dyn Disk>,
+    hint: &str,
+) -> Result<Arc<dyn Disk>, BenchError> {
+    let _ = std::fs::remove_file(path);
+    Overlay::create(path, &**base, DEFAULT_CLUSTER_BITS, hint)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let ov =
+        Overlay::open(path, base.clone(), false).map_err(|e| BenchError::Setup(e.to_string()))?;
+    Ok(Arc::new(ov))
+}
+
+/// The samples of one row: every round's figure per target.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    pub qemu: Vec<f64>,
+    pub remoca: Vec<f64>,
+    pub overlay: Vec<f64>,
+}
+
+fn median(x: &[f64]) -> f64 {
+    let mut v = x.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(x: &[f64]) -> (f64, f64) {
+    x.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
+impl Row {
+    fn from_samples(name: String, unit: &'static str, s: Samples) -> Self {
+        Self {
+            name,
+            unit,
+            qemu: median(&s.qemu),
+            remoca: median(&s.remoca),
+            overlay: median(&s.overlay),
+            samples: s,
+        }
+    }
+
+    /// Per-round ratios `a[i] / b[i]` (the targets of one round ran back to back).
+    fn paired(a: &[f64], b: &[f64]) -> Vec<f64> {
+        a.iter().zip(b).map(|(x, y)| x / y).collect()
+    }
+
+    /// overlay/raw per round: (median, min, max).
+    pub fn overlay_ratio(&self) -> (f64, f64, f64) {
+        let r = Self::paired(&self.samples.overlay, &self.samples.remoca);
+        let (lo, hi) = min_max(&r);
+        (median(&r), lo, hi)
+    }
+
+    /// raw/qemu per round: (median, min, max).
+    pub fn qemu_ratio(&self) -> (f64, f64, f64) {
+        let r = Self::paired(&self.samples.remoca, &self.samples.qemu);
+        let (lo, hi) = min_max(&r);
+        (median(&r), lo, hi)
+    }
+}
+
 /// Run the benchmark.
 ///
 /// # Errors
@@ -298,7 +437,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
         // No writeback of the copies during the runs.
         File::open(p)?.sync_all()?;
     }
-    let _ = std::fs::remove_file(&overlay);
+    let hint = template.to_string_lossy().into_owned();
 
     // qemu-nbd, the baseline.
     let qsock = dir.join("qemu.sock");
@@ -327,45 +466,19 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     let _qemu = Reaped(child);
     wait_for_socket(&qsock)?;
 
-    // remoca, in-process on its own runtime.
+    // remoca, in process on its own runtime; restarted whenever the overlay is replaced.
     let base: Arc<dyn Disk> =
         Arc::new(RawFile::open_read_only(&template).map_err(|e| BenchError::Setup(e.to_string()))?);
-    Overlay::create(
-        &overlay,
-        &*base,
-        DEFAULT_CLUSTER_BITS,
-        &template.to_string_lossy(),
-    )
-    .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let ov: Arc<dyn Disk> = Arc::new(
-        Overlay::open(&overlay, base, false).map_err(|e| BenchError::Setup(e.to_string()))?,
-    );
     let plain: Arc<dyn Disk> = Arc::new(
         RawFile::open_read_write(&plain_copy).map_err(|e| BenchError::Setup(e.to_string()))?,
     );
-    let ov_handle = ov.clone();
-    let exports = Exports::from_disks(vec![
-        ("plain".into(), "raw copy".into(), plain),
-        ("overlay".into(), "overlay over template".into(), ov),
-    ])
-    .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let rsock = dir.join("remoca.sock");
-    let _ = std::fs::remove_file(&rsock);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let listener = {
-        let _g = rt.enter();
-        tokio::net::UnixListener::bind(&rsock)?
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(crate::nbd::run(
-        crate::nbd::Listener::Unix(listener),
-        exports,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let rsock = dir.join("remoca.sock");
+    let ov = fresh_overlay(&overlay, &base, &hint)?;
+    let mut server = Some(Remoca::start(&rt, &rsock, &plain, &ov)?);
+    drop(ov);
 
     let targets = [
         uri(&qsock, "bench"),
@@ -381,98 +494,167 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     settle(&[&source], true)?;
     let reps = cfg.reps.max(1);
     let mut rows = Vec::new();
-    // `first_pass`: before each of the overlay's runs, discard all of it (every cluster
-    // becomes Zero, its data blocks are punched out), so every run allocates again.
-    let mut measure = |name: &str,
-                       unit: &'static str,
-                       write: bool,
-                       first_pass: bool,
-                       f: &dyn Fn(&str) -> Result<f64, BenchError>| {
-        // `reps` rounds over the three targets; the median of each.
+    // One measurement: sync, the target's files reset in the page cache, the run.
+    let run_one = |i: usize, warm: bool, f: &dyn Fn(&str) -> Result<f64, BenchError>| {
+        // Start each run without another target's dirty pages being written back, and
+        // with this target's files cached the same way as the others'.
+        let _ = Command::new("sync").status();
+        settle(&files[i], warm)?;
+        f(&targets[i])
+    };
+    let show = |name: &str, unit: &str, v: &[f64]| {
+        let all = v
+            .iter()
+            .map(|s| format!("{s:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        eprintln!("  {name}: median {:.0} [{all}] {unit}", median(v));
+    };
+    // Read rows: `reps` rounds over the three targets, each round starting with another
+    // target (none always runs right after the same neighbour). The overlay has never
+    // been written: its reads fall through to the template.
+    let mut reads = |name: &str, f: &dyn Fn(&str) -> Result<f64, BenchError>| {
         let mut v: [Vec<f64>; 3] = Default::default();
         for round in 0..reps {
-            // Each round starts with another target, so none always runs right after the
-            // same neighbour (whose writeback or cache misses it could inherit).
-            for k in 0..targets.len() {
-                let i = (round + k) % targets.len();
-                let t = &targets[i];
-                if first_pass && i == 2 {
-                    ov_handle
-                        .discard(0, size)
-                        .and_then(|()| ov_handle.flush())
-                        .map_err(|e| BenchError::Setup(e.to_string()))?;
-                }
-                // Start each run without another target's dirty pages being written back,
-                // and with this target's files cached the same way as the others'.
-                let _ = Command::new("sync").status();
-                settle(&files[i], !write)?;
-                v[i].push(f(t)?);
+            for k in 0..3 {
+                let i = (round + k) % 3;
+                v[i].push(run_one(i, true, f)?);
             }
         }
-        let med = |x: &mut Vec<f64>| {
-            x.sort_by(f64::total_cmp);
-            x[x.len() / 2]
+        let unit = if name.starts_with("seq") {
+            "MB/s"
+        } else {
+            "IOPS"
         };
-        let (q, r, o) = (med(&mut v[0]), med(&mut v[1]), med(&mut v[2]));
-        let all = |x: &[f64]| {
-            x.iter()
-                .map(|s| format!("{s:.0}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        eprintln!(
-            "{name}: qemu-nbd {q:.0} [{}], remoca {r:.0} [{}], overlay {o:.0} [{}] {unit}",
-            all(&v[0]),
-            all(&v[1]),
-            all(&v[2])
-        );
-        let _ = io::stderr().flush();
-        rows.push(Row {
-            name: name.into(),
+        eprintln!("{name}:");
+        for (t, x) in ["qemu-nbd", "remoca raw", "overlay"].iter().zip(&v) {
+            show(t, unit, x);
+        }
+        let [q, r, o] = v;
+        rows.push(Row::from_samples(
+            name.into(),
             unit,
-            qemu: q,
-            remoca: r,
-            overlay: o,
-        });
+            Samples {
+                qemu: q,
+                remoca: r,
+                overlay: o,
+            },
+        ));
         Ok::<(), BenchError>(())
     };
     let count = cfg.count;
-    measure("seq read 1 MiB", "MB/s", false, false, &|u| {
-        seq_read(u, size)
-    })?;
-    measure("4 KiB read QD1", "IOPS", false, false, &|u| {
-        small_io(u, count, 1, false)
-    })?;
-    measure("4 KiB read QD16", "IOPS", false, false, &|u| {
-        small_io(u, count, 16, false)
-    })?;
-    measure("4 KiB read QD32", "IOPS", false, false, &|u| {
-        small_io(u, count, 32, false)
-    })?;
-    // The first write pass allocates every overlay cluster (again in every round: the
-    // overlay is discarded before each of its runs); the raw files are preallocated.
-    measure("seq write 1 MiB, first pass", "MB/s", true, true, &|u| {
-        seq_write(&source, u, size)
-    })?;
-    measure("seq write 1 MiB", "MB/s", true, false, &|u| {
-        seq_write(&source, u, size)
-    })?;
-    measure("4 KiB write QD1", "IOPS", true, false, &|u| {
-        small_io(u, count, 1, true)
-    })?;
-    measure("4 KiB write QD16", "IOPS", true, false, &|u| {
+    reads("seq read 1 MiB", &|u| seq_read(u, size))?;
+    reads("4 KiB read QD1", &|u| small_io(u, count, 1, false))?;
+    reads("4 KiB read QD16", &|u| small_io(u, count, 16, false))?;
+    reads("4 KiB read QD32", &|u| small_io(u, count, 32, false))?;
+
+    // Write rows: per round qemu-nbd, remoca raw (both overwrite a preallocated file) and
+    // the overlay unit: a fresh overlay (new file, remoca restarted on it) written once
+    // ("first write": every cluster allocated, the file system reserving its blocks) and
+    // then the same requests again ("rewrite": all clusters already Data). Rounds rotate
+    // which of the three units goes first.
+    let mut writes =
+        |name: &str, unit: &'static str, f: &dyn Fn(&str) -> Result<f64, BenchError>| {
+            let mut v: [Vec<f64>; 4] = Default::default();
+            for round in 0..reps {
+                for k in 0..3 {
+                    let i = (round + k) % 3;
+                    if i < 2 {
+                        v[i].push(run_one(i, false, f)?);
+                        continue;
+                    }
+                    if let Some(s) = server.take() {
+                        s.stop(&rt);
+                    }
+                    let ov = fresh_overlay(&overlay, &base, &hint)?;
+                    server = Some(Remoca::start(&rt, &rsock, &plain, &ov)?);
+                    drop(ov);
+                    v[2].push(run_one(2, false, f)?);
+                    v[3].push(run_one(2, false, f)?);
+                }
+            }
+            eprintln!("{name}:");
+            for (t, x) in [
+                "qemu-nbd",
+                "remoca raw",
+                "overlay first write",
+                "overlay rewrite",
+            ]
+            .iter()
+            .zip(&v)
+            {
+                show(t, unit, x);
+            }
+            let [q, r, first, again] = v;
+            rows.push(Row::from_samples(
+                format!("{name}, overlay first write"),
+                unit,
+                Samples {
+                    qemu: q.clone(),
+                    remoca: r.clone(),
+                    overlay: first,
+                },
+            ));
+            rows.push(Row::from_samples(
+                format!("{name}, overlay rewrite"),
+                unit,
+                Samples {
+                    qemu: q,
+                    remoca: r,
+                    overlay: again,
+                },
+            ));
+            Ok::<(), BenchError>(())
+        };
+    writes("seq write 1 MiB", "MB/s", &|u| seq_write(&source, u, size))?;
+    writes("4 KiB write QD1", "IOPS", &|u| small_io(u, count, 1, true))?;
+    writes("4 KiB write QD16", "IOPS", &|u| {
         small_io(u, count, 16, true)
     })?;
-    measure("4 KiB write QD32", "IOPS", true, false, &|u| {
+    writes("4 KiB write QD32", "IOPS", &|u| {
         small_io(u, count, 32, true)
     })?;
 
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
+    if let Some(s) = server.take() {
+        s.stop(&rt);
+    }
     Ok(Report {
         size,
         count,
         reps,
+        cluster_size: 1 << DEFAULT_CLUSTER_BITS,
         rows,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_paired_ratios() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        let row = Row::from_samples(
+            "x".into(),
+            "IOPS",
+            Samples {
+                qemu: vec![10.0, 10.0, 10.0],
+                remoca: vec![20.0, 10.0, 40.0],
+                overlay: vec![10.0, 10.0, 30.0],
+            },
+        );
+        assert_eq!(row.remoca, 20.0);
+        assert_eq!(row.overlay_ratio(), (0.75, 0.5, 1.0));
+        assert_eq!(row.qemu_ratio(), (2.0, 1.0, 4.0));
+        let table = Report {
+            size: 1 << 20,
+            count: 1,
+            reps: 3,
+            cluster_size: 4096,
+            rows: vec![row],
+        }
+        .to_string();
+        assert!(table.contains("| x | IOPS | 10 (10-10) | 20 (10-40) | 10 (10-30) | 2.00 (1.00-4.00) | 0.75 (0.50-1.00) |"), "{table}");
+    }
 }

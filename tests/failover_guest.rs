@@ -18,6 +18,8 @@
 //! `FAILOVER_GUEST_CORRUPT=1` writes over the first block of one of the guest's files
 //! (through the endpoint, while the filesystem is unmounted) before the last verification:
 //! the test must then fail, which shows the guest's check catches a corrupted file.
+//! `FAILOVER_GUEST_LOSSY=N` puts a faulty stand-in (test code) in front of the backup
+//! driver that acknowledges every N-th write without applying it: the test must fail too.
 //!
 //! Needs what `blkback_guest` needs (a Debian kernel unpacked by
 //! `blkback/tests/guest/fetch-kernel.sh`, `busybox-static`, `e2fsprogs`, `cpio`,
@@ -28,6 +30,7 @@ mod blkback_harness;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -224,15 +227,28 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, wait; whether it exited 0 and what it printed on stderr.
+    /// SIGTERM, wait up to 20 s (then SIGKILL); whether it exited 0 and what it printed on
+    /// stderr.
     fn terminate(mut self) -> (bool, String) {
         let mut child = self.child.take().unwrap();
         run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-        let st = child.wait().unwrap();
-        (
-            st.success(),
-            std::fs::read_to_string(&self.stderr).unwrap_or_default(),
-        )
+        let start = Instant::now();
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        if st.is_none() {
+            err.push_str("\n(still running 20 s after SIGTERM: killed)");
+        }
+        (st.is_some_and(|s| s.success()), err)
     }
 }
 
@@ -287,6 +303,104 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// A faulty driver for showing that the test can fail (`FAILOVER_GUEST_LOSSY=N`): it sits
+/// on the channel between the endpoint and a real driver and acknowledges every N-th WRITE
+/// without passing it on, so the write is lost (the endpoint's replay of unflushed writes
+/// may repair a loss that a takeover follows before the next flush; most are not). Test code
+/// only: the product has no such switch.
+fn lossy_proxy(listen: &Path, driver: PathBuf, every: u64) -> Arc<AtomicU64> {
+    use remoca_blkback::failover::wire;
+    use std::io::Read;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dropped = Arc::new(AtomicU64::new(0));
+    let listener = UnixListener::bind(listen).unwrap();
+    let count = dropped.clone();
+    std::thread::spawn(move || {
+        let writes = Arc::new(AtomicU64::new(0));
+        for down in listener.incoming() {
+            let Ok(down) = down else { return };
+            let Ok(up) = UnixStream::connect(&driver) else {
+                continue; // the driver is down: the endpoint sees a refused connection
+            };
+            let down_w = Arc::new(Mutex::new(down.try_clone().unwrap()));
+            let (mut up_r, mut down_r) = (up.try_clone().unwrap(), down.try_clone().unwrap());
+            let (to_endpoint, both) = (down_w.clone(), (up.try_clone().unwrap(), down));
+            // Driver to endpoint: whole frames, so the fake replies never split one.
+            std::thread::spawn(move || {
+                let mut relay = || -> std::io::Result<()> {
+                    // The hello reply, then the ready (the driver sends it, keyed or not).
+                    let mut hello = [0u8; wire::HELLO_REPLY_LEN];
+                    up_r.read_exact(&mut hello)?;
+                    to_endpoint.lock().unwrap().write_all(&hello)?;
+                    let mut ready = [0u8; wire::READY_LEN];
+                    up_r.read_exact(&mut ready)?;
+                    to_endpoint.lock().unwrap().write_all(&ready)?;
+                    loop {
+                        let mut h = [0u8; wire::REPLY_HEADER_LEN];
+                        up_r.read_exact(&mut h)?;
+                        let r = wire::parse_reply(&h).map_err(std::io::Error::other)?;
+                        let mut data = vec![0u8; r.data_len as usize];
+                        up_r.read_exact(&mut data)?;
+                        let mut w = to_endpoint.lock().unwrap();
+                        w.write_all(&h)?;
+                        w.write_all(&data)?;
+                    }
+                };
+                if let Err(e) = relay() {
+                    eprintln!("lossy stand-in: driver to endpoint: {e}");
+                }
+                let _ = both.0.shutdown(std::net::Shutdown::Both);
+                let _ = both.1.shutdown(std::net::Shutdown::Both);
+            });
+            // Endpoint to driver: every `every`-th WRITE is answered here and not passed on.
+            let (count, writes) = (count.clone(), writes.clone());
+            let mut up_w = up;
+            std::thread::spawn(move || {
+                let mut relay = || -> std::io::Result<()> {
+                    let mut hello = [0u8; wire::HELLO_FIXED_LEN];
+                    down_r.read_exact(&mut hello)?;
+                    let h = wire::parse_hello_header(&hello).map_err(std::io::Error::other)?;
+                    let mut name = vec![0u8; h.name_len];
+                    down_r.read_exact(&mut name)?;
+                    up_w.write_all(&hello)?;
+                    up_w.write_all(&name)?;
+                    let mut auth = [0u8; wire::AUTH_LEN];
+                    down_r.read_exact(&mut auth)?;
+                    up_w.write_all(&auth)?;
+                    loop {
+                        let mut h = [0u8; wire::REQUEST_HEADER_LEN];
+                        down_r.read_exact(&mut h)?;
+                        let q = wire::parse_request(&h).map_err(std::io::Error::other)?;
+                        let mut data = vec![0u8; q.data_len()];
+                        down_r.read_exact(&mut data)?;
+                        if q.op == wire::OP_WRITE
+                            && writes.fetch_add(1, Ordering::Relaxed) % every == every - 1
+                        {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            let reply = wire::encode_reply(&wire::ReplyHeader {
+                                kind: wire::KIND_REPLY,
+                                error: 0,
+                                id: q.id,
+                                data_len: 0,
+                            });
+                            down_w.lock().unwrap().write_all(&reply)?;
+                        } else {
+                            up_w.write_all(&h)?;
+                            up_w.write_all(&data)?;
+                        }
+                    }
+                };
+                if let Err(e) = relay() {
+                    eprintln!("lossy stand-in: endpoint to driver: {e}");
+                }
+                let _ = up_w.shutdown(std::net::Shutdown::Both);
+                let _ = down_r.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    dropped
+}
+
 /// What the killer thread did.
 struct Kills {
     done: u32,
@@ -301,12 +415,14 @@ struct Kills {
 fn kill_drivers(
     drivers: Arc<Mutex<Vec<Proc>>>,
     socks: [PathBuf; 2],
+    addrs: [PathBuf; 2],
     export: String,
     logs: PathBuf,
     status_file: PathBuf,
     kills: u32,
     seed: u64,
     guest: Arc<Mutex<ChildStdin>>,
+    qemu_pid: u32,
 ) -> Kills {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut k = Kills {
@@ -321,7 +437,7 @@ fn kill_drivers(
             break;
         };
         let active = st.get("active").cloned().unwrap_or_default();
-        let Some(victim) = socks
+        let Some(victim) = addrs
             .iter()
             .position(|s| active == format!("unix:{}", s.display()))
         else {
@@ -340,13 +456,19 @@ fn kill_drivers(
         k.done = n;
         let log = logs.join(format!("driver-{victim}-{n}.stderr"));
         drivers.lock().unwrap()[victim] = Proc::driver(&socks[victim], &export, log);
-        let want = format!("unix:{}", socks[victim].display());
+        let want = format!("unix:{}", addrs[victim].display());
         if let Err(e) = wait_status(&status_file, &format!("standby after kill {n}"), |f| {
             f.get("standby") == Some(&want)
         }) {
             k.error = Some(e);
             break;
         }
+    }
+    if k.error.is_some() {
+        // No driver serves the disk: the guest would wait out its I/O timeouts. Stop it.
+        let _ = Command::new("kill")
+            .args(["-KILL", &qemu_pid.to_string()])
+            .status();
     }
     let mut g = guest.lock().unwrap();
     let _ = g.write_all(b"stop\n").and_then(|_| g.flush());
@@ -377,7 +499,13 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
                 .as_nanos() as u64
         });
     let corrupt = std::env::var("FAILOVER_GUEST_CORRUPT").is_ok_and(|v| v == "1");
-    eprintln!("FAILOVER_GUEST_KILLS={kills} FAILOVER_GUEST_SEED={seed} corrupt={corrupt}");
+    let lossy: Option<u64> = std::env::var("FAILOVER_GUEST_LOSSY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0);
+    eprintln!(
+        "FAILOVER_GUEST_KILLS={kills} FAILOVER_GUEST_SEED={seed} corrupt={corrupt} lossy={lossy:?}"
+    );
     let started = Instant::now();
 
     let dir = tempfile::tempdir().unwrap();
@@ -401,6 +529,13 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
 
     let export = spec("vm", &template, Some(&overlay));
     let socks = [d.join("a.sock"), d.join("b.sock")];
+    // The addresses the endpoint is given: the drivers' own, or for the backup a lossy
+    // stand-in in front of it.
+    let mut addrs = socks.clone();
+    let dropped = lossy.map(|every| {
+        addrs[1] = d.join("b-lossy.sock");
+        lossy_proxy(&addrs[1], socks[1].clone(), every)
+    });
     let nbd_sock = d.join("vm.nbd");
     let status_dir = d.join("status");
     let status_file = status::path_for(&status_dir, "vm");
@@ -416,9 +551,9 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
             "--export".into(),
             "vm".into(),
             "--driver".into(),
-            format!("unix:{}", socks[0].display()),
+            format!("unix:{}", addrs[0].display()),
             "--backup".into(),
-            format!("unix:{}", socks[1].display()),
+            format!("unix:{}", addrs[1].display()),
             "--status-dir".into(),
             status_dir.display().to_string(),
         ],
@@ -466,8 +601,11 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
             workload_started = Some(started.elapsed());
             let (drivers, socks, export) = (drivers.clone(), socks.clone(), export.clone());
             let (logs, file, guest) = (d.to_path_buf(), status_file.clone(), guest_in.clone());
+            let addrs = addrs.clone();
             killer = Some(std::thread::spawn(move || {
-                kill_drivers(drivers, socks, export, logs, file, kills, seed, guest)
+                kill_drivers(
+                    drivers, socks, addrs, export, logs, file, kills, seed, guest, pid,
+                )
             }));
         }
         if let Some(off) = line.trim().strip_prefix("REMOCA-TARGET offset=") {
@@ -541,6 +679,12 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
         l.contains("REMOCA-ROUND") || l.contains("REMOCA-FINAL") || l.contains("REMOCA-DMESG")
     }) {
         eprintln!("guest: {l}");
+    }
+    if let Some(n) = &dropped {
+        eprintln!(
+            "lossy stand-in: {} writes acknowledged and not applied",
+            n.load(Ordering::Relaxed)
+        );
     }
     assert!(k.error.is_none(), "{}\n{console}", k.error.unwrap());
     assert_eq!(k.done, kills, "{console}");

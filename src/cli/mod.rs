@@ -3,6 +3,7 @@
 mod bench;
 mod blkback;
 mod image;
+mod image_node;
 mod memserver;
 mod paging;
 mod saverestore;
@@ -72,6 +73,8 @@ pub enum Command {
     Blkback(blkback::BlkbackArgs),
     /// Manage disk images and copy-on-write overlays.
     Image(image::ImageArgs),
+    /// One node of the cooperative chunk cache: serve, fetch from peers and origin, deploy.
+    ImageNode(image_node::NodeArgs),
     /// Benchmarks that print remoca's figures beside a baseline measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -105,6 +108,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Mrc(a) => paging::mrc(a, &g),
         Command::Blkback(a) => blkback::run(a, &g),
         Command::Image(a) => image::image(a, &g),
+        Command::ImageNode(a) => image_node::image_node(a, &g),
         Command::Bench(a) => bench::run(a, &g),
     }
 }

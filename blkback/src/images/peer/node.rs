@@ -157,6 +157,53 @@ pub fn deploy(
     })
 }
 
+/// Cut the raw image at `path` into `chunk_size` chunks, put every non-zero chunk into
+/// `cache` and return the image's chunk list: how an origin's cache is seeded in tests and
+/// benches until it serves from the store. The cache must be large enough to hold the image.
+///
+/// # Errors
+/// I/O errors; a cache too small for the image.
+pub fn seed_from_raw(
+    cache: &NodeCache,
+    path: &Path,
+    chunk_size: crate::images::chunk::ChunkSize,
+) -> io::Result<ChunkList> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let size = f.metadata()?.len();
+    let cs = chunk_size.bytes() as usize;
+    let mut chunks = Vec::with_capacity(ChunkList::count_for(size, chunk_size) as usize);
+    let mut buf = vec![0u8; cs];
+    let mut left = size;
+    while left > 0 {
+        let n = (left as usize).min(cs);
+        f.read_exact(&mut buf[..n])?;
+        left -= n as u64;
+        let piece = &buf[..n];
+        if piece.iter().all(|&b| b == 0) {
+            chunks.push(None);
+            continue;
+        }
+        let id = ChunkId::of(piece);
+        cache
+            .insert(&id, piece)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        chunks.push(Some(id));
+    }
+    if chunks.iter().flatten().any(|id| !cache.contains(id)) {
+        return Err(io::Error::other(format!(
+            "the cache ({} bytes) cannot hold {}",
+            cache.max_bytes(),
+            path.display()
+        )));
+    }
+    Ok(ChunkList {
+        chunk_size,
+        size,
+        chunks,
+    })
+}
+
 /// Write `list` as text: a header line `remoca-chunk-list v1 <chunk size> <size>`, then one
 /// line per chunk, its id in hex or `0` for a zero chunk. The format a node reads with
 /// `--chunk-list` (until it gets lists from the store).

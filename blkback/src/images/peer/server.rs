@@ -84,54 +84,74 @@ impl Service {
         self
     }
 
-    fn answer_get(&self, pull: bool, wants: &[(ChunkId, u32)]) -> Vec<Frame> {
-        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(wants.len());
-        let mut lacking = Vec::new();
-        for (i, (id, len)) in wants.iter().enumerate() {
-            match self.local.fetch(id, *len as usize) {
-                Ok(d) if d.len() == *len as usize => out.push(Some(d)),
-                _ => {
-                    out.push(None);
-                    lacking.push(i);
+    /// Answer a GET frame by frame, in the order asked, handing each frame to `emit` as soon
+    /// as it is ready: local chunks at once, pulled ones in runs of [`PULL_RUN`], so a client
+    /// waiting on a slow origin keeps seeing progress within its read timeout.
+    fn answer_get(
+        &self,
+        pull: bool,
+        wants: &[(ChunkId, u32)],
+        emit: &mut dyn FnMut(Frame) -> bool,
+    ) {
+        let mut i = 0;
+        while i < wants.len() {
+            let (id, len) = wants[i];
+            if let Ok(d) = self.local.fetch(&id, len as usize) {
+                if d.len() == len as usize {
+                    if !emit(self.chunk_frame(id, d)) {
+                        return;
+                    }
+                    i += 1;
+                    continue;
                 }
             }
-        }
-        if let (true, Some(p), false) = (pull, &self.pull, lacking.is_empty()) {
-            let ask: Vec<(ChunkId, usize)> = lacking
+            let Some(p) = self.pull.as_ref().filter(|_| pull) else {
+                self.stats.missing.fetch_add(1, Ordering::Relaxed);
+                if !emit(Frame::Missing(id)) {
+                    return;
+                }
+                i += 1;
+                continue;
+            };
+            // A run of up to PULL_RUN chunks from here, fetched from the origin together.
+            let run: Vec<(ChunkId, usize)> = wants[i..]
                 .iter()
-                .map(|&i| (wants[i].0, wants[i].1 as usize))
+                .take(PULL_RUN)
+                .map(|(id, len)| (*id, *len as usize))
                 .collect();
-            for (i, r) in lacking.iter().zip(p.fetch_batch(&ask)) {
-                if let Ok(d) = r {
-                    if d.len() == wants[*i].1 as usize {
+            for ((id, len), r) in run.iter().zip(p.fetch_batch(&run)) {
+                let f = match r {
+                    Ok(d) if d.len() == *len => {
                         self.stats.pulled.fetch_add(1, Ordering::Relaxed);
-                        out[*i] = Some(d);
+                        self.chunk_frame(*id, d)
                     }
+                    _ => {
+                        self.stats.missing.fetch_add(1, Ordering::Relaxed);
+                        Frame::Missing(*id)
+                    }
+                };
+                if !emit(f) {
+                    return;
                 }
             }
+            i += run.len();
         }
-        wants
-            .iter()
-            .zip(out)
-            .map(|((id, _), d)| match d {
-                Some(mut data) => {
-                    self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .bytes_served
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if self.corrupt {
-                        data[0] ^= 0x5a;
-                    }
-                    Frame::Chunk { id: *id, data }
-                }
-                None => {
-                    self.stats.missing.fetch_add(1, Ordering::Relaxed);
-                    Frame::Missing(*id)
-                }
-            })
-            .collect()
+    }
+
+    fn chunk_frame(&self, id: ChunkId, mut data: Vec<u8>) -> Frame {
+        self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_served
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if self.corrupt {
+            data[0] ^= 0x5a;
+        }
+        Frame::Chunk { id, data }
     }
 }
+
+/// Chunks pulled from the origin per step of a pull GET.
+const PULL_RUN: usize = 4;
 
 async fn connection(svc: Arc<Service>, mut s: TcpStream) -> io::Result<()> {
     s.set_nodelay(true)?;
@@ -149,15 +169,21 @@ async fn connection(svc: Arc<Service>, mut s: TcpStream) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         svc.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let replies = match frame {
+        match frame {
             Frame::Get { pull, wants } => {
-                let svc = svc.clone();
-                tokio::task::spawn_blocking(move || svc.answer_get(pull, &wants))
-                    .await
-                    .map_err(io::Error::other)?
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Frame>(4);
+                let svc2 = svc.clone();
+                let job = tokio::task::spawn_blocking(move || {
+                    svc2.answer_get(pull, &wants, &mut |f| tx.blocking_send(f).is_ok())
+                });
+                while let Some(f) = rx.recv().await {
+                    s.write_all(&wire::encode(&f)).await?;
+                }
+                job.await.map_err(io::Error::other)?;
             }
             Frame::HaveQuery(ids) => {
-                vec![Frame::Have(ids.iter().map(|i| (svc.holds)(i)).collect())]
+                let have = Frame::Have(ids.iter().map(|i| (svc.holds)(i)).collect());
+                s.write_all(&wire::encode(&have)).await?;
             }
             _ => {
                 svc.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
@@ -165,9 +191,6 @@ async fn connection(svc: Arc<Service>, mut s: TcpStream) -> io::Result<()> {
                 let _ = s.write_all(&wire::encode(&Frame::Error(msg))).await;
                 return Ok(());
             }
-        };
-        for f in replies {
-            s.write_all(&wire::encode(&f)).await?;
         }
     }
 }

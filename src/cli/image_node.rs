@@ -1,0 +1,213 @@
+//! `remoca image-node`: one node of the cooperative chunk cache (issue 8) — a thin wrapper
+//! over `remoca_blkback::images::peer::node`. It serves its cache to peers, fetches what it
+//! lacks from peers and the origin, and can deploy an image (read every chunk in boot order
+//! through the template layer) into a file. With no `--origin` and a `--seed-raw` image it
+//! plays the origin. It runs until SIGINT/SIGTERM (or right after the deployment with
+//! `--exit-after-deploy`).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use parking_lot::Mutex;
+use remoca_blkback::images::chunk::ChunkSize;
+use remoca_blkback::images::fetch::FetchConfig;
+use remoca_blkback::images::peer::node::{self, Node, NodeConfig};
+use remoca_blkback::images::template::AccessProfile;
+
+use super::blkback::parse_size;
+use super::Global;
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Address to serve peers on (the address the other nodes list in --peers).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Cache directory (the fast device).
+    #[arg(long)]
+    cache: PathBuf,
+    /// Cache bound in bytes (K, M, G suffixes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    cache_bytes: u64,
+    /// The origin's address.
+    #[arg(long)]
+    origin: Option<SocketAddr>,
+    /// Every node's address, comma-separated (this node's own may be listed; all nodes must
+    /// list the same set).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<SocketAddr>,
+    /// Timeout of each peer call, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+    /// Seed the cache from this raw image and write its chunk list to --chunk-list.
+    #[arg(long, requires = "chunk_list")]
+    seed_raw: Option<PathBuf>,
+    /// Chunk size for --seed-raw.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    chunk_size: u64,
+    /// The image's chunk list (read for --deploy, written by --seed-raw).
+    #[arg(long)]
+    chunk_list: Option<PathBuf>,
+    /// Deploy the image of --chunk-list into this file.
+    #[arg(long, requires = "chunk_list")]
+    deploy: Option<PathBuf>,
+    /// Read (and prefetch) in the order of this access profile.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Chunks per prefetch request and prefetch requests in flight.
+    #[arg(long, default_value_t = 16)]
+    prefetch_batch: usize,
+    #[arg(long, default_value_t = 4)]
+    prefetch_parallel: usize,
+    /// Exit once the deployment is done instead of serving on.
+    #[arg(long)]
+    exit_after_deploy: bool,
+    /// Keep counters in this file (key=value lines, rewritten atomically every 200 ms).
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Test hook: serve corrupted chunks (to play a bad peer).
+    #[arg(long, hide = true)]
+    corrupt_served_chunks: bool,
+}
+
+#[derive(Debug, Default)]
+struct Deploy {
+    total: AtomicU64,
+    progress: AtomicU64,
+    done: AtomicBool,
+    ms: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let s = n.server.stats();
+    let f = &n.fetcher.stats;
+    let mut text = String::new();
+    for (k, v) in [
+        ("served_bytes", g(&s.bytes_served)),
+        ("served_chunks", g(&s.chunks_served)),
+        ("pulled", g(&s.pulled)),
+        ("from_cache", g(&f.from_cache)),
+        ("from_peers", g(&f.from_peers)),
+        ("bytes_from_peers", g(&f.bytes_from_peers)),
+        ("from_origin", g(&f.from_origin)),
+        ("bytes_from_origin", g(&f.bytes_from_origin)),
+        ("corrupt_rejected", g(&f.corrupt_rejected)),
+        ("peer_failures", g(&f.peer_failures)),
+        ("peers_demoted", g(&f.peers_demoted)),
+        ("chunks_total", g(&d.total)),
+        ("progress", g(&d.progress)),
+        ("deployed", d.done.load(Ordering::Relaxed) as u64),
+        ("deploy_ms", g(&d.ms)),
+    ] {
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    if let Some(e) = d.error.lock().as_ref() {
+        text.push_str(&format!("deploy_error={}\n", e.replace('\n', " ")));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
+    super::init_tracing(g.verbose);
+    let listener = TcpListener::bind(a.listen).with_context(|| format!("bind {}", a.listen))?;
+    let me = listener.local_addr()?;
+    let cfg = NodeConfig {
+        cache_dir: a.cache.clone(),
+        cache_bytes: a.cache_bytes,
+        fetch: FetchConfig {
+            me: Some(me),
+            peers: a.peers.clone(),
+            origin: a.origin,
+            timeout: Duration::from_millis(a.timeout_ms),
+            ..FetchConfig::default()
+        },
+        corrupt_served_chunks: a.corrupt_served_chunks,
+    };
+    let n = Node::start(listener, cfg).context("start the node")?;
+    if let Some(raw) = &a.seed_raw {
+        let cs = ChunkSize::new(a.chunk_size)?;
+        let list = node::seed_from_raw(n.fetcher.cache(), raw, cs)
+            .with_context(|| format!("seed from {}", raw.display()))?;
+        let out = a
+            .chunk_list
+            .as_ref()
+            .context("--seed-raw needs --chunk-list")?;
+        let tmp = out.with_extension("tmp");
+        node::save_chunk_list(&list, &tmp)?;
+        std::fs::rename(&tmp, out)?;
+    }
+    println!("node listening on {me}");
+    let d = Arc::new(Deploy::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        if let Some(path) = &a.stats {
+            let (n, d, stop) = (&n, &d, &stop);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = write_stats(path, n, d);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let _ = write_stats(path, n, d);
+            });
+        }
+        if let Some(out) = &a.deploy {
+            let list_path = a
+                .chunk_list
+                .as_ref()
+                .context("--deploy needs --chunk-list")?;
+            let list = node::load_chunk_list(list_path)?;
+            let profile = a.profile.as_deref().map(AccessProfile::load).transpose()?;
+            d.total.store(list.chunks.len() as u64, Ordering::Relaxed);
+            let f = std::fs::File::create(out)?;
+            match node::deploy(
+                &n.fetcher,
+                &list,
+                profile.as_ref(),
+                Some(&f),
+                a.prefetch_batch,
+                a.prefetch_parallel,
+                &d.progress,
+            ) {
+                Ok(r) => {
+                    d.ms.store(r.elapsed.as_millis() as u64, Ordering::Relaxed);
+                    d.done.store(true, Ordering::Relaxed);
+                    println!(
+                        "deployed {} bytes in {:.3} s: {}",
+                        r.bytes,
+                        r.elapsed.as_secs_f64(),
+                        n.fetcher.stats.summary()
+                    );
+                }
+                Err(e) => {
+                    *d.error.lock() = Some(e.to_string());
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e).context("deploy");
+                }
+            }
+        }
+        if !(a.exit_after_deploy && a.deploy.is_some()) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                anyhow::Ok(())
+            })?;
+        }
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })
+}

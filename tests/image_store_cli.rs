@@ -2,6 +2,7 @@
 //! operator would: through the binary, checking what the operator would check (exports
 //! byte-identical, du's stored bytes, verify's verdict), including kill -9 during import.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -185,12 +186,32 @@ fn a_lost_index_is_rebuilt_and_a_flipped_byte_is_named_by_verify() {
     assert!(!remoca(&store, &["export", "a", "-"]).status.success());
 }
 
+/// After a kill: the store verifies clean, and the versions `log` shows are exactly
+/// `expect` (variant numbers, oldest first), each exporting byte-identical.
+fn check_versions(store: &Path, expect: &[u64], variant: &dyn Fn(u64) -> Vec<u8>) {
+    let v = ok(store, &["verify"]);
+    assert!(v.contains("store is consistent"), "{v}");
+    let log = match remoca(store, &["log", "big"]) {
+        o if o.status.success() => String::from_utf8(o.stdout).unwrap(),
+        _ => String::new(), // no version yet
+    };
+    let mut versions: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("version "))
+        .collect();
+    versions.reverse(); // log lists the newest first
+    assert_eq!(versions.len(), expect.len(), "{log}");
+    for (v, n) in versions.iter().zip(expect) {
+        assert!(export(store, v) == variant(*n), "{v} is not variant {n}");
+    }
+}
+
 #[test]
 fn kill_9_during_import_leaves_a_consistent_store() {
     let d = tempfile::tempdir().unwrap();
     let store = d.path().join("store");
     let base = image(4, 384); // 24 MiB
-                              // Iteration i imports `base` with every piece stamped with i: all its chunks are new.
+                              // Variant i is `base` with every piece stamped with i: all its chunks are new.
     let variant = |i: u64| -> Vec<u8> {
         let mut v = base.clone();
         for p in v.chunks_mut(1 << 16) {
@@ -198,65 +219,97 @@ fn kill_9_during_import_leaves_a_consistent_store() {
         }
         v
     };
-    let src = d.path().join("src.raw");
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut complete = Vec::new();
+
+    // Part 1, from stdin: the child cannot finish before the input ends, so each SIGKILL
+    // lands inside the import (after a random share of the image, while it is still
+    // hashing and appending, or idle waiting for more). Every third round runs to the end.
     let mut killed = 0;
-    for i in 0..10u64 {
+    for i in 0..15u64 {
+        let data = variant(i);
+        let mut child = Command::new(BIN)
+            .args([
+                "image",
+                "import",
+                "-",
+                "big",
+                "--chunk-size",
+                "16K",
+                "--store",
+            ])
+            .arg(&store)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if i % 3 == 2 {
+            stdin.write_all(&data).unwrap();
+            drop(stdin);
+            assert!(child.wait().unwrap().success());
+            complete.push(i);
+        } else {
+            let k = rng.gen_range(0..data.len());
+            stdin.write_all(&data[..k]).unwrap();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..30)));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            killed += 1;
+        }
+        check_versions(&store, &complete, &variant);
+    }
+    assert_eq!(killed, 10);
+
+    // Part 2, from a file, killed at a random moment up to a little past how long one
+    // import takes, so some kills land while the manifest is written or the index saved.
+    let src = d.path().join("src.raw");
+    std::fs::write(&src, variant(100)).unwrap();
+    let t0 = std::time::Instant::now();
+    ok(
+        &store,
+        &[
+            "import",
+            src.to_str().unwrap(),
+            "big",
+            "--chunk-size",
+            "16K",
+        ],
+    );
+    let took = t0.elapsed().as_millis() as u64;
+    complete.push(100);
+    for i in 101..106u64 {
         std::fs::write(&src, variant(i)).unwrap();
-        let note_path = d.path().join(format!("v{i}.raw"));
-        std::fs::rename(&src, &note_path).unwrap();
         let mut child = Command::new(BIN)
             .args(["image", "import"])
-            .arg(&note_path)
+            .arg(&src)
             .args(["big", "--chunk-size", "16K", "--store"])
             .arg(&store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            killed += 1;
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..took * 6 / 5 + 1)));
+        let _ = child.kill();
+        if child.wait().unwrap().success() {
+            complete.push(i);
+        } else {
+            // Killed: the version may or may not have become visible (a kill after the
+            // manifest's rename); either way it must be whole.
+            let log = ok(&store, &["log", "big"]);
+            if log.matches("version ").count() > complete.len() {
+                complete.push(i);
+            }
         }
-        child.wait().unwrap();
-        // The store opens, verifies clean, and every version it shows is complete.
-        let v = ok(&store, &["verify"]);
-        assert!(v.contains("store is consistent"), "{v}");
-        let log = match remoca(&store, &["log", "big"]) {
-            o if o.status.success() => String::from_utf8(o.stdout).unwrap(),
-            _ => String::new(), // no version yet
-        };
-        let versions: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.strip_prefix("version "))
-            .collect();
-        let sources: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("from:"))
-            .map(str::trim)
-            .collect();
-        assert_eq!(versions.len(), sources.len());
-        for (v, s) in versions.iter().zip(&sources) {
-            let n: u64 = s
-                .rsplit('/')
-                .next()
-                .unwrap()
-                .trim_start_matches("import of ")
-                .trim_start_matches('v')
-                .trim_end_matches(".raw")
-                .parse()
-                .unwrap();
-            assert!(export(&store, v) == variant(n), "{v} (from {s}) differs");
-        }
-        std::fs::remove_file(&note_path).unwrap();
+        check_versions(&store, &complete, &variant);
     }
-    eprintln!("{killed} of 10 imports killed mid-way");
+
     // Killed imports left only garbage: gc frees it and nothing a version needs.
     ok(&store, &["gc"]);
     let du = ok(&store, &["du"]);
     assert_eq!(figure(&du, "unreferenced:"), 0);
-    assert!(ok(&store, &["verify"]).contains("store is consistent"));
+    check_versions(&store, &complete, &variant);
 }
 
 #[test]

@@ -224,3 +224,188 @@ fn bad_driver_and_endpoint_arguments_are_refused_clearly() {
     ]));
     assert!(e.contains("short.key") && e.contains("16 bytes"), "{e}");
 }
+
+/// `remoca blkback status` rows as column maps (header names as keys).
+fn status_rows(dir: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let out = blkback_status(dir);
+    let mut lines = out.lines();
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let names: Vec<&str> = header.split('\t').collect();
+    lines
+        .map(|l| {
+            names
+                .iter()
+                .zip(l.split('\t'))
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Poll `remoca blkback status` until the `vm` row satisfies `ok` (20 s at most).
+fn wait_row(
+    dir: &Path,
+    what: &str,
+    ok: impl Fn(&std::collections::HashMap<String, String>) -> bool,
+) -> std::collections::HashMap<String, String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(r) = status_rows(dir)
+            .into_iter()
+            .find(|r| r.get("export").map(String::as_str) == Some("vm") && ok(r))
+        {
+            return r;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{what}: {}",
+            blkback_status(dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let st = s[s.rfind(')')? + 1..].trim_start().chars().next()?;
+            Some(st != 'Z')
+        })
+        .unwrap_or(false)
+}
+
+/// `remoca up` with an export marked `failover = true`: it runs the endpoint and two driver
+/// processes, `remoca blkback status` shows the active driver's pid, killing that pid moves
+/// the disk to the other driver with the data intact, and the killed driver is restarted
+/// and becomes the backup, so a second kill is survived too. SIGTERM stops everything.
+#[test]
+fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let (template, overlay) = template_and_overlay(dir.path(), 4 << 20);
+    let template_sum = sha(&template);
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let config = dir.path().join("up.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[host]\nstatus_interval = 0.5\n[memserver]\nenabled = false\n[pager]\nenabled = false\n\
+             [wss]\nenabled = false\n[blkback]\nblkif = false\n\
+             [blkback.failover]\nheartbeat_timeout_ms = 500\nheartbeat_ms = 50\n\
+             [[blkback.export]]\nname = \"vm\"\ntemplate = \"{}\"\noverlay = \"{}\"\nfailover = true\n",
+            template.display(),
+            overlay.display()
+        ),
+    )
+    .unwrap();
+    let mut child = remoca()
+        .env("XDG_RUNTIME_DIR", &run)
+        .env_remove("REMOCA_SIM_XENSTORE")
+        .args(["--backend", "sim", "up", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let nbd = loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "remoca up stopped: {seen}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        seen.push_str(&line);
+        if let Some(a) = line.trim().strip_prefix("blkback NBD listening on ") {
+            break a.to_owned();
+        }
+    };
+    assert!(seen.contains("failover endpoint over 2 drivers"), "{seen}");
+    // Keep draining stdout so `up` never blocks on it.
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+        rest
+    });
+    let mut up = Proc { child: Some(child) };
+    let status_dir = run.join("remoca").join("blkback");
+    let uri = format!("nbd://{nbd}/vm");
+
+    qemu_io(&uri, "write -P 0x5a 0 1M");
+    qemu_io(&uri, "flush");
+    let first = wait_row(&status_dir, "no standby", |r| r["standby"] != "-");
+    let (pid1, active1) = (first["driver-pid"].clone(), first["active"].clone());
+    assert!(
+        alive(&pid1),
+        "status shows pid {pid1}, not running: {first:?}"
+    );
+    assert_eq!(first["pid"], up.child.as_ref().unwrap().id().to_string());
+
+    // Kill the active driver by the pid status shows: the other one serves the data.
+    run_ok(Command::new("kill").args(["-KILL", &pid1]));
+    qemu_io(&uri, "read -P 0x5a 0 1M");
+    qemu_io(&uri, "write -P 0xc3 1M 512k");
+    let second = wait_row(&status_dir, "no failover to the other driver", |r| {
+        r["failovers"] == "1" && r["driver-pid"] != pid1 && r["active"] != active1
+    });
+    assert!(second["last-failover"].contains(&active1), "{second:?}");
+    // The killed driver is restarted by `up` and becomes the backup again.
+    let second = wait_row(&status_dir, "the killed driver never came back", |r| {
+        r["standby"] == active1
+    });
+    let pid2 = second["driver-pid"].clone();
+    run_ok(Command::new("kill").args(["-KILL", &pid2]));
+    qemu_io(&uri, "read -P 0xc3 1M 512k");
+    qemu_io(&uri, "read -P 0x5a 0 1M");
+    let third = wait_row(&status_dir, "no second failover", |r| {
+        r["failovers"] == "2" && r["active"] == active1
+    });
+    assert!(alive(&third["driver-pid"]), "{third:?}");
+    assert_ne!(
+        third["driver-pid"], pid1,
+        "the restarted driver is a new process"
+    );
+
+    // SIGTERM: `up` stops the endpoint and its drivers and removes the status file.
+    let up_child = up.child.take().unwrap();
+    run_ok(Command::new("kill").args(["-TERM", &up_child.id().to_string()]));
+    let o = up_child.wait_with_output().unwrap();
+    let rest = drain.join().unwrap();
+    assert!(
+        o.status.success(),
+        "up failed on SIGTERM: {rest}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("restarted as pid"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for pid in [&third["driver-pid"], &second["driver-pid"]] {
+        let t0 = std::time::Instant::now();
+        while alive(pid) {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "driver {pid} outlived up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    assert!(
+        blkback_status(&status_dir).contains("no failover endpoint is running"),
+        "up left its status file"
+    );
+    let srv = Server::tcp(&[spec("vm", &template, Some(&overlay))]);
+    qemu_io(&srv.uri("vm"), "read -P 0x5a 0 1M");
+    qemu_io(&srv.uri("vm"), "read -P 0xc3 1M 512k");
+    srv.stop();
+    assert_eq!(sha(&template), template_sum, "the template changed");
+}

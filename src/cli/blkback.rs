@@ -488,7 +488,9 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let status_file = failover::status::path_for(&status_dir(a.status_dir.as_deref()), &a.export);
-    let publisher = StatusPublisher::start(endpoint.clone(), a.export.clone(), status_file)?;
+    let publisher =
+        failover::status::Publisher::start(endpoint.clone(), a.export.clone(), status_file.clone())
+            .with_context(|| format!("cannot write the status file {}", status_file.display()))?;
     let served = rt.block_on(async {
         let listener = match &nbd_addr {
             failover::Addr::Tcp(addr) => {
@@ -542,58 +544,6 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
     publisher.stop();
     endpoint.close();
     served
-}
-
-/// Rewrites an endpoint's status file every second until stopped; removes it at the end.
-struct StatusPublisher {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-    path: PathBuf,
-}
-
-impl StatusPublisher {
-    fn start(
-        endpoint: failover::endpoint::Endpoint,
-        export: String,
-        path: PathBuf,
-    ) -> anyhow::Result<Self> {
-        use failover::status;
-        let write = {
-            let path = path.clone();
-            move || {
-                let text = status::render(
-                    &export,
-                    std::process::id(),
-                    &endpoint.status(),
-                    std::time::SystemTime::now(),
-                );
-                status::write_atomically(&path, &text)
-            }
-        };
-        write().with_context(|| format!("cannot write the status file {}", path.display()))?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = std::thread::Builder::new()
-            .name("endpoint-status".into())
-            .spawn({
-                let stop = stop.clone();
-                move || {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::park_timeout(std::time::Duration::from_secs(1));
-                        if let Err(e) = write() {
-                            tracing::warn!(error = %e, "cannot update the status file");
-                        }
-                    }
-                }
-            })?;
-        Ok(Self { stop, thread, path })
-    }
-
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.thread().unpark();
-        let _ = self.thread.join();
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// `remoca blkback status`.

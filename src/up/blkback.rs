@@ -16,7 +16,7 @@ use remoca_blkback::remote::client::RemoteClient;
 use remoca_blkback::remote::exports::{namespace_for, open_exports, CacheExport, SwapExport};
 use remoca_blkback::remote::observe::{AccessObserver, Source};
 use remoca_blkback::remote::swap::{SwapConfig, SwapDisk};
-use remoca_blkback::{ExportConfig, Exports};
+use remoca_blkback::{Disk, ExportConfig, Exports};
 use remoca_memserver::byte_size::format_size;
 use remoca_memserver::client::{ClientConfig, PageSecret};
 use remoca_memserver::protocol::auth::AuthKey;
@@ -25,6 +25,7 @@ use remoca_xen::Host;
 use tokio::sync::watch;
 
 use super::config::ExportSection;
+use super::failover::FailoverDisks;
 use super::{stopped, Config, StatusFn, Tasks};
 
 /// The exports and the remote layers opened under them.
@@ -50,10 +51,25 @@ pub(super) async fn start(
     observe: Option<(&Host, &Arc<WorkingSets>)>,
     tasks: &mut Tasks,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, Vec<StatusFn>, Exports)> {
+) -> anyhow::Result<(SocketAddr, Vec<StatusFn>, Exports, FailoverDisks)> {
     let b = &cfg.blkback;
     let demo = b.export.is_empty() && b.swap.is_empty();
-    let mut plain: Vec<(ExportConfig, bool)> = b.export.iter().map(export_config).collect();
+    let mut plain: Vec<(ExportConfig, bool)> = b
+        .export
+        .iter()
+        .filter(|e| !e.failover)
+        .map(export_config)
+        .collect();
+    let fenced: Vec<ExportConfig> = b
+        .export
+        .iter()
+        .filter(|e| e.failover)
+        .map(|e| export_config(e).0)
+        .collect();
+    let (failover, failover_disks, failover_columns) = {
+        let (f, s) = (b.failover.clone(), state_dir.to_owned());
+        tokio::task::block_in_place(|| FailoverDisks::start(&fenced, &f, &s, &s.join("blkback")))?
+    };
     let mut swaps: Vec<SwapSpec> = b
         .swap
         .iter()
@@ -79,7 +95,13 @@ pub(super) async fn start(
         b.memservers.clone()
     };
     let wants_remote = !swaps.is_empty() || plain.iter().any(|(_, cached)| *cached);
-    let opened = if wants_remote && !servers.is_empty() {
+    let opened = if plain.is_empty() && swaps.is_empty() {
+        Opened {
+            exports: Exports::from_disks(failover_disks.clone())?,
+            swaps: Vec::new(),
+            caches: Vec::new(),
+        }
+    } else if wants_remote && !servers.is_empty() {
         let key = auth_key(cfg)?;
         // The remote layers block on their own runtime while opening: not on a tokio worker.
         tokio::task::spawn_blocking(move || open_remote(plain, swaps, servers, key))
@@ -123,6 +145,17 @@ pub(super) async fn start(
             }
         }
         observe_layers(host, sets, &owners, &opened);
+    }
+    let mut opened = opened;
+    if !failover_disks.is_empty() && opened.exports.iter().all(|e| e.name != failover_disks[0].0) {
+        // Serve the failover endpoints beside the other exports.
+        let all: Vec<(String, String, Arc<dyn Disk>)> = opened
+            .exports
+            .iter()
+            .map(|e| (e.name.clone(), e.description.clone(), e.disk.clone()))
+            .chain(failover_disks)
+            .collect();
+        opened.exports = Exports::from_disks(all).context("blkback exports")?;
     }
     for e in opened.exports.iter() {
         println!(
@@ -176,7 +209,8 @@ pub(super) async fn start(
             format!("cache {name}: {} hits, {} misses", s.hits, s.misses)
         }));
     }
-    Ok((addr, columns, exports))
+    columns.extend(failover_columns);
+    Ok((addr, columns, exports, failover))
 }
 
 /// Attach the estimator to the remote layer of every export in `owners` (export name,

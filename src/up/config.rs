@@ -84,6 +84,18 @@ pub struct BlkbackSection {
     pub demo_disk: u64,
     #[serde(default)]
     pub export: Vec<ExportSection>,
+    pub failover: FailoverSection,
+}
+
+/// How exports with `failover = true` are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    pub heartbeat_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub bound_floor_ms: u64,
+    pub kill_local: bool,
+    pub fence: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +112,9 @@ pub struct ExportSection {
     /// The guest (name or id) whose working-set estimate this disk's reads feed.
     #[serde(default)]
     pub domain: Option<String>,
+    /// Serve it through a failover endpoint and two driver processes.
+    #[serde(default)]
+    pub failover: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +196,18 @@ impl Config {
         if !(w.tolerance > 0.0 && w.tolerance < 1.0) {
             bail!("wss.tolerance must be between 0 and 1");
         }
+        for e in &self.blkback.export {
+            if e.failover && e.remote_cache {
+                bail!(
+                    "blkback.export {:?}: failover and remote_cache cannot be combined yet",
+                    e.name
+                );
+            }
+        }
+        let f = &self.blkback.failover;
+        if f.heartbeat_ms == 0 || f.heartbeat_timeout_ms <= f.heartbeat_ms {
+            bail!("blkback.failover: heartbeat_timeout_ms must be more than heartbeat_ms (> 0)");
+        }
         let p = &self.pager;
         if p.demo_size < 1 << 20 || p.demo_target == 0 || p.demo_target > p.demo_size {
             bail!(
@@ -250,5 +277,15 @@ mod tests {
         assert!(msg("[memserver\n").contains("not valid TOML"));
         assert!(msg("[wss]\ninterval = 0.0\n").contains("wss.interval"));
         assert!(msg("[wss]\nrate = 2.0\n").contains("wss.rate"));
+        assert!(
+            msg("[blkback.failover]\nheartbeat_timeout_ms = 50\n").contains("heartbeat_timeout_ms")
+        );
+        assert!(msg("[blkback.failover]\nkill = true\n").contains("blkback.failover.kill"));
+        let both = "[[blkback.export]]\nname = \"a\"\ntemplate = \"/t\"\nfailover = true\n\
+                    remote_cache = true\n";
+        assert!(msg(both).contains("cannot be combined"));
+        let c = parse("[[blkback.export]]\nname = \"a\"\ntemplate = \"/t\"\nfailover = true\n")
+            .unwrap();
+        assert!(c.blkback.export[0].failover && c.blkback.failover.fence);
     }
 }

@@ -12,6 +12,8 @@
 //!        ├── memserver   (tokio task: remoca_memserver::server::serve)
 //!        ├── blkback NBD (tokio task: remoca_blkback::nbd::run)
 //!        ├── blkif       (threads: remoca_blkback::blkif::BlkifServer, same exports)
+//!        ├── failover    (exports with `failover = true`: an endpoint each, served above,
+//!        │                two `remoca blkback driver` children, a supervisor thread)
 //!        ├── pagers      (a thread per domain: remoca_paging::service::run_pager; on the
 //!        │                simulated host a demo HVM guest with a checking workload that
 //!        │                also swaps to demo-swap and reads the demo disk)
@@ -24,6 +26,7 @@
 pub(crate) mod blkback;
 pub mod config;
 mod demo_guest;
+mod failover;
 mod pager;
 
 use std::net::SocketAddr;
@@ -192,10 +195,11 @@ async fn serve(
         }))
     });
     let mut blkif = None;
+    let mut failover = failover::FailoverDisks::default();
     let mut demo_disks = demo_guest::GuestDisks::default();
     if cfg.blkback.enabled {
         let observe = sets.as_ref().map(|s| (host, s));
-        let (addr, status, exports) = blkback::start(
+        let (addr, status, exports, f) = blkback::start(
             cfg,
             state_dir,
             memserver,
@@ -204,6 +208,7 @@ async fn serve(
             stop_rx.clone(),
         )
         .await?;
+        failover = f;
         demo_disks = demo_guest::GuestDisks {
             swap: exports.get("demo-swap").map(|e| e.disk.clone()),
             disk: exports.get("demo").map(|e| e.disk.clone()),
@@ -286,6 +291,8 @@ async fn serve(
         res.context("service task")??;
     }
     status_line(host, started, &columns);
+    // After the NBD server flushed them: endpoints, status files, driver processes.
+    tokio::task::block_in_place(|| failover.stop());
     println!("stopped");
     Ok(())
 }

@@ -107,6 +107,8 @@ pub struct FailoverRecord {
 #[derive(Debug, Clone)]
 pub struct EndpointStatus {
     pub active: Option<String>,
+    /// The active driver's process id, as its hello reported it (on its own host).
+    pub active_pid: Option<u32>,
     pub standby: Option<String>,
     pub generation: u64,
     pub in_flight: usize,
@@ -380,6 +382,7 @@ impl Endpoint {
         let st = self.inner.state.lock();
         EndpointStatus {
             active: st.active.as_ref().map(|c| c.addr.to_string()),
+            active_pid: st.active.as_ref().map(|c| c.pid),
             standby: st.standby.as_ref().map(|c| c.addr.to_string()),
             generation: st.active.as_ref().map_or(0, |c| c.generation),
             in_flight: st.pending.values().filter(|p| !p.internal).count(),

@@ -10,6 +10,7 @@
 //! export=vm
 //! pid=4242
 //! active=unix:/run/remoca/a.sock
+//! driver-pid=4250
 //! standby=unix:/run/remoca/b.sock
 //! generation=3
 //! in-flight=2
@@ -26,13 +27,17 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::endpoint::EndpointStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::endpoint::{Endpoint, EndpointStatus};
 
 /// Larger status files are not status files: refuse them before reading.
 const MAX_FILE_BYTES: u64 = 64 * 1024;
 
 /// The fields `remoca blkback status` shows, in its column order.
-pub const COLUMNS: [&str; 7] = [
+pub const COLUMNS: [&str; 9] = [
     "export",
     "active",
     "generation",
@@ -40,6 +45,8 @@ pub const COLUMNS: [&str; 7] = [
     "failovers",
     "last-failover",
     "pid",
+    "driver-pid",
+    "standby",
 ];
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -67,10 +74,11 @@ pub fn render(export: &str, pid: u32, st: &EndpointStatus, now: SystemTime) -> S
         ))
     });
     format!(
-        "export={}\npid={pid}\nactive={}\nstandby={}\ngeneration={}\nin-flight={}\n\
-         unflushed-writes={}\nfailovers={}\nupdated={}\nlast-failover={last}\n",
+        "export={}\npid={pid}\nactive={}\ndriver-pid={}\nstandby={}\ngeneration={}\n\
+         in-flight={}\nunflushed-writes={}\nfailovers={}\nupdated={}\nlast-failover={last}\n",
         clean(export),
         opt(&st.active),
+        st.active_pid.map_or("-".to_owned(), |p| p.to_string()),
         opt(&st.standby),
         st.generation,
         st.in_flight,
@@ -175,15 +183,93 @@ pub fn writer_alive(fields: &BTreeMap<String, String>) -> bool {
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
+/// Rewrites an endpoint's status file about once a second until stopped, then removes it.
+#[derive(Debug)]
+pub struct Publisher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Publisher {
+    /// Write the file for `export` now (an error here is returned) and then every second,
+    /// with `pid` as the writer.
+    ///
+    /// # Errors
+    /// The first write's I/O error.
+    pub fn start(endpoint: Endpoint, export: String, path: PathBuf) -> io::Result<Self> {
+        let write = {
+            let path = path.clone();
+            move || {
+                let text = render(
+                    &export,
+                    std::process::id(),
+                    &endpoint.status(),
+                    SystemTime::now(),
+                );
+                write_atomically(&path, &text)
+            }
+        };
+        write()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("endpoint-status".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = write() {
+                            tracing::warn!(error = %e, "cannot update the status file");
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    /// The file it keeps.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stop rewriting and remove the file.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::endpoint::FailoverRecord;
     use super::*;
-    use std::time::Duration;
 
     fn status() -> EndpointStatus {
         EndpointStatus {
             active: Some("unix:/a".into()),
+            active_pid: Some(77),
             standby: None,
             generation: 3,
             in_flight: 2,
@@ -208,6 +294,7 @@ mod tests {
         assert_eq!(f["export"], "vm");
         assert_eq!(f["active"], "unix:/a");
         assert_eq!(f["standby"], "-");
+        assert_eq!(f["driver-pid"], "77");
         assert_eq!(f["generation"], "3");
         assert_eq!(f["in-flight"], "2");
         assert_eq!(f["updated"], "200");

@@ -258,6 +258,18 @@ impl Drop for Proc {
     }
 }
 
+/// The QEMU process, SIGKILLed (by PID) if the test ends before the guest powered off.
+struct Guest(Child);
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The endpoint's status file as key=value fields (it is rewritten every second).
 fn endpoint_status(file: &Path) -> Option<std::collections::BTreeMap<String, String>> {
     status::parse(&std::fs::read_to_string(file).ok()?).ok()
@@ -562,23 +574,25 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
     );
     let uri = format!("nbd+unix:///vm?socket={}", nbd_sock.display());
 
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35,accel=tcg", "-m", "256", "-smp", "1"])
-        .args(["-nographic", "-monitor", "none", "-serial", "stdio"])
-        .args(["-nic", "none", "-no-reboot", "-kernel"])
-        .arg(kernel.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=3"])
-        .arg("-drive")
-        .arg(format!("file={uri},format=raw,if=virtio,cache=writeback"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(d.join("qemu.stderr")).unwrap())
-        .spawn()
-        .expect("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86");
+    let mut qemu = Guest(
+        Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35,accel=tcg", "-m", "256", "-smp", "1"])
+            .args(["-nographic", "-monitor", "none", "-serial", "stdio"])
+            .args(["-nic", "none", "-no-reboot", "-kernel"])
+            .arg(kernel.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=3"])
+            .arg("-drive")
+            .arg(format!("file={uri},format=raw,if=virtio,cache=writeback"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(d.join("qemu.stderr")).unwrap())
+            .spawn()
+            .expect("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86"),
+    );
     // Watchdog: give up on a hung guest after 8 minutes (kill by PID).
-    let pid = qemu.id();
+    let pid = qemu.0.id();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(Duration::from_secs(480)).is_err() {
@@ -588,12 +602,12 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
         }
     });
 
-    let guest_in = Arc::new(Mutex::new(qemu.stdin.take().unwrap()));
+    let guest_in = Arc::new(Mutex::new(qemu.0.stdin.take().unwrap()));
     let mut killer = None;
     let mut workload_started = None;
     let mut target = None;
     let mut console = String::new();
-    for line in BufReader::new(qemu.stdout.take().unwrap()).lines() {
+    for line in BufReader::new(qemu.0.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
         console.push_str(&line);
         console.push('\n');
@@ -631,7 +645,7 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
             let _ = g.write_all(b"go\n").and_then(|_| g.flush());
         }
     }
-    let _ = qemu.wait();
+    let _ = qemu.0.wait();
     let _ = done_tx.send(());
     watchdog.join().unwrap();
     let guest_time = started.elapsed();

@@ -71,6 +71,11 @@ const COW_STRIPES: u64 = 64;
 /// module docs for why, and what it costs).
 pub const PREALLOC_EXTENT: u64 = 64 << 20;
 
+/// Extents are reserved only while the file system has at least this much free space, so
+/// that reservations never take the last free blocks from the guests' own writes (an
+/// `fallocate` that fails part way keeps what it allocated).
+const RESERVE_MIN_FREE: u64 = 4 * PREALLOC_EXTENT;
+
 /// An allocating write at least this long starts its writeback at once
 /// (`sync_file_range`); shorter ones leave it to the kernel and the next flush.
 const EARLY_WRITEBACK_MIN: u64 = 256 << 10;
@@ -433,7 +438,12 @@ impl Overlay {
             let e = (s + PREALLOC_EXTENT).min(self.header.virtual_size);
             // Neither data nor map depend on this: a failure (no space, no fallocate on
             // this file system) only leaves the allocation to the write itself.
-            let _ = fallocate(&self.file, 0, self.slot(s), e - s);
+            let roomy = rustix::fs::fstatvfs(&self.file)
+                .map(|v| v.f_bavail.saturating_mul(v.f_frsize) >= RESERVE_MIN_FREE)
+                .unwrap_or(false);
+            if roomy {
+                let _ = fallocate(&self.file, 0, self.slot(s), e - s);
+            }
             flag.store(true, Ordering::Release);
         }
     }

@@ -11,6 +11,7 @@ use remoca_blkback::blkif::parse::{
     BlkifRequest, DataSegment,
 };
 use remoca_blkback::blkif::xenbus::move_frontend;
+use remoca_blkback::blkif::RESPONSE_MARK;
 use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::overlay::Overlay;
 use remoca_blkback::raw::RawFile;
@@ -1187,6 +1188,69 @@ fn killed_backend_with_requests_finishing_out_of_order_loses_none_and_answers_no
     // No stray third answer: the next one is for the next request.
     let (st, got) = f.read(8, f.pages(40, 1));
     assert_eq!((st, got), (RSP_OKAY, b_data));
+    server.shutdown().unwrap();
+}
+
+/// Failover tier 1, the narrowest kill: the backend wrote one request's response into its
+/// slot but died before publishing `rsp_prod`. The slot now holds a (marked) response, not the
+/// request; a new backend publishes it instead of reading it as a request, replays the other
+/// request in flight, and nothing is answered twice.
+#[test]
+fn killed_between_writing_and_publishing_a_response_the_new_backend_publishes_it() {
+    let h = Host0::new();
+    let img = image(h.dir.path(), "w.raw", 1024, 53);
+    let server = h.serve(BlkifConfig::default());
+    let dom = h.guest("narrow");
+    h.add_disk(dom, 51712, &format!("raw:{}", img.display()), "w");
+    let mut f = Front::connect(&h, dom, 51712, X64);
+    assert_eq!(f.read(0, f.pages(0, 1)).0, RSP_OKAY);
+
+    h.sim
+        .inject("gnttab.copy", Fault::Delay(Duration::from_secs(2)))
+        .unwrap();
+    let (d1, d2) = (pattern(9, PAGE), pattern(10, PAGE));
+    f.fill(&f.pages(1, 1), &d1);
+    f.fill(&f.pages(2, 1), &d2);
+    let w1 = f.push(BlkifOp::Write {
+        sector: 8,
+        segments: f.pages(1, 1),
+    });
+    let w2 = f.push(BlkifOp::Write {
+        sector: 16,
+        segments: f.pages(2, 1),
+    });
+    server.crash().unwrap();
+    h.sim.clear_faults();
+    // What the dead process had done for w1: the write, and its response in w1's slot, as the
+    // backend writes it (id, operation, pad, status, mark), with rsp_prod not advanced.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .and_then(|file| std::os::unix::fs::FileExt::write_all_at(&file, &d1, 8 * SECTOR as u64))
+        .unwrap();
+    let header = h.sim.guest_read(dom, f.base).unwrap();
+    let rsp_prod = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    let slot = rsp_prod as usize % 32; // a one-page x86_64 ring has 32 slots
+    let mut rsp = Vec::new();
+    rsp.extend_from_slice(&w1.to_le_bytes());
+    rsp.extend_from_slice(&[OP_WRITE, 0]);
+    rsp.extend_from_slice(&RSP_OKAY.to_le_bytes());
+    rsp.extend_from_slice(&RESPONSE_MARK.to_le_bytes());
+    h.sim
+        .guest_write(dom, f.base, 64 + slot * 112, &rsp)
+        .unwrap();
+
+    let server = h.serve(BlkifConfig::default());
+    let mut answered = vec![f.response(), f.response()];
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        vec![(w1, OP_WRITE, RSP_OKAY), (w2, OP_WRITE, RSP_OKAY)]
+    );
+    assert_eq!(file_bytes(&img, 8 * SECTOR, PAGE), d1);
+    assert_eq!(file_bytes(&img, 16 * SECTOR, PAGE), d2);
+    let (st, got) = f.read(16, f.pages(3, 1));
+    assert_eq!((st, got), (RSP_OKAY, d2));
     server.shutdown().unwrap();
 }
 

@@ -184,6 +184,29 @@ impl<Req: RingEntry, Rsp: RingEntry> BackRing<Req, Rsp> {
         Ok(Some(req))
     }
 
+    /// After [`Self::attach`], when the next unanswered slot holds a response rather than a
+    /// request (a backend killed between writing a response and publishing it): count that
+    /// slot's request as consumed and its response as queued, so the next
+    /// [`Self::publish`] sends it. `is_response` tells the two apart (the backend marks its
+    /// responses); it sees the slot read as a response. Returns whether a slot was adopted.
+    ///
+    /// # Errors
+    /// `Overflow` if the front end's index is impossible.
+    pub fn adopt_written_response(
+        &mut self,
+        is_response: impl Fn(&Rsp) -> bool,
+    ) -> Result<bool, RingError> {
+        if self.req_cons != self.rsp_prod_pvt || self.unconsumed()? == 0 {
+            return Ok(false);
+        }
+        if !is_response(&self.shared.read_entry::<Rsp>(self.req_cons)) {
+            return Ok(false);
+        }
+        self.req_cons = self.req_cons.wrapping_add(1);
+        self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+        Ok(true)
+    }
+
     /// Queue a response (not visible to the front end until [`Self::publish`]).
     pub fn push_response(&mut self, rsp: Rsp) {
         self.shared.write_entry(self.rsp_prod_pvt, rsp);
@@ -412,6 +435,36 @@ mod tests {
             back.next_request(),
             Err(RingError::Overflow { .. })
         ));
+    }
+
+    #[test]
+    fn attach_adopts_a_response_written_but_not_published() {
+        let (mut front, mut back) = ring_pair();
+        for v in 1..=3 {
+            front.push_request(v);
+        }
+        front.publish();
+        assert_eq!(back.next_request().unwrap(), Some(1));
+        assert_eq!(back.next_request().unwrap(), Some(2));
+        // Killed after writing the answer to 1 (marked by its high bit) before publishing.
+        back.push_response(1 | 1 << 63);
+        let page = back.shared.map.clone();
+        drop(back);
+        let mut fresh = BackRing::<u64, u64>::attach(page).unwrap();
+        let marked = |r: &u64| r >> 63 == 1;
+        assert!(fresh.adopt_written_response(marked).unwrap());
+        assert!(
+            !fresh.adopt_written_response(marked).unwrap(),
+            "2 is a request"
+        );
+        assert_eq!(fresh.next_request().unwrap(), Some(2));
+        assert!(
+            !fresh.adopt_written_response(marked).unwrap(),
+            "not after consuming"
+        );
+        fresh.publish();
+        assert_eq!(front.next_response(), Some(1 | 1 << 63));
+        assert_eq!(fresh.next_request().unwrap(), Some(3));
     }
 
     #[test]

@@ -21,9 +21,14 @@
 //! later one's response and answer that later one twice. The price: a slow request holds
 //! back the answers of faster ones behind it.
 //!
-//! One hole stays: a kill between writing a response into its slot and publishing
-//! `rsp_prod` (consecutive stores under the ring lock) leaves a slot the replay reads as a
-//! request.
+//! A kill between writing a response into its slot and publishing `rsp_prod` leaves a
+//! response where the replay expects a request. So every response carries a mark in its
+//! padding ([`RESPONSE_MARK`] in the x86_64 layout's last four bytes, which in a request are
+//! the high half of its id; [`RESPONSE_MARK_32`] in the x86_32 layout's pad byte, a byte of
+//! the request's id there), and a re-attaching backend publishes marked responses it finds
+//! from `rsp_prod` on instead of replaying those slots. Linux blkfront's ids are small ring
+//! indexes, so no request of it carries a mark; a frontend whose ids do could have a request
+//! taken for an answer.
 //!
 //! Invariants: a request is answered exactly once, whatever happens to it (a malformed
 //! request, a bad grant or a disk error is `BLKIF_RSP_ERROR` for that request only; the
@@ -59,6 +64,11 @@ use super::parse::{
 use super::xenbus::FrontendRing;
 use super::BlkifError;
 
+/// Written into the padding of every x86_64 response (`pad2`): "RMCA".
+pub const RESPONSE_MARK: u32 = u32::from_le_bytes(*b"RMCA");
+/// Written into the pad byte of every x86_32 response.
+pub const RESPONSE_MARK_32: u8 = 0xa5;
+
 /// How often an idle ring thread looks at its stop flag.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Guest-triggered warnings logged per device before going quiet (then every 1000th).
@@ -84,13 +94,14 @@ impl Ring {
             Ring::X64(r) => r.push_response(Response {
                 id,
                 operation,
+                pad: 0,
                 status,
-                ..Response::default()
+                pad2: RESPONSE_MARK,
             }),
             Ring::X32(r) => r.push_response(Response32 {
                 id,
                 operation,
-                pad: 0,
+                pad: RESPONSE_MARK_32,
                 status,
             }),
         }
@@ -108,6 +119,27 @@ impl Ring {
             Ring::X64(r) => r.final_check_for_requests(),
             Ring::X32(r) => r.final_check_for_requests(),
         }
+    }
+
+    /// After a re-attach: publish the responses a killed backend wrote but did not publish
+    /// (marked ones, from `rsp_prod` on). Returns how many.
+    fn adopt_written_responses(&mut self) -> Result<u32, RingError> {
+        let answer = |status: i16| matches!(status, RSP_OKAY | RSP_ERROR | RSP_EOPNOTSUPP);
+        let mut n = 0;
+        while match self {
+            Ring::X64(r) => {
+                r.adopt_written_response(|x| x.pad2 == RESPONSE_MARK && answer(x.status))?
+            }
+            Ring::X32(r) => {
+                r.adopt_written_response(|x| x.pad == RESPONSE_MARK_32 && answer(x.status))?
+            }
+        } {
+            n += 1;
+        }
+        if n > 0 {
+            self.publish();
+        }
+        Ok(n)
     }
 
     fn in_flight(&self) -> u32 {
@@ -228,13 +260,24 @@ impl Dataplane {
         let grants = c.host.grants.open()?;
         let map = Arc::new(grants.map(c.dom, &c.ring.refs, true)?);
         let bad_ring = |e: RingError| BlkifError::Frontend(e.to_string());
-        let ring = match (c.ring.abi, c.attach) {
+        let mut ring = match (c.ring.abi, c.attach) {
             (Abi::X86_64, false) => Ring::X64(BackRing::new(map).map_err(bad_ring)?),
             (Abi::X86_64, true) => Ring::X64(BackRing::attach(map).map_err(bad_ring)?),
             (Abi::X86_32, false) => Ring::X32(BackRing::new(map).map_err(bad_ring)?),
             (Abi::X86_32, true) => Ring::X32(BackRing::attach(map).map_err(bad_ring)?),
         };
+        let mut adopted = 0;
         if c.attach {
+            match ring.adopt_written_responses() {
+                Ok(0) => {}
+                Ok(n) => {
+                    adopted = n;
+                    tracing::info!(device = %c.name, responses = n, "re-attached ring: published the responses the last backend wrote")
+                }
+                Err(e) => {
+                    tracing::warn!(device = %c.name, error = %e, "re-attached ring is inconsistent")
+                }
+            }
             let waiting = match &ring {
                 Ring::X64(r) => r.unconsumed(),
                 Ring::X32(r) => r.unconsumed(),
@@ -250,6 +293,12 @@ impl Dataplane {
         }
         let evtchn = c.host.evtchn.open()?;
         let port = evtchn.bind_interdomain(c.dom, c.ring.port)?;
+        if adopted > 0 {
+            // Published before the port was ours: tell the frontend now.
+            if let Err(e) = evtchn.notify(port) {
+                tracing::warn!(device = %c.name, error = %e, "notifying the frontend");
+            }
+        }
         let shared = Arc::new(Shared {
             name: c.name,
             dom: c.dom,

@@ -29,7 +29,7 @@ pub mod params;
 pub mod parse;
 pub mod xenbus;
 
-pub use dataplane::RingStats;
+pub use dataplane::{RingStats, RESPONSE_MARK, RESPONSE_MARK_32};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -27,6 +27,8 @@ enum Which {
     /// Failover: detection time and client-visible pause over many driver kills and hangs,
     /// and the endpoint + driver split's throughput against the plain backend.
     Failover(FailoverBenchArgs),
+    /// Image deployment: N nodes behind a shaped origin link, with and without the peer cache.
+    Images(super::image_node::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,5 +120,6 @@ pub fn run(args: BenchArgs, g: &Global) -> anyhow::Result<()> {
         Which::Blkback(a) => super::blkback::bench(a, g),
         Which::Paging(a) => paging(a),
         Which::Failover(a) => failover(a),
+        Which::Images(a) => super::image_node::bench(a, g),
     }
 }

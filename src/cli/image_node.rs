@@ -211,3 +211,46 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// `remoca bench images`: the deployment test bed (see `remoca_blkback::images::bench`).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Nodes deploying the image at once.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// The origin link's tbf rate.
+    #[arg(long, default_value = "200mbit")]
+    rate: String,
+    /// Image size in MiB.
+    #[arg(long, default_value_t = 128)]
+    image_mib: u64,
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    chunk_size: u64,
+    /// Scratch directory.
+    #[arg(long, default_value = "/var/tmp/remoca-bench-images")]
+    dir: PathBuf,
+}
+
+pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
+    super::init_tracing(g.verbose);
+    ChunkSize::new(a.chunk_size)?;
+    let cfg = remoca_blkback::images::bench::DeployBenchConfig {
+        exe: std::env::current_exe()?,
+        work: a.dir,
+        nodes: a.nodes,
+        rate: a.rate,
+        image_mib: a.image_mib,
+        chunk_size: a.chunk_size,
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let r = remoca_blkback::images::bench::deployment(&cfg)?;
+    print!("{}", r.table(&cfg));
+    println!(
+        "load average before: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}

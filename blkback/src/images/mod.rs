@@ -11,6 +11,7 @@
 //! - `cache`, `peer`, `template`: the per-node cooperative chunk cache, the peer protocol and
 //!   the `Disk` layer that serves a template from a chunk list.
 
+pub mod bench;
 pub mod cache;
 pub mod chunk;
 pub mod fetch;

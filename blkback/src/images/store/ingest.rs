@@ -39,6 +39,61 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Bytes read and prepared per batch.
+const BATCH_BYTES: usize = 4 << 20;
+/// Threads that hash and compress a batch.
+const MAX_THREADS: usize = 8;
+
+/// One piece after hashing.
+enum Prepared {
+    Zero,
+    /// Already in the store.
+    Known(ChunkId),
+    /// Not in the store: its id, codec and encoded payload.
+    New(ChunkId, u8, Vec<u8>),
+}
+
+/// Hash the pieces of `buf` (lengths `lens`, each at a multiple of `cs`) on up to
+/// `threads` threads, and encode those `index` does not have.
+fn prepare(
+    buf: &[u8],
+    lens: &[usize],
+    cs: usize,
+    index: &std::collections::HashMap<ChunkId, super::arena::Location>,
+    compress: bool,
+    threads: usize,
+) -> Vec<Prepared> {
+    let one = |k: usize| -> Prepared {
+        let piece = &buf[k * cs..k * cs + lens[k]];
+        if is_zero(piece) {
+            return Prepared::Zero;
+        }
+        let id = ChunkId::of(piece);
+        if index.contains_key(&id) {
+            return Prepared::Known(id);
+        }
+        let (codec, payload) = super::arena::encode_payload(piece, compress);
+        Prepared::New(id, codec, payload)
+    };
+    if threads <= 1 || lens.len() < 2 {
+        return (0..lens.len()).map(one).collect();
+    }
+    let per = lens.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..lens.len())
+            .step_by(per)
+            .map(|start| {
+                let end = (start + per).min(lens.len());
+                s.spawn(move || (start..end).map(one).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("import worker panicked"))
+            .collect()
+    })
+}
+
 /// Read until `buf` is full or the stream ends; returns the bytes read.
 fn read_full(src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
@@ -73,32 +128,69 @@ impl Store {
     ) -> Result<AddReport, StoreError> {
         check_name(image)?;
         let cs = chunk_size.bytes() as usize;
-        let mut buf = vec![0u8; cs];
+        // Spread hashing and lz4 over the cores; without compression the import is bound by
+        // its writes and one thread measured faster (docs/image-store.md).
+        let threads = if self.opts.compress {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_THREADS)
+        } else {
+            1
+        };
+        // One piece at a time when single-threaded: the piece stays in cache from read to
+        // write.
+        let per_batch = if threads > 1 {
+            (BATCH_BYTES / cs).max(1)
+        } else {
+            1
+        };
+        let mut buf = vec![0u8; cs * per_batch];
+        let mut lens = Vec::with_capacity(per_batch);
         let mut entries = BTreeMap::new();
         let (mut size, mut index) = (0u64, 0u64);
         let (mut zero, mut new_chunks, mut new_bytes) = (0, 0, 0);
-        loop {
-            let n = read_full(src, &mut buf).map_err(|e| io_at("import source", e))?;
-            if n == 0 {
-                break;
-            }
-            let piece = &buf[..n];
-            if is_zero(piece) {
-                zero += 1;
-            } else {
-                let (id, new) = self.put_chunk(piece)?;
-                if new {
-                    new_chunks += 1;
-                    new_bytes += n as u64;
+        let mut eof = false;
+        while !eof {
+            // Read a batch of pieces ...
+            lens.clear();
+            while lens.len() < per_batch {
+                let at = lens.len() * cs;
+                let n =
+                    read_full(src, &mut buf[at..at + cs]).map_err(|e| io_at("import source", e))?;
+                if n == 0 {
+                    eof = true;
+                    break;
                 }
-                entries.insert(index, Some(id));
+                lens.push(n);
+                if n < cs {
+                    eof = true;
+                    break;
+                }
             }
-            size += n as u64;
-            index += 1;
+            // ... hash (and compress what is new) on every core ...
+            let prepared = prepare(&buf, &lens, cs, &self.index, self.opts.compress, threads);
+            // ... and append in order.
+            for (k, p) in prepared.into_iter().enumerate() {
+                let n = lens[k];
+                match p {
+                    Prepared::Zero => zero += 1,
+                    Prepared::Known(id) => {
+                        entries.insert(index, Some(id));
+                    }
+                    Prepared::New(id, codec, payload) => {
+                        // A batch may hold the same new piece twice.
+                        if !self.index.contains_key(&id) {
+                            self.append_encoded(id, codec, n as u32, &payload)?;
+                            new_chunks += 1;
+                            new_bytes += n as u64;
+                        }
+                        entries.insert(index, Some(id));
+                    }
+                }
+                size += n as u64;
+                index += 1;
+            }
             progress(size);
-            if n < cs {
-                break;
-            }
         }
         if size > super::manifest::MAX_IMAGE_SIZE {
             return Err(StoreError::Invalid(format!(

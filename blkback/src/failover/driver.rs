@@ -225,9 +225,7 @@ impl Drop for Conn {
 impl Conn {
     fn send(&self, h: &ReplyHeader, data: &[u8]) {
         let mut w = self.writer.lock();
-        let r = w
-            .write_all(&wire::encode_reply(h))
-            .and_then(|()| w.write_all(data));
+        let r = super::write_frame(&mut *w, &wire::encode_reply(h), data);
         if r.is_err() {
             self.close(&w);
         }
@@ -376,13 +374,17 @@ fn serve_connection(
                 std::thread::sleep(interval);
             }
         })?;
-    let r = read_requests(&mut stream, &conn, jobs);
+    let r = read_requests(
+        &mut io::BufReader::with_capacity(super::READ_BUFFER, &mut stream),
+        &conn,
+        jobs,
+    );
     conn.close(&stream);
     r
 }
 
 fn read_requests(
-    stream: &mut Stream,
+    stream: &mut impl Read,
     conn: &Arc<Conn>,
     jobs: &crossbeam_channel::Sender<Job>,
 ) -> io::Result<()> {

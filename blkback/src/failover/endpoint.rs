@@ -189,9 +189,7 @@ impl Conn {
             length: r.length,
         };
         let mut w = self.writer.lock();
-        let res = w
-            .write_all(&wire::encode_request(&h))
-            .and_then(|()| w.write_all(&r.data));
+        let res = super::write_frame(&mut *w, &wire::encode_request(&h), &r.data);
         if res.is_err() {
             self.broken.store(true, Ordering::Release);
             self.monitor.lock().on_broken();
@@ -493,7 +491,10 @@ impl Inner {
         std::thread::Builder::new()
             .name("fo-reader".into())
             .spawn(move || {
-                let r = me.read_replies(&mut stream, &c);
+                let r = me.read_replies(
+                    &mut io::BufReader::with_capacity(super::READ_BUFFER, &mut stream),
+                    &c,
+                );
                 if let Err(e) = r {
                     tracing::debug!(driver = %c.addr, error = %e, "driver connection ended");
                 }
@@ -505,7 +506,7 @@ impl Inner {
         conn
     }
 
-    fn read_replies(&self, s: &mut Stream, conn: &Conn) -> io::Result<()> {
+    fn read_replies(&self, s: &mut impl Read, conn: &Conn) -> io::Result<()> {
         loop {
             let mut hb = [0u8; wire::REPLY_HEADER_LEN];
             s.read_exact(&mut hb)?;

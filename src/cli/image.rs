@@ -31,7 +31,7 @@ enum ImageCmd {
         #[arg(long)]
         overlay: PathBuf,
         /// Cluster size in bytes (power of two, 4096..2097152; K and M suffixes accepted).
-        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        #[arg(long, default_value = "4K", value_parser = parse_size)]
         cluster_size: u64,
     },
     /// Show an overlay's header and how many clusters it holds.

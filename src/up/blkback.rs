@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::nbd::{self, Listener};
-use remoca_blkback::overlay::Overlay;
+use remoca_blkback::overlay::{header::DEFAULT_CLUSTER_BITS, Overlay};
 use remoca_blkback::raw::RawFile;
 use remoca_blkback::remote::cache::{CacheConfig, RemoteCache};
 use remoca_blkback::remote::client::RemoteClient;
@@ -383,8 +383,13 @@ fn demo_disk(state_dir: &Path, size: u64) -> anyhow::Result<ExportConfig> {
     }
     if !overlay.exists() {
         let t = RawFile::open_read_only(&template).context("opening the demo template")?;
-        Overlay::create(&overlay, &t, 16, &template.display().to_string())
-            .with_context(|| format!("creating {}", overlay.display()))?;
+        Overlay::create(
+            &overlay,
+            &t,
+            DEFAULT_CLUSTER_BITS,
+            &template.display().to_string(),
+        )
+        .with_context(|| format!("creating {}", overlay.display()))?;
     }
     Ok(ExportConfig {
         name: "demo".into(),

@@ -29,7 +29,7 @@ use crate::disk::Disk;
 use crate::export::{ExportConfig, Exports};
 use crate::nbd::client::Client;
 use crate::nbd::wire::{CMD_FLUSH, CMD_READ, CMD_WRITE};
-use crate::overlay::Overlay;
+use crate::overlay::{header::DEFAULT_CLUSTER_BITS, Overlay};
 use crate::raw::RawFile;
 
 const BLOCK: u64 = 4096;
@@ -185,7 +185,12 @@ impl Rng {
 fn fresh_overlay(template: &Path, overlay: &Path) -> Result<(), Error> {
     let _ = std::fs::remove_file(overlay);
     let t = RawFile::open_read_only(template)?;
-    Overlay::create(overlay, &t, 16, &template.to_string_lossy())?;
+    Overlay::create(
+        overlay,
+        &t,
+        DEFAULT_CLUSTER_BITS,
+        &template.to_string_lossy(),
+    )?;
     Ok(())
 }
 

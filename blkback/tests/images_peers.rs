@@ -272,3 +272,64 @@ fn without_an_origin_a_missing_chunk_is_an_error_not_zeroes() {
     let mut b = vec![0; 100];
     assert!(t.read_at(&mut b, 0).is_err());
 }
+
+#[test]
+fn nodes_deploy_a_stored_image_from_a_store_backed_origin() {
+    use remoca_blkback::images::peer::node::{serve_store, store_chunk_list};
+    use remoca_blkback::images::store::{Store, StoreOptions};
+
+    let (img, _, _) = image();
+    // A second version with a few chunks changed: most of its chunks are the first one's.
+    let mut img2 = img.clone();
+    for i in [1usize, 40, 200] {
+        img2[i * 16 * 1024..(i * 16 * 1024 + 100)].fill(0x17);
+    }
+    let sdir = tempfile::tempdir().unwrap();
+    let cs = ChunkSize::new(16 * 1024).unwrap();
+    {
+        let w = StoreOptions {
+            write: true,
+            ..StoreOptions::default()
+        };
+        let mut st = Store::open(sdir.path(), w).unwrap();
+        for im in [&img, &img2] {
+            st.import("demo", &mut &im[..], cs, "", &mut |_| {})
+                .unwrap();
+        }
+    }
+    // The origin opens the store read-only, as `remoca image-node --store` does.
+    let store = Store::open(sdir.path(), StoreOptions::default()).unwrap();
+    let versions = store.versions("demo").unwrap();
+    assert_eq!(versions.len(), 2);
+    let (newest, list2) = store_chunk_list(&store, "demo").unwrap();
+    assert_eq!(newest, versions[1]);
+    let (_, list1) = store_chunk_list(&store, &versions[0].to_string()).unwrap();
+    let mut exported = Vec::new();
+    for v in &versions {
+        let mut out = Vec::new();
+        store.export_to(v, &mut out, &mut |_| {}).unwrap();
+        exported.push(out);
+    }
+    assert!(store_chunk_list(&store, "nonesuch").is_err());
+    let origin = serve_store(bind(), store).unwrap();
+
+    let listeners: Vec<TcpListener> = (0..2).map(|_| bind()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Node> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| Node::start(l, cfg(dirs[i].path(), &addrs, origin.addr())).unwrap())
+        .collect();
+    // Node 0 deploys version 2, node 1 version 1, at the same time.
+    let (got2, got1) = std::thread::scope(|s| {
+        let a = s.spawn(|| deploy_to_vec(&nodes[0], &list2, None));
+        let b = s.spawn(|| deploy_to_vec(&nodes[1], &list1, None));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(got1 == exported[0], "version 1 differs from its export");
+    assert!(got2 == exported[1], "version 2 differs from its export");
+    assert!(got1 == img && got2 == img2);
+    assert!(origin.stats().chunks_served.load(Ordering::Relaxed) > 0);
+    assert_eq!(origin.stats().missing.load(Ordering::Relaxed), 0);
+}

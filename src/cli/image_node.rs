@@ -1,8 +1,9 @@
 //! `remoca image-node`: one node of the cooperative chunk cache (issue 8) — a thin wrapper
 //! over `remoca_blkback::images::peer::node`. It serves its cache to peers, fetches what it
 //! lacks from peers and the origin, and can deploy an image (read every chunk in boot order
-//! through the template layer) into a file. With no `--origin` and a `--seed-raw` image it
-//! plays the origin. It runs until SIGINT/SIGTERM (or right after the deployment with
+//! through the template layer) into a file. With `--store DIR --image NAME[@N]` it is the
+//! origin: it serves the store's chunks and writes the version's chunk list for the nodes
+//! (`--seed-raw` plays the origin from a raw file instead, for the bench). It runs until SIGINT/SIGTERM (or right after the deployment with
 //! `--exit-after-deploy`).
 
 use std::net::{SocketAddr, TcpListener};
@@ -17,6 +18,7 @@ use parking_lot::Mutex;
 use remoca_blkback::images::chunk::ChunkSize;
 use remoca_blkback::images::fetch::FetchConfig;
 use remoca_blkback::images::peer::node::{self, Node, NodeConfig};
+use remoca_blkback::images::store::{Store, StoreOptions};
 use remoca_blkback::images::template::AccessProfile;
 
 use super::blkback::parse_size;
@@ -27,9 +29,9 @@ pub struct NodeArgs {
     /// Address to serve peers on (the address the other nodes list in --peers).
     #[arg(long)]
     listen: SocketAddr,
-    /// Cache directory (the fast device).
-    #[arg(long)]
-    cache: PathBuf,
+    /// Cache directory (the fast device). Not used with --store.
+    #[arg(long, required_unless_present = "store")]
+    cache: Option<PathBuf>,
     /// Cache bound in bytes (K, M, G suffixes).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     cache_bytes: u64,
@@ -43,13 +45,20 @@ pub struct NodeArgs {
     /// Timeout of each peer call, milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Be the origin: serve the chunks of this image store (opened read-only) to the nodes.
+    #[arg(long, requires_all = ["image", "chunk_list"], conflicts_with_all = ["origin", "seed_raw", "deploy"])]
+    store: Option<PathBuf>,
+    /// With --store: the image whose chunk list goes to --chunk-list, `NAME` (newest version)
+    /// or `NAME@N`.
+    #[arg(long, requires = "store")]
+    image: Option<String>,
     /// Seed the cache from this raw image and write its chunk list to --chunk-list.
     #[arg(long, requires = "chunk_list")]
     seed_raw: Option<PathBuf>,
     /// Chunk size for --seed-raw.
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     chunk_size: u64,
-    /// The image's chunk list (read for --deploy, written by --seed-raw).
+    /// The image's chunk list (read for --deploy, written by --seed-raw and --store).
     #[arg(long)]
     chunk_list: Option<PathBuf>,
     /// Deploy the image of --chunk-list into this file.
@@ -115,12 +124,88 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+fn write_chunk_list(
+    list: &remoca_blkback::images::chunk::ChunkList,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let tmp = out.with_extension("tmp");
+    node::save_chunk_list(list, &tmp).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// Wait for SIGINT or SIGTERM.
+fn wait_for_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// The origin over the store: serve its chunks until a signal, keeping the server's counters
+/// in --stats.
+fn store_origin(a: &NodeArgs, dir: &Path, listener: TcpListener) -> anyhow::Result<()> {
+    let store = Store::open(dir, StoreOptions::default())
+        .with_context(|| format!("cannot open image store {}", dir.display()))?;
+    let spec = a.image.as_deref().context("--store needs --image")?;
+    let (v, list) = node::store_chunk_list(&store, spec)?;
+    let out = a
+        .chunk_list
+        .as_ref()
+        .context("--store needs --chunk-list")?;
+    write_chunk_list(&list, out)?;
+    let server = node::serve_store(listener, store).context("serve the store")?;
+    println!(
+        "origin listening on {} serving {v} ({} chunks) from {}",
+        server.addr(),
+        list.chunks.iter().flatten().count(),
+        dir.display()
+    );
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if let Some(path) = &a.stats {
+            let (server, stop) = (&server, &stop);
+            s.spawn(move || loop {
+                let st = server.stats();
+                let text = format!(
+                    "served_bytes={}\nserved_chunks={}\nmissing={}\n",
+                    st.bytes_served.load(Ordering::Relaxed),
+                    st.chunks_served.load(Ordering::Relaxed),
+                    st.missing.load(Ordering::Relaxed)
+                );
+                let tmp = path.with_extension("tmp");
+                let _ = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path));
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            });
+        }
+        let r = wait_for_signal();
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
 pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
     super::init_tracing(g.verbose);
     let listener = TcpListener::bind(a.listen).with_context(|| format!("bind {}", a.listen))?;
+    if let Some(dir) = &a.store {
+        return store_origin(&a, dir, listener);
+    }
     let me = listener.local_addr()?;
     let cfg = NodeConfig {
-        cache_dir: a.cache.clone(),
+        cache_dir: a
+            .cache
+            .clone()
+            .context("--cache is needed without --store")?,
         cache_bytes: a.cache_bytes,
         fetch: FetchConfig {
             me: Some(me),
@@ -140,9 +225,7 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
             .chunk_list
             .as_ref()
             .context("--seed-raw needs --chunk-list")?;
-        let tmp = out.with_extension("tmp");
-        node::save_chunk_list(&list, &tmp)?;
-        std::fs::rename(&tmp, out)?;
+        write_chunk_list(&list, out)?;
     }
     println!("node listening on {me}");
     let d = Arc::new(Deploy::default());
@@ -194,18 +277,7 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
             }
         }
         if !(a.exit_after_deploy && a.deploy.is_some()) {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                anyhow::Ok(())
-            })?;
+            wait_for_signal()?;
         }
         stop.store(true, Ordering::Relaxed);
         Ok(())

@@ -19,6 +19,7 @@ use crate::disk::Disk;
 use crate::images::cache::NodeCache;
 use crate::images::chunk::{ChunkId, ChunkList};
 use crate::images::fetch::{FetchConfig, Fetcher, OriginPath};
+use crate::images::store::{Store, StoreError, VersionRef};
 use crate::images::template::{AccessProfile, ChunkTemplate};
 
 /// How to run one node.
@@ -63,6 +64,30 @@ impl Node {
     pub fn addr(&self) -> SocketAddr {
         self.server.addr()
     }
+}
+
+/// The origin served out of the image store: a peer server over `store` (its chunks, and
+/// HAVE answers from its index), with no pull source of its own. Nodes list its address as
+/// their origin and deploy from the chunk lists of [`store_chunk_list`].
+///
+/// # Errors
+/// Starting the server.
+pub fn serve_store(listener: TcpListener, store: Store) -> io::Result<RunningServer> {
+    let store = Arc::new(store);
+    let holder = store.clone();
+    let svc = Service::new(store, move |id| holder.contains(id));
+    RunningServer::start_on(listener, Arc::new(svc))
+}
+
+/// The chunk list of `spec` (`NAME` for its newest version, or `NAME@N`) in `store`, with the
+/// version it resolved to: what an origin serving the store hands to its nodes.
+///
+/// # Errors
+/// No such image or version; a missing or corrupt manifest.
+pub fn store_chunk_list(store: &Store, spec: &str) -> Result<(VersionRef, ChunkList), StoreError> {
+    let v = store.resolve(spec)?;
+    let list = store.chunk_list(&v)?;
+    Ok((v, list))
 }
 
 /// What one deployment did.
@@ -159,7 +184,7 @@ pub fn deploy(
 
 /// Cut the raw image at `path` into `chunk_size` chunks, put every non-zero chunk into
 /// `cache` and return the image's chunk list: how an origin's cache is seeded in tests and
-/// benches until it serves from the store. The cache must be large enough to hold the image.
+/// benches that do not build a store (an origin over the store is [`serve_store`]). The cache must be large enough to hold the image.
 ///
 /// # Errors
 /// I/O errors; a cache too small for the image.

@@ -284,9 +284,23 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
     })
 }
 
-/// `remoca bench images`: the deployment test bed (see `remoca_blkback::images::bench`).
+/// `remoca bench images`: the deployment test bed, or with `--dedup` the store's dedup and
+/// ingest against casync's (see `remoca_blkback::images::bench`).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// Compare dedup and ingest with casync instead: three related ext4 images built with
+    /// `mkfs.ext4 -d`, at 64 KiB and 4 KiB chunks (needs mkfs.ext4 and casync).
+    #[arg(long)]
+    dedup: bool,
+    /// --dedup: the tree of the first image.
+    #[arg(long, default_value = "/usr/share/doc")]
+    dedup_base: PathBuf,
+    /// --dedup: the tree the second image adds.
+    #[arg(long, default_value = "/usr/lib/python3")]
+    dedup_added: PathBuf,
+    /// --dedup: chunk sizes (the store's fixed size, casync's average), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64K,4K", value_parser = parse_size)]
+    dedup_chunk_sizes: Vec<u64>,
     /// Nodes deploying the image at once.
     #[arg(long, default_value_t = 4)]
     nodes: usize,
@@ -305,6 +319,9 @@ pub struct BenchArgs {
 
 pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
     super::init_tracing(g.verbose);
+    if a.dedup {
+        return bench_dedup(a);
+    }
     ChunkSize::new(a.chunk_size)?;
     let cfg = remoca_blkback::images::bench::DeployBenchConfig {
         exe: std::env::current_exe()?,
@@ -314,15 +331,35 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         image_mib: a.image_mib,
         chunk_size: a.chunk_size,
     };
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load_average();
     let r = remoca_blkback::images::bench::deployment(&cfg)?;
     print!("{}", r.table(&cfg));
-    println!(
-        "load average before: {}",
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("load average before: {load}");
+    Ok(())
+}
+
+fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn bench_dedup(a: BenchArgs) -> anyhow::Result<()> {
+    for &cs in &a.dedup_chunk_sizes {
+        ChunkSize::new(cs)?;
+    }
+    let cfg = remoca_blkback::images::bench::DedupBenchConfig {
+        work: a.dir.join("dedup"),
+        base: a.dedup_base,
+        added: a.dedup_added,
+        chunk_sizes: a.dedup_chunk_sizes,
+        casync: "casync".into(),
+    };
+    let load = load_average();
+    let r = remoca_blkback::images::bench::dedup(&cfg)?;
+    print!("{}", r.table());
+    println!("load average before: {load}, after: {}", load_average());
     Ok(())
 }

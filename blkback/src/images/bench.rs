@@ -376,3 +376,389 @@ pub fn deployment(cfg: &DeployBenchConfig) -> io::Result<DeployBench> {
         peers,
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// `remoca bench images --dedup`: the store's dedup and ingest against casync's.
+
+/// What to run for the dedup comparison.
+#[derive(Debug, Clone)]
+pub struct DedupBenchConfig {
+    /// Scratch directory (the images, a copy of the trees, one store per run).
+    pub work: PathBuf,
+    /// The tree of the first image (e.g. /usr/share/doc).
+    pub base: PathBuf,
+    /// A tree added in the second image (e.g. /usr/lib/python3).
+    pub added: PathBuf,
+    /// Chunk sizes to run, for both tools (the store's fixed size, casync's average).
+    pub chunk_sizes: Vec<u64>,
+    /// The `casync` binary; its rows are left out (with a note) when it cannot be run.
+    pub casync: PathBuf,
+}
+
+/// One tool at one chunk size over all the images.
+#[derive(Debug, Clone)]
+pub struct DedupRow {
+    pub tool: String,
+    pub chunking: String,
+    /// Sum of the images' sizes.
+    pub logical: u64,
+    /// Distinct chunks stored (the store: non-zero ones; casync: all, a zero run is a chunk).
+    pub unique_chunks: u64,
+    /// Their bytes before compression.
+    pub unique_raw: u64,
+    /// Chunk payload on disk after compression (the store: lz4 records' payloads; casync:
+    /// the `.cacnk` files, zstd).
+    pub chunk_payload: u64,
+    /// Everything the tool keeps on disk: the store directory (arenas with record headers,
+    /// index, manifests); casync: `.cacnk` files plus the `.caibx` indexes.
+    pub on_disk: u64,
+    /// Wall time of ingesting every image, seconds.
+    pub secs: f64,
+}
+
+/// The images and every row.
+#[derive(Debug, Clone)]
+pub struct DedupBench {
+    /// Each image's name and size.
+    pub images: Vec<(String, u64)>,
+    pub rows: Vec<DedupRow>,
+    /// Why casync's rows are missing, when they are.
+    pub casync_note: Option<String>,
+}
+
+impl DedupBench {
+    /// The table `remoca bench images --dedup` prints.
+    pub fn table(&self) -> String {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let mut s = String::from("images:");
+        for (n, b) in &self.images {
+            s.push_str(&format!(" {n} {:.1} MiB;", mib(*b)));
+        }
+        s.push('\n');
+        s.push_str(&format!(
+            "{:<8} {:<14} {:>10} {:>9} {:>11} {:>9} {:>12} {:>11} {:>10} {:>8}\n",
+            "tool",
+            "chunking",
+            "logical",
+            "chunks",
+            "unique raw",
+            "logical/",
+            "chunk bytes",
+            "on disk",
+            "logical/",
+            "ingest"
+        ));
+        s.push_str(&format!(
+            "{:<8} {:<14} {:>10} {:>9} {:>11} {:>9} {:>12} {:>11} {:>10} {:>8}\n",
+            "", "", "(MiB)", "", "(MiB)", "unique", "compr. (MiB)", "(MiB)", "on disk", "(MB/s)"
+        ));
+        for r in &self.rows {
+            s.push_str(&format!(
+                "{:<8} {:<14} {:>10.1} {:>9} {:>11.1} {:>8.2}x {:>12.1} {:>11.1} {:>9.2}x {:>8.1}\n",
+                r.tool,
+                r.chunking,
+                mib(r.logical),
+                r.unique_chunks,
+                mib(r.unique_raw),
+                r.logical as f64 / r.unique_raw.max(1) as f64,
+                mib(r.chunk_payload),
+                mib(r.on_disk),
+                r.logical as f64 / r.on_disk.max(1) as f64,
+                r.logical as f64 / 1e6 / r.secs.max(1e-9)
+            ));
+        }
+        if let Some(n) = &self.casync_note {
+            s.push_str(&format!("casync rows missing: {n}\n"));
+        }
+        s
+    }
+}
+
+/// Regular files under `dir`, sorted, and the bytes they take in 4 KiB blocks.
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, blocks: &mut u64) -> io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<io::Result<_>>()?;
+    entries.sort();
+    for p in entries {
+        let m = std::fs::symlink_metadata(&p)?;
+        *blocks += 4096;
+        if m.is_dir() {
+            walk(&p, files, blocks)?;
+        } else if m.is_file() {
+            *blocks += m.len().div_ceil(4096) * 4096;
+            files.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// `mkfs.ext4 -d tree` into a new `size`-byte raw image, with a fixed UUID, hash seed and
+/// time so that only the tree's changes make two images differ.
+fn mkfs(tree: &Path, img: &Path, size: u64) -> io::Result<()> {
+    let _ = std::fs::remove_file(img);
+    const UUID: &str = "6d2b3c55-1e0f-4d7a-9a57-0c2f1b7a3e11";
+    let out = Command::new("mkfs.ext4")
+        .env("E2FSPROGS_FAKE_TIME", "1700000000")
+        .args(["-q", "-F", "-b", "4096", "-m", "0", "-U", UUID])
+        .arg("-E")
+        .arg(format!("hash_seed={UUID},lazy_itable_init=0"))
+        .arg("-d")
+        .arg(tree)
+        .arg(img)
+        .arg(format!("{}k", size / 1024))
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "mkfs.ext4 -d {}: {}",
+            tree.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes of every file under `dir` whose name ends with `suffix` ("" for all).
+fn bytes_under(dir: &Path, suffix: &str) -> io::Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        if m.is_dir() {
+            total += bytes_under(&e.path(), suffix)?;
+        } else if e.file_name().to_string_lossy().ends_with(suffix) {
+            total += m.len();
+        }
+    }
+    Ok(total)
+}
+
+/// The chunks of a casync blob index (`.caibx`): (end offset, id) per chunk. The format:
+/// a 48-byte index header, a 16-byte table header, 40-byte items (little-endian u64 end
+/// offset, 32-byte digest), a 40-byte tail.
+fn caibx_chunks(path: &Path) -> io::Result<Vec<(u64, [u8; 32])>> {
+    let b = std::fs::read(path)?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("{}", path.display()));
+    if b.len() < 104 || (b.len() - 104) % 40 != 0 || b[48..56] != [0xff; 8] {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity((b.len() - 104) / 40);
+    let mut prev = 0;
+    for it in b[64..b.len() - 40].chunks_exact(40) {
+        let end = u64::from_le_bytes(it[..8].try_into().map_err(|_| bad())?);
+        if end <= prev {
+            return Err(bad());
+        }
+        prev = end;
+        out.push((end, it[8..].try_into().map_err(|_| bad())?));
+    }
+    Ok(out)
+}
+
+fn ours(cfg: &DedupBenchConfig, imgs: &[PathBuf], cs: u64) -> io::Result<DedupRow> {
+    use crate::images::chunk::ChunkSize;
+    use crate::images::store::{Store, StoreOptions};
+    let dir = cfg.work.join(format!("store-{}k", cs / 1024));
+    let _ = std::fs::remove_dir_all(&dir);
+    let chunk_size = ChunkSize::new(cs).map_err(|e| io::Error::other(e.to_string()))?;
+    let err = |e: crate::images::store::StoreError| io::Error::other(e.to_string());
+    let start = Instant::now();
+    let mut logical = 0;
+    let (unique_chunks, unique_raw, chunk_payload) = {
+        let opts = StoreOptions {
+            write: true,
+            ..StoreOptions::default()
+        };
+        let mut st = Store::open(&dir, opts).map_err(err)?;
+        for img in imgs {
+            let mut f = std::fs::File::open(img)?;
+            let r = st
+                .import("bench", &mut f, chunk_size, "", &mut |_| {})
+                .map_err(err)?;
+            logical += r.size;
+        }
+        st.sync().map_err(err)?;
+        let idx = st.index();
+        (
+            idx.len() as u64,
+            idx.values().map(|l| l.raw_len as u64).sum(),
+            idx.values().map(|l| l.stored_len as u64).sum(),
+        )
+    };
+    let secs = start.elapsed().as_secs_f64();
+    Ok(DedupRow {
+        tool: "remoca".into(),
+        chunking: format!("fixed {} KiB", cs / 1024),
+        logical,
+        unique_chunks,
+        unique_raw,
+        chunk_payload,
+        on_disk: bytes_under(&dir, "")?,
+        secs,
+    })
+}
+
+fn casync(cfg: &DedupBenchConfig, imgs: &[PathBuf], cs: u64) -> io::Result<DedupRow> {
+    let dir = cfg.work.join(format!("casync-{}k", cs / 1024));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let store = dir.join("store");
+    let start = Instant::now();
+    let mut indexes = Vec::new();
+    for (i, img) in imgs.iter().enumerate() {
+        let idx = dir.join(format!("v{}.caibx", i + 1));
+        let out = Command::new(&cfg.casync)
+            .arg(format!("--store={}", store.display()))
+            .arg(format!("--chunk-size={cs}"))
+            .arg("make")
+            .arg(&idx)
+            .arg(img)
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "casync make: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        indexes.push(idx);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let mut logical = 0;
+    let mut unique: HashMap<[u8; 32], u64> = HashMap::new();
+    for idx in &indexes {
+        let mut prev = 0;
+        for (end, id) in caibx_chunks(idx)? {
+            unique.insert(id, end - prev);
+            prev = end;
+        }
+        logical += prev;
+    }
+    let chunk_payload = bytes_under(&store, ".cacnk")?;
+    Ok(DedupRow {
+        tool: "casync".into(),
+        chunking: format!("CDC avg {} KiB", cs / 1024),
+        logical,
+        unique_chunks: unique.len() as u64,
+        unique_raw: unique.values().sum(),
+        chunk_payload,
+        on_disk: chunk_payload + bytes_under(&dir, ".caibx")?,
+        secs,
+    })
+}
+
+/// Build three related ext4 images (v1: `base`; v2: every 20th file of it appended to and
+/// `added` copied in; v3: every 13th file changed in place, every 50th removed), ingest
+/// them into a fresh store and into one casync store per chunk size, and compare.
+///
+/// # Errors
+/// Missing `mkfs.ext4`, I/O errors, a store error. A casync that cannot run only leaves
+/// its rows out (see [`DedupBench::casync_note`]).
+pub fn dedup(cfg: &DedupBenchConfig) -> io::Result<DedupBench> {
+    use std::io::Write;
+    std::fs::create_dir_all(&cfg.work)?;
+    let tree = cfg.work.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree)?;
+    run(&[
+        "cp",
+        "-a",
+        &cfg.base.to_string_lossy(),
+        &tree.join("base").to_string_lossy(),
+    ])?;
+    let (mut files, mut blocks) = (Vec::new(), 0);
+    walk(&cfg.base, &mut files, &mut blocks)?;
+    walk(&cfg.added, &mut Vec::new(), &mut blocks)?;
+    // Room for both trees, their inodes and the journal.
+    let size = (blocks + blocks / 4 + (96 << 20)).div_ceil(1 << 20) << 20;
+    let imgs: Vec<PathBuf> = (1..=3)
+        .map(|i| cfg.work.join(format!("v{i}.raw")))
+        .collect();
+    mkfs(&tree, &imgs[0], size)?;
+    let (mut files, mut blocks) = (Vec::new(), 0);
+    walk(&tree, &mut files, &mut blocks)?;
+    for f in files.iter().step_by(20) {
+        let mut h = std::fs::OpenOptions::new().append(true).open(f)?;
+        writeln!(h, "remoca bench: changed in v2")?;
+    }
+    run(&[
+        "cp",
+        "-a",
+        &cfg.added.to_string_lossy(),
+        &tree.join("added").to_string_lossy(),
+    ])?;
+    mkfs(&tree, &imgs[1], size)?;
+    let (mut files, mut blocks) = (Vec::new(), 0);
+    walk(&tree, &mut files, &mut blocks)?;
+    for (i, f) in files.iter().enumerate() {
+        if i % 50 == 7 {
+            std::fs::remove_file(f)?;
+        } else if i % 13 == 5 {
+            use std::os::unix::fs::FileExt;
+            let h = std::fs::OpenOptions::new().write(true).open(f)?;
+            let len = h.metadata()?.len();
+            h.write_all_at(b"remoca v3", len / 2)?;
+        }
+    }
+    mkfs(&tree, &imgs[2], size)?;
+    let _ = std::fs::remove_dir_all(&tree);
+    let mut images = Vec::new();
+    for p in &imgs {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        images.push((name.unwrap_or_default(), std::fs::metadata(p)?.len()));
+    }
+    let mut rows = Vec::new();
+    let mut casync_note = None;
+    for &cs in &cfg.chunk_sizes {
+        rows.push(ours(cfg, &imgs, cs)?);
+        if casync_note.is_none() {
+            match casync(cfg, &imgs, cs) {
+                Ok(r) => rows.push(r),
+                Err(e) => casync_note = Some(e.to_string()),
+            }
+        }
+        let _ = std::fs::remove_dir_all(cfg.work.join(format!("store-{}k", cs / 1024)));
+        let _ = std::fs::remove_dir_all(cfg.work.join(format!("casync-{}k", cs / 1024)));
+    }
+    for p in &imgs {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(DedupBench {
+        images,
+        rows,
+        casync_note,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caibx(ends: &[u64]) -> Vec<u8> {
+        let mut b = vec![0u8; 48];
+        b[..8].copy_from_slice(&48u64.to_le_bytes());
+        b.extend_from_slice(&[0xff; 8]);
+        b.extend_from_slice(&[0x11; 8]);
+        for (i, e) in ends.iter().enumerate() {
+            b.extend_from_slice(&e.to_le_bytes());
+            b.extend_from_slice(&[i as u8; 32]);
+        }
+        b.extend_from_slice(&[0u8; 40]);
+        b
+    }
+
+    #[test]
+    fn casync_indexes_are_parsed_and_bad_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.caibx");
+        std::fs::write(&p, caibx(&[100, 4196, 5000])).unwrap();
+        let c = caibx_chunks(&p).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[1], (4196, [1u8; 32]));
+        let mut short = caibx(&[100]);
+        short.pop();
+        for bad in [caibx(&[100, 50]), short, vec![0u8; 104]] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(caibx_chunks(&p).is_err());
+        }
+    }
+}

@@ -527,6 +527,30 @@ fn proc_state(pid: u32) -> Option<char> {
     s[s.rfind(')')? + 1..].trim_start().chars().next()
 }
 
+/// Wait until every thread of `pid` is stopped: `kill -STOP` returns before the group stop
+/// has reached all threads, and a driver thread still running could answer the writes the
+/// test sends to the "hung" driver.
+fn wait_stopped(pid: u32) {
+    let thread_state = |e: std::fs::DirEntry| {
+        let s = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        s[s.rfind(')')? + 1..].trim_start().chars().next()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.flatten().all(|e| thread_state(e) == Some('T')))
+            .unwrap_or(false);
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "driver {pid} did not stop within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The fence, with no SIGKILL anywhere: a driver hung with SIGSTOP while writes are sent to
 /// it, woken with SIGCONT after the backup took over and newer data was written to the same
 /// blocks, must write nothing. `FAILOVER_FENCE_ROUNDS` (default 4) sets the rounds;
@@ -611,9 +635,22 @@ fn hung_driver_woken_after_takeover_writes_nothing() {
         write_all(&mut c, &mut acked, &mut seq);
         // Every write so far is answered, so the driver is between requests: hang it, then
         // send it writes it will hold until it wakes.
+        // The endpoint may still have its own flush in flight (it flushes on its own once
+        // enough acknowledged writes are unflushed); a driver stopped inside that flush holds
+        // the fence's shared lock, and the takeover would wait for it (the documented price
+        // of the lock-based fence, docs/failover.md). Stop it only once nothing is in flight.
+        let t0 = std::time::Instant::now();
+        while endpoint.status().in_flight != 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "round {round}: requests still in flight after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let before = endpoint.status().failovers;
         let sock = active_sock(&endpoint);
         let pid = drivers.signal(&sock, "-STOP");
+        wait_stopped(pid);
         let mut stale = HashMap::new();
         for slot in 0..STALE {
             seq += 1;

@@ -709,17 +709,22 @@ impl Inner {
                 return;
             }
             let Some(new) = self.find_driver(start_idx) else {
-                if t0.elapsed() > self.cfg.connect_timeout && !failed_requests {
-                    tracing::error!(
-                        "no driver answered within {:?}; failing requests",
-                        self.cfg.connect_timeout
-                    );
+                // Past the bound, fail what is pending and keep failing what arrives while
+                // no driver answers, so callers (and the NBD server's shutdown) never wait
+                // on a request no driver holds.
+                if t0.elapsed() > self.cfg.connect_timeout {
+                    if !failed_requests {
+                        tracing::error!(
+                            "no driver answered within {:?}; failing requests",
+                            self.cfg.connect_timeout
+                        );
+                        failed_requests = true;
+                    }
                     let mut st = self.state.lock();
                     for (_, p) in std::mem::take(&mut st.pending) {
                         let _ = p.done.send(Err(libc::EIO));
                     }
                     st.own_flush = false;
-                    failed_requests = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
                 continue;

@@ -53,9 +53,12 @@ impl std::fmt::Debug for ChunkTemplate {
     }
 }
 
+/// A chunk that could not be had as a disk error: bytes that do not hash to their id say
+/// corrupt (whoever returned them), everything else is an I/O error.
 fn chunk_err(e: ChunkError) -> DiskError {
     match e {
         ChunkError::Io(e) => DiskError::Io(e),
+        e @ ChunkError::Corrupt { .. } => DiskError::Corrupt(e.to_string()),
         other => DiskError::Io(io::Error::other(other.to_string())),
     }
 }

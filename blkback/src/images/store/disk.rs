@@ -1,8 +1,10 @@
-//! A read-only [`Disk`] over one store version, so an overlay made over an export of that
-//! version can be opened (and its template fingerprint checked) against the store itself.
+//! One store version as a read-only [`crate::Disk`]: a [`ChunkTemplate`] (the same template
+//! layer a node serves images with) over a [`VersionChunks`] source, so an overlay made over
+//! an export of that version can be opened (and its template fingerprint checked) against
+//! the store itself.
 //!
-//! It owns the version's chunk locations and opens arenas itself: it does not borrow the
-//! [`super::Store`], which may be appended to while it is open (the store's writer lock is
+//! The source owns the version's chunk locations and opens arenas itself: it does not borrow
+//! the [`super::Store`], which may be appended to while it is open (the store's writer lock is
 //! held by whoever made it, so no gc can move the chunks meanwhile).
 
 use std::collections::HashMap;
@@ -13,122 +15,160 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::arena::Location;
-use super::log;
-use crate::disk::{check_range, push_extent, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
-use crate::images::chunk::{ChunkId, ChunkList};
+use super::{log, Store, StoreError, VersionRef};
+use crate::images::chunk::{ChunkError, ChunkId, ChunkSource};
+use crate::images::template::ChunkTemplate;
 
-/// One store version as a read-only disk.
+/// The chunks of one store version, read straight from the arenas that hold them.
 #[derive(Debug)]
-pub struct VersionDisk {
+pub struct VersionChunks {
     dir: PathBuf,
-    list: ChunkList,
-    locs: Vec<Option<(ChunkId, Location)>>,
+    locs: HashMap<ChunkId, Location>,
     files: Mutex<HashMap<u32, Arc<File>>>,
 }
 
-impl VersionDisk {
-    pub(crate) fn new(
-        dir: PathBuf,
-        list: ChunkList,
-        locs: Vec<Option<(ChunkId, Location)>>,
-    ) -> VersionDisk {
-        VersionDisk {
-            dir,
-            list,
-            locs,
-            files: Mutex::new(HashMap::new()),
+impl VersionChunks {
+    fn name(&self) -> String {
+        format!("store {}", self.dir.display())
+    }
+
+    fn arena(&self, n: u32) -> Result<Arc<File>, ChunkError> {
+        let mut f = self.files.lock();
+        if let Some(file) = f.get(&n) {
+            return Ok(file.clone());
         }
-    }
-
-    pub fn list(&self) -> &ChunkList {
-        &self.list
-    }
-
-    fn piece(&self, i: usize) -> Result<Option<Vec<u8>>, DiskError> {
-        let Some((id, loc)) = &self.locs[i] else {
-            return Ok(None);
-        };
-        let file = {
-            let mut f = self.files.lock();
-            match f.get(&loc.arena) {
-                Some(f) => f.clone(),
-                None => {
-                    let file = Arc::new(File::open(log::arena_path(&self.dir, loc.arena))?);
-                    f.insert(loc.arena, file.clone());
-                    file
-                }
-            }
-        };
-        log::read_chunk(&file, id, loc)
-            .map(Some)
-            .map_err(|e| DiskError::Corrupt(e.to_string()))
+        let file = Arc::new(File::open(log::arena_path(&self.dir, n))?);
+        f.insert(n, file.clone());
+        Ok(file)
     }
 }
 
-impl Disk for VersionDisk {
-    fn size(&self) -> u64 {
-        self.list.size
-    }
-
-    fn is_read_only(&self) -> bool {
-        true
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.list.size)?;
-        let cs = self.list.chunk_size.bytes() as u64;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let i = (pos / cs) as usize;
-            let within = (pos % cs) as usize;
-            let n = (self.list.len_of(i) - within).min(buf.len() - done);
-            match self.piece(i)? {
-                None => buf[done..done + n].fill(0),
-                Some(d) => buf[done..done + n].copy_from_slice(&d[within..within + n]),
-            }
-            done += n;
+impl ChunkSource for VersionChunks {
+    fn fetch(&self, id: &ChunkId, len: usize) -> Result<Vec<u8>, ChunkError> {
+        let loc = self.locs.get(id).ok_or(ChunkError::NotFound(*id))?;
+        if loc.raw_len as usize != len {
+            return Err(ChunkError::Corrupt {
+                id: *id,
+                source_name: format!("{} (chunk is {} bytes)", self.name(), loc.raw_len),
+            });
         }
-        Ok(())
+        let file = self.arena(loc.arena)?;
+        log::read_chunk(&file, id, loc).map_err(|e| match e {
+            StoreError::Io { source, .. } => ChunkError::Io(source),
+            // A record that does not decode or does not hash to its id: the store's bytes
+            // are bad, whatever the detail.
+            _ => ChunkError::Corrupt {
+                id: *id,
+                source_name: self.name(),
+            },
+        })
     }
+}
 
-    fn write_at(&self, _: &[u8], _: u64, _: WriteFlags) -> Result<(), DiskError> {
-        Err(DiskError::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<(), DiskError> {
-        Ok(())
-    }
-
-    fn discard(&self, _: u64, _: u64) -> Result<(), DiskError> {
-        Err(DiskError::ReadOnly)
-    }
-
-    fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> Result<(), DiskError> {
-        Err(DiskError::ReadOnly)
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
-        check_range(offset, len, self.list.size)?;
-        let cs = self.list.chunk_size.bytes() as u64;
-        let end = offset + len;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let i = pos / cs;
-            let n = ((i + 1) * cs).min(end) - pos;
-            let data = self.locs[i as usize].is_some();
-            push_extent(
-                &mut out,
-                Extent {
-                    len: n,
-                    hole: !data,
-                    zero: !data,
-                    depth: u32::from(data),
-                },
-            );
-            pos += n;
+impl Store {
+    /// A read-only disk over version `v`, owning what it needs (it does not borrow the
+    /// store, so the store can be written while it is open). A chunk that fails its hash
+    /// reads as [`crate::DiskError::Corrupt`].
+    ///
+    /// # Errors
+    /// A missing or corrupt manifest in `v`'s chain; a chunk the index does not know.
+    pub fn version_disk(&self, v: &VersionRef) -> Result<ChunkTemplate, StoreError> {
+        let list = self.chunk_list(v)?;
+        let mut locs = HashMap::new();
+        for id in list.chunks.iter().flatten() {
+            let loc = self.index.get(id).ok_or(StoreError::Missing(*id))?;
+            locs.insert(*id, *loc);
         }
-        Ok(out)
+        let source = VersionChunks {
+            dir: self.dir.clone(),
+            locs,
+            files: Mutex::new(HashMap::new()),
+        };
+        ChunkTemplate::new(list, Arc::new(source)).map_err(|e| StoreError::Format(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::super::StoreOptions;
+    use super::*;
+    use crate::images::chunk::ChunkSize;
+    use crate::{Disk, DiskError};
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(
+            dir,
+            StoreOptions {
+                write: true,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// 12 pieces of 4 KiB and a 100-byte tail; pieces 2 and 7 zero.
+    fn image() -> Vec<u8> {
+        let mut v: Vec<u8> = (0..12 * 4096 + 100)
+            .map(|i: usize| (i.wrapping_mul(2_654_435_761) >> 7) as u8 | 1)
+            .collect();
+        v[2 * 4096..3 * 4096].fill(0);
+        v[7 * 4096..8 * 4096].fill(0);
+        v
+    }
+
+    #[test]
+    fn a_version_reads_as_its_export_while_the_store_is_appended_to() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(d.path());
+        let img = image();
+        let cs = ChunkSize::new(4096).unwrap();
+        let r = s
+            .import("a", &mut Cursor::new(&img), cs, "t", &mut |_| {})
+            .unwrap();
+        let disk = s.version_disk(&r.version).unwrap();
+        // More imports while the disk is open do not disturb it.
+        let other: Vec<u8> = img.iter().map(|b| b.wrapping_add(1)).collect();
+        s.import("b", &mut Cursor::new(&other), cs, "t", &mut |_| {})
+            .unwrap();
+        assert_eq!(disk.size(), img.len() as u64);
+        assert!(disk.is_read_only());
+        let mut got = vec![0xee; img.len()];
+        disk.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, img);
+        let ext = disk.block_status(2 * 4096, 4096).unwrap();
+        assert!(ext.iter().all(|e| e.zero && e.hole));
+    }
+
+    #[test]
+    fn a_rotten_chunk_reads_as_corrupt_not_as_other_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = open(d.path());
+        let img = image();
+        let r = s
+            .import(
+                "a",
+                &mut Cursor::new(&img),
+                ChunkSize::new(4096).unwrap(),
+                "t",
+                &mut |_| {},
+            )
+            .unwrap();
+        let victim = s.chunk_list(&r.version).unwrap().chunks[5].unwrap();
+        let loc = s.index()[&victim];
+        let disk = s.version_disk(&r.version).unwrap();
+        let p = log::arena_path(d.path(), loc.arena);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[loc.offset as usize + 40] ^= 0x40;
+        std::fs::write(&p, bytes).unwrap();
+        let mut b = vec![0; 4096];
+        match disk.read_at(&mut b, 5 * 4096) {
+            Err(DiskError::Corrupt(msg)) => assert!(msg.contains(&victim.to_string()), "{msg}"),
+            other => panic!("expected a corrupt chunk, got {other:?}"),
+        }
+        // The other chunks still read.
+        disk.read_at(&mut b, 4 * 4096).unwrap();
+        assert_eq!(b, img[4 * 4096..5 * 4096]);
     }
 }

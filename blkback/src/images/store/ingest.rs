@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::disk::VersionDisk;
 use super::manifest::{check_name, Manifest};
 use super::{io_at, Store, StoreError, VersionRef};
 use crate::images::chunk::{ChunkId, ChunkList, ChunkSize};
@@ -321,20 +320,6 @@ impl Store {
         }
     }
 
-    /// A read-only disk over version `v`, owning what it needs (it does not borrow the
-    /// store, so the store can be written while it is open).
-    pub fn version_disk(&self, v: &VersionRef) -> Result<VersionDisk, StoreError> {
-        let list = self.chunk_list(v)?;
-        let mut locs = Vec::with_capacity(list.chunks.len());
-        for c in &list.chunks {
-            locs.push(match c {
-                None => None,
-                Some(id) => Some((*id, *self.index.get(id).ok_or(StoreError::Missing(*id))?)),
-            });
-        }
-        Ok(VersionDisk::new(self.dir.clone(), list, locs))
-    }
-
     /// Make the overlay at `overlay` (created over an export of `base`) a new version of
     /// `image` whose parent is `base`: every chunk-sized piece the overlay holds clusters
     /// for (data or zeroes) that differs from `base` becomes a chunk of the layer.
@@ -352,7 +337,7 @@ impl Store {
     ) -> Result<AddReport, StoreError> {
         check_name(image)?;
         let bdisk = Arc::new(self.version_disk(base)?);
-        let list = bdisk.list().clone();
+        let list = bdisk.chunk_list().clone();
         let ov = Overlay::open(overlay, bdisk, true)
             .map_err(|e| StoreError::Invalid(format!("{}: {e}", overlay.display())))?;
         let derr = |e: crate::DiskError| StoreError::Invalid(format!("{}: {e}", overlay.display()));

@@ -11,12 +11,14 @@
 //! - [`cache`]: the node's persistent, bounded, hash-checked chunk cache with layer-aware
 //!   eviction; [`peer`]: the peer protocol (wire, server, client, node); [`fetch`]: the
 //!   multi-path fetcher (peers first, then the origin); [`template`]: the read-only `Disk` that
-//!   serves an image version from a chunk list (`docs/image-cache.md`).
+//!   serves an image version from a chunk list (`docs/image-cache.md`); [`export`]: an NBD
+//!   export whose template is an image version, through the node cache or from a store.
 //! - [`bench`]: `remoca bench images`, the deployment test bed.
 
 pub mod bench;
 pub mod cache;
 pub mod chunk;
+pub mod export;
 pub mod fetch;
 pub mod peer;
 pub mod store;

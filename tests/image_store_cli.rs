@@ -367,3 +367,75 @@ fn qcow2_import_and_a_store_layer_from_an_overlay() {
     // a@1 is now a base: rm refuses.
     assert!(!remoca(&store, &["rm", "a@1"]).status.success());
 }
+
+/// Text-like data (words from a small vocabulary), which every codec compresses.
+fn text_image(seed: u64, pieces: usize) -> Vec<u8> {
+    let words = [
+        "remoca ",
+        "image ",
+        "store ",
+        "chunk ",
+        "arena ",
+        "zstd ",
+        "lz4 ",
+        "manifest ",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = Vec::with_capacity(pieces << 16);
+    while v.len() < pieces << 16 {
+        v.extend_from_slice(words[rng.gen_range(0..words.len())].as_bytes());
+    }
+    v.truncate(pieces << 16);
+    v
+}
+
+#[test]
+fn compress_option_picks_the_codec_of_new_chunks_and_every_codec_reads_back() {
+    let d = tempfile::tempdir().unwrap();
+    let a = text_image(9, 16);
+    let b = image(10, 16);
+    let pa = write(d.path(), "a.raw", &a);
+    let pb = write(d.path(), "b.raw", &b);
+    let mut stored = Vec::new();
+    for how in ["none", "lz4", "zstd", "zstd:19"] {
+        let store = d.path().join(format!("store-{how}"));
+        ok(
+            &store,
+            &["import", pa.to_str().unwrap(), "a", "--compress", how],
+        );
+        stored.push(figure(&ok(&store, &["du"]), "stored bytes:"));
+        assert_eq!(export(&store, "a"), a, "{how}");
+    }
+    // Text: none keeps every byte; lz4 saves; zstd saves more; zstd:19 at least as much.
+    assert_eq!(stored[0], a.len() as u64);
+    assert!(stored[1] < stored[0] / 2, "{stored:?}");
+    assert!(stored[2] < stored[1], "{stored:?}");
+    assert!(stored[3] <= stored[2], "{stored:?}");
+
+    // One store, chunks written with different codecs over time, all read back.
+    let store = d.path().join("store-lz4");
+    ok(
+        &store,
+        &["import", pb.to_str().unwrap(), "b", "--compress", "zstd:5"],
+    );
+    ok(
+        &store,
+        &["import", pb.to_str().unwrap(), "b2", "--no-compress"],
+    );
+    assert_eq!(export(&store, "a"), a);
+    assert_eq!(export(&store, "b"), b);
+    assert_eq!(export(&store, "b2"), b);
+    assert!(ok(&store, &["verify"]).contains("store is consistent"));
+
+    let bad = remoca(
+        &store,
+        &["import", pa.to_str().unwrap(), "c", "--compress", "gzip"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("zstd"));
+    let bad = remoca(
+        &store,
+        &["import", pa.to_str().unwrap(), "c", "--compress", "zstd:30"],
+    );
+    assert!(!bad.status.success());
+}

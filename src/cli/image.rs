@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use remoca_blkback::images::chunk::ChunkSize;
+use remoca_blkback::images::store::arena::Compression;
 use remoca_blkback::images::store::{gc::GcOptions, ingest, Store, StoreOptions};
 use remoca_blkback::overlay::{self, header, Overlay};
 use remoca_blkback::raw::RawFile;
@@ -59,6 +60,8 @@ enum ImageCmd {
         #[arg(long, requires = "base")]
         image: Option<String>,
         #[command(flatten)]
+        compress: CompressArg,
+        #[command(flatten)]
         store: StoreArg,
     },
     /// Import a disk image as the next version of NAME (raw, or anything `qemu-img convert`
@@ -73,9 +76,8 @@ enum ImageCmd {
         /// Source format: auto (by magic), raw, or a qemu-img format (qcow2, vmdk, vdi, ...).
         #[arg(long, default_value = "auto")]
         format: String,
-        /// Store chunks uncompressed (default: lz4 where it saves an eighth or more).
-        #[arg(long)]
-        no_compress: bool,
+        #[command(flatten)]
+        compress: CompressArg,
         #[command(flatten)]
         store: StoreArg,
     },
@@ -128,6 +130,29 @@ enum ImageCmd {
     },
 }
 
+/// How the chunks a command adds are compressed.
+#[derive(Debug, Args)]
+struct CompressArg {
+    /// Compression of new chunks: zstd[:LEVEL] (1-19, default 3), lz4 or none; a chunk is
+    /// stored raw when compression saves less than an eighth. Chunks already in the store
+    /// keep the codec they were written with.
+    #[arg(long, value_name = "CODEC", default_value_t = Compression::default())]
+    compress: Compression,
+    /// The same as `--compress none`.
+    #[arg(long, conflicts_with = "compress")]
+    no_compress: bool,
+}
+
+impl CompressArg {
+    fn how(&self) -> Compression {
+        if self.no_compress {
+            Compression::None
+        } else {
+            self.compress
+        }
+    }
+}
+
 /// Where the image store is.
 #[derive(Debug, Args)]
 struct StoreArg {
@@ -144,11 +169,11 @@ impl StoreArg {
             .unwrap_or_else(|| remoca_xen::sim::attached::runtime_dir().join("images"))
     }
 
-    fn open(&self, write: bool, compress: bool) -> anyhow::Result<Store> {
+    fn open(&self, write: bool, compression: Compression) -> anyhow::Result<Store> {
         let dir = self.path();
         let opts = StoreOptions {
             write,
-            compress,
+            compression,
             ..StoreOptions::default()
         };
         Store::open(&dir, opts)
@@ -283,10 +308,11 @@ pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
             overlay: path,
             base: Some(base),
             image: Some(image),
+            compress,
             store,
             ..
         } => {
-            let mut s = store.open(true, true)?;
+            let mut s = store.open(true, compress.how())?;
             let base = s.resolve(&base)?;
             let bar = Progress::new("commit", None, true);
             let note = format!("commit of overlay {}", path.display());
@@ -328,11 +354,11 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             name,
             chunk_size,
             format,
-            no_compress,
+            compress,
             store,
         } => {
             let cs = ChunkSize::new(chunk_size)?;
-            let mut s = store.open(true, !no_compress)?;
+            let mut s = store.open(true, compress.how())?;
             let note = format!("import of {}", source.display());
             let (r, secs) = if source.as_os_str() == "-" {
                 let bar = Progress::new("import", None, true);
@@ -372,7 +398,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             dest,
             store,
         } => {
-            let s = store.open(false, true)?;
+            let s = store.open(false, Compression::None)?;
             let v = s.resolve(&version)?;
             let size = s.manifest(&v)?.size;
             let bar = Progress::new("export", Some(size), dest.as_os_str() != "-");
@@ -387,7 +413,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             }
         }
         ImageCmd::Ls { store } => {
-            let s = store.open(false, true)?;
+            let s = store.open(false, Compression::None)?;
             println!(
                 "{:<24} {:>8} {:>7} {:>16}  created",
                 "IMAGE", "VERSIONS", "NEWEST", "SIZE"
@@ -407,7 +433,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             }
         }
         ImageCmd::Log { name, store } => {
-            let s = store.open(false, true)?;
+            let s = store.open(false, Compression::None)?;
             let vs = s.versions(&name)?;
             if vs.is_empty() {
                 bail!("no image {name:?} in {}", s.dir().display());
@@ -435,13 +461,13 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             }
         }
         ImageCmd::Rm { version, store } => {
-            let mut s = store.open(true, true)?;
+            let mut s = store.open(true, Compression::default())?;
             let v = version.parse()?;
             s.remove(&v)?;
             println!("removed {v}; `remoca image gc` frees its chunks");
         }
         ImageCmd::Verify { store } => {
-            let s = store.open(false, true)?;
+            let s = store.open(false, Compression::None)?;
             let total: u64 = s.index().values().map(|l| u64::from(l.raw_len)).sum();
             let bar = Progress::new("verify", Some(total), true);
             let r = s.verify(&mut |n| bar.set(n))?;
@@ -490,7 +516,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             dry_run,
             store,
         } => {
-            let mut s = store.open(true, true)?;
+            let mut s = store.open(true, Compression::default())?;
             let bar = Progress::new("gc", None, true);
             let opts = GcOptions {
                 keep_last: keep,
@@ -517,7 +543,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             );
         }
         ImageCmd::Du { store } => {
-            let s = store.open(false, true)?;
+            let s = store.open(false, Compression::None)?;
             let u = s.usage()?;
             println!("store:          {}", s.dir().display());
             println!("chunks:         {}", u.chunks);

@@ -436,7 +436,7 @@ impl DedupBench {
         }
         s.push('\n');
         s.push_str(&format!(
-            "{:<8} {:<14} {:>10} {:>9} {:>11} {:>9} {:>12} {:>11} {:>10} {:>8}\n",
+            "{:<8} {:<21} {:>10} {:>9} {:>11} {:>9} {:>12} {:>11} {:>10} {:>8}\n",
             "tool",
             "chunking",
             "logical",
@@ -449,12 +449,12 @@ impl DedupBench {
             "ingest"
         ));
         s.push_str(&format!(
-            "{:<8} {:<14} {:>10} {:>9} {:>11} {:>9} {:>12} {:>11} {:>10} {:>8}\n",
+            "{:<8} {:<21} {:>10} {:>9} {:>11} {:>9} {:>12} {:>11} {:>10} {:>8}\n",
             "", "", "(MiB)", "", "(MiB)", "unique", "compr. (MiB)", "(MiB)", "on disk", "(MB/s)"
         ));
         for r in &self.rows {
             s.push_str(&format!(
-                "{:<8} {:<14} {:>10.1} {:>9} {:>11.1} {:>8.2}x {:>12.1} {:>11.1} {:>9.2}x {:>8.1}\n",
+                "{:<8} {:<21} {:>10.1} {:>9} {:>11.1} {:>8.2}x {:>12.1} {:>11.1} {:>9.2}x {:>8.1}\n",
                 r.tool,
                 r.chunking,
                 mib(r.logical),
@@ -555,7 +555,23 @@ fn caibx_chunks(path: &Path) -> io::Result<Vec<(u64, [u8; 32])>> {
     Ok(out)
 }
 
-fn ours(cfg: &DedupBenchConfig, imgs: &[PathBuf], cs: u64) -> io::Result<DedupRow> {
+/// The store's compression settings the dedup bench runs, one fresh store each.
+pub const DEDUP_CODECS: [crate::images::store::arena::Compression; 4] = {
+    use crate::images::store::arena::Compression;
+    [
+        Compression::Lz4,
+        Compression::Zstd(1),
+        Compression::Zstd(3),
+        Compression::Zstd(9),
+    ]
+};
+
+fn ours(
+    cfg: &DedupBenchConfig,
+    imgs: &[PathBuf],
+    cs: u64,
+    compression: crate::images::store::arena::Compression,
+) -> io::Result<DedupRow> {
     use crate::images::chunk::ChunkSize;
     use crate::images::store::{Store, StoreOptions};
     let dir = cfg.work.join(format!("store-{}k", cs / 1024));
@@ -567,6 +583,7 @@ fn ours(cfg: &DedupBenchConfig, imgs: &[PathBuf], cs: u64) -> io::Result<DedupRo
     let (unique_chunks, unique_raw, chunk_payload) = {
         let opts = StoreOptions {
             write: true,
+            compression,
             ..StoreOptions::default()
         };
         let mut st = Store::open(&dir, opts).map_err(err)?;
@@ -586,14 +603,16 @@ fn ours(cfg: &DedupBenchConfig, imgs: &[PathBuf], cs: u64) -> io::Result<DedupRo
         )
     };
     let secs = start.elapsed().as_secs_f64();
+    let on_disk = bytes_under(&dir, "")?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(DedupRow {
         tool: "remoca".into(),
-        chunking: format!("fixed {} KiB", cs / 1024),
+        chunking: format!("fixed {} KiB {compression}", cs / 1024),
         logical,
         unique_chunks,
         unique_raw,
         chunk_payload,
-        on_disk: bytes_under(&dir, "")?,
+        on_disk,
         secs,
     })
 }
@@ -709,7 +728,9 @@ pub fn dedup(cfg: &DedupBenchConfig) -> io::Result<DedupBench> {
     let mut rows = Vec::new();
     let mut casync_note = None;
     for &cs in &cfg.chunk_sizes {
-        rows.push(ours(cfg, &imgs, cs)?);
+        for how in DEDUP_CODECS {
+            rows.push(ours(cfg, &imgs, cs, how)?);
+        }
         if casync_note.is_none() {
             match casync(cfg, &imgs, cs) {
                 Ok(r) => rows.push(r),

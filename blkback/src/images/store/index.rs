@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::arena::{Location, CODEC_LZ4, MAX_RAW};
+use super::arena::{Location, CODEC_MAX, MAX_RAW};
 use super::StoreError;
 use crate::images::chunk::ChunkId;
 
@@ -102,7 +102,7 @@ impl IndexFile {
                 && raw_len <= MAX_RAW
                 && stored_len > 0
                 && stored_len <= MAX_RAW
-                && codec <= CODEC_LZ4
+                && codec <= CODEC_MAX
                 && covered
                     .get(&arena)
                     .is_some_and(|&len| end.is_some_and(|end| end <= len));

@@ -59,7 +59,7 @@ fn prepare(
     lens: &[usize],
     cs: usize,
     index: &std::collections::HashMap<ChunkId, super::arena::Location>,
-    compress: bool,
+    compression: super::arena::Compression,
     threads: usize,
 ) -> Vec<Prepared> {
     let one = |k: usize| -> Prepared {
@@ -71,7 +71,7 @@ fn prepare(
         if index.contains_key(&id) {
             return Prepared::Known(id);
         }
-        let (codec, payload) = super::arena::encode_payload(piece, compress);
+        let (codec, payload) = super::arena::encode_payload(piece, compression);
         Prepared::New(id, codec, payload)
     };
     if threads <= 1 || lens.len() < 2 {
@@ -127,9 +127,9 @@ impl Store {
     ) -> Result<AddReport, StoreError> {
         check_name(image)?;
         let cs = chunk_size.bytes() as usize;
-        // Spread hashing and lz4 over the cores; without compression the import is bound by
-        // its writes and one thread measured faster (docs/image-store.md).
-        let threads = if self.opts.compress {
+        // Spread hashing and compression over the cores; without compression the import is
+        // bound by its writes and one thread measured faster (docs/image-store.md).
+        let threads = if self.opts.compression != super::arena::Compression::None {
             std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(MAX_THREADS)
@@ -167,7 +167,7 @@ impl Store {
                 }
             }
             // ... hash (and compress what is new) on every core ...
-            let prepared = prepare(&buf, &lens, cs, &self.index, self.opts.compress, threads);
+            let prepared = prepare(&buf, &lens, cs, &self.index, self.opts.compression, threads);
             // ... and append in order.
             for (k, p) in prepared.into_iter().enumerate() {
                 let n = lens[k];

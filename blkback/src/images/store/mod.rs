@@ -109,8 +109,8 @@ pub(crate) fn io_at(path: impl AsRef<Path>, source: io::Error) -> StoreError {
 pub struct StoreOptions {
     /// Take the writer lock (and create the store if it does not exist).
     pub write: bool,
-    /// Compress chunk records with lz4 when that saves an eighth or more.
-    pub compress: bool,
+    /// How new chunk records are compressed (each only when that saves an eighth or more).
+    pub compression: arena::Compression,
     pub arena_limit: u64,
 }
 
@@ -118,7 +118,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             write: false,
-            compress: true,
+            compression: arena::Compression::default(),
             arena_limit: DEFAULT_ARENA_LIMIT,
         }
     }
@@ -374,7 +374,7 @@ impl Store {
         if self.index.contains_key(&id) {
             return Ok((id, false));
         }
-        let (codec, payload) = arena::encode_payload(raw, self.opts.compress);
+        let (codec, payload) = arena::encode_payload(raw, self.opts.compression);
         self.append_encoded(id, codec, raw.len() as u32, &payload)?;
         Ok((id, true))
     }

@@ -22,6 +22,11 @@
 use std::fmt;
 use std::io;
 
+use crate::request::{Completion, Op, RequestError};
+
+/// Called once with the result of a request started by [`Disk::submit`].
+pub type Done = Box<dyn FnOnce(Result<Completion, RequestError>) + Send>;
+
 /// Why a disk operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -151,6 +156,19 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`DiskError::OutOfRange`], [`DiskError::Io`].
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError>;
+
+    /// Start `op` without blocking the caller; `done` runs later, on another thread (or at
+    /// once on failure), with what [`crate::request::execute`] would return (`headroom` as
+    /// there). For layers that complete requests from their own I/O thread, such as the
+    /// failover endpoint. The default hands the request back, and the frontend runs it on a
+    /// worker thread.
+    ///
+    /// # Errors
+    /// The request and `done`, untouched, when this layer does not take it.
+    fn submit(&self, op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
+        let _ = headroom;
+        Err((op, done))
+    }
 }
 
 /// Return [`DiskError::OutOfRange`] unless `offset..offset+len` lies within `size`.

@@ -231,6 +231,14 @@ impl Conn {
         }
     }
 
+    /// Send already encoded reply frames.
+    fn send_raw(&self, frames: &[u8]) {
+        let mut w = self.writer.lock();
+        if w.write_all(frames).is_err() {
+            self.close(&w);
+        }
+    }
+
     fn close(&self, w: &Stream) {
         self.closed.store(true, Ordering::Release);
         w.shutdown();
@@ -383,12 +391,52 @@ fn serve_connection(
     r
 }
 
-fn read_requests(
-    stream: &mut impl Read,
+/// Replies of requests run inline are sent once this many bytes are queued, or when no more
+/// requests are buffered.
+const REPLY_BATCH: usize = 256 << 10;
+
+/// Requests up to this size run inline in the connection's reader; larger ones and flushes
+/// (a sync can take long) go to the worker pool.
+const INLINE_MAX: u32 = 128 << 10;
+
+/// Whether `buf` starts with a whole request frame (header and data), so the next request
+/// can be read without waiting for the endpoint.
+fn whole_request(buf: &[u8]) -> bool {
+    let Some(head) = buf.first_chunk::<{ wire::REQUEST_HEADER_LEN }>() else {
+        return false;
+    };
+    wire::parse_request(head).is_ok_and(|h| buf.len() - head.len() >= h.data_len())
+}
+
+fn run_request(conn: &Conn, h: &RequestHeader, data: &[u8]) -> (u32, Vec<u8>) {
+    if h.generation != conn.generation {
+        return (libc::ESTALE as u32, Vec::new());
+    }
+    match conn.disk() {
+        Ok(d) => match execute(&*d, h, data) {
+            Ok(out) => (0, out),
+            Err(e) => (e.errno() as u32, Vec::new()),
+        },
+        Err(_) => (libc::EIO as u32, Vec::new()),
+    }
+}
+
+/// Read requests and run them. Small reads and writes run here, in order, and their replies
+/// are batched: they go out in one write when no further request is already buffered (or
+/// the batch is large), so a burst of requests costs one read and one write and no thread
+/// hand-off. Flushes, discards, write-zeroes, block status and large requests run on the
+/// worker pool, so a slow sync does not hold up the reads and writes behind it.
+fn read_requests<R: Read>(
+    stream: &mut io::BufReader<R>,
     conn: &Arc<Conn>,
     jobs: &crossbeam_channel::Sender<Job>,
 ) -> io::Result<()> {
+    let mut batch: Vec<u8> = Vec::with_capacity(REPLY_BATCH);
     loop {
+        if !batch.is_empty() && (!whole_request(stream.buffer()) || batch.len() >= REPLY_BATCH) {
+            conn.send_raw(&batch);
+            batch.clear();
+        }
         let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
         match stream.read_exact(&mut hb) {
             Ok(()) => {}
@@ -398,19 +446,22 @@ fn read_requests(
         let h = wire::parse_request(&hb).map_err(bad)?;
         let mut data = vec![0u8; h.data_len()];
         stream.read_exact(&mut data)?;
+        let inline = matches!(h.op, wire::OP_READ | wire::OP_WRITE) && h.length <= INLINE_MAX;
+        if inline {
+            let (error, out) = run_request(conn, &h, &data);
+            let r = ReplyHeader {
+                kind: wire::KIND_REPLY,
+                error,
+                id: h.id,
+                data_len: out.len() as u32,
+            };
+            batch.extend_from_slice(&wire::encode_reply(&r));
+            batch.extend_from_slice(&out);
+            continue;
+        }
         let conn = conn.clone();
         let job: Job = Box::new(move || {
-            let (error, out) = if h.generation != conn.generation {
-                (libc::ESTALE as u32, Vec::new())
-            } else {
-                match conn.disk() {
-                    Ok(d) => match execute(&*d, &h, &data) {
-                        Ok(out) => (0, out),
-                        Err(e) => (e.errno() as u32, Vec::new()),
-                    },
-                    Err(_) => (libc::EIO as u32, Vec::new()),
-                }
-            };
+            let (error, out) = run_request(&conn, &h, &data);
             let r = ReplyHeader {
                 kind: wire::KIND_REPLY,
                 error,

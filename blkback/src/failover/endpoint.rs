@@ -37,7 +37,8 @@ use parking_lot::Mutex;
 use super::monitor::{Monitor, MonitorConfig, Outstanding};
 use super::wire::{self, ChannelKey, RequestHeader};
 use super::{Addr, Stream};
-use crate::disk::{push_extent, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
+use crate::disk::{push_extent, Disk, DiskError, Done, Extent, WriteFlags, ZeroFlags};
+use crate::request::{Completion, Op, RequestError};
 
 /// Endpoint settings.
 #[derive(Debug, Clone)]
@@ -135,12 +136,49 @@ fn mutates(op: u8) -> bool {
 
 type Outcome = Result<Vec<u8>, i32>;
 
+/// Who waits for a request's outcome: a blocked caller (the `Disk` calls, the endpoint's own
+/// requests) or a callback run by the connection's reader (requests taken by
+/// [`Disk::submit`], answered with no thread parked on them).
+enum Waiter {
+    Chan(Sender<Outcome>),
+    Call(Box<dyn FnOnce(Outcome) + Send>),
+}
+
+impl Waiter {
+    fn finish(self, o: Outcome) {
+        match self {
+            Waiter::Chan(tx) => {
+                let _ = tx.send(o);
+            }
+            Waiter::Call(f) => f(o),
+        }
+    }
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Waiter::Chan(_) => "Waiter::Chan",
+            Waiter::Call(_) => "Waiter::Call",
+        })
+    }
+}
+
+/// The `DiskError` for an errno a driver answered.
+fn disk_error(errno: i32) -> DiskError {
+    match errno {
+        libc::EPERM => DiskError::ReadOnly,
+        libc::EOPNOTSUPP => DiskError::NotSupported,
+        e => DiskError::Io(io::Error::from_raw_os_error(e)),
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     req: Req,
     /// Generation and time it was last sent; `None` while no driver is active.
     sent: Option<(u64, Instant)>,
-    done: Sender<Outcome>,
+    done: Waiter,
     /// Sent by the endpoint itself (a re-applied write, its own flush): not a caller's
     /// request, not re-acknowledged.
     internal: bool,
@@ -397,8 +435,10 @@ impl Endpoint {
         for c in [st.active.take(), st.standby.take()].into_iter().flatten() {
             c.shutdown();
         }
-        for (_, p) in std::mem::take(&mut st.pending) {
-            let _ = p.done.send(Err(libc::EIO));
+        let failed = std::mem::take(&mut st.pending);
+        drop(st);
+        for (_, p) in failed {
+            p.done.finish(Err(libc::EIO));
         }
     }
 
@@ -407,17 +447,13 @@ impl Endpoint {
             return Err(DiskError::Io(io::Error::from_raw_os_error(libc::EIO)));
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let (id, active) = self.inner.submit(req.clone(), tx, false);
+        let (id, active) = self.inner.submit(req.clone(), Waiter::Chan(tx), false);
         if let Some(c) = active {
             c.send(id, &req);
         }
         match rx.recv() {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(errno)) => Err(match errno {
-                libc::EPERM => DiskError::ReadOnly,
-                libc::EOPNOTSUPP => DiskError::NotSupported,
-                e => DiskError::Io(io::Error::from_raw_os_error(e)),
-            }),
+            Ok(Err(errno)) => Err(disk_error(errno)),
             Err(_) => Err(DiskError::Io(io::Error::from_raw_os_error(libc::EIO))),
         }
     }
@@ -444,7 +480,7 @@ impl Endpoint {
 }
 
 impl Inner {
-    fn submit(&self, req: Req, done: Sender<Outcome>, internal: bool) -> (u64, Option<Arc<Conn>>) {
+    fn submit(&self, req: Req, done: Waiter, internal: bool) -> (u64, Option<Arc<Conn>>) {
         let mut st = self.state.lock();
         let id = st.next_id;
         st.next_id += 1;
@@ -552,7 +588,7 @@ impl Inner {
         } else {
             Err(error as i32)
         };
-        let _ = p.done.send(out);
+        p.done.finish(out);
         p.sent.map(|(_, t)| now.saturating_duration_since(t))
     }
 
@@ -606,7 +642,7 @@ impl Inner {
                     length: 0,
                     data: Arc::from(Vec::new()),
                 };
-                let (id, active) = self.submit(req.clone(), tx, true);
+                let (id, active) = self.submit(req.clone(), Waiter::Chan(tx), true);
                 if let Some(c) = active {
                     c.send(id, &req);
                 }
@@ -720,11 +756,14 @@ impl Inner {
                         );
                         failed_requests = true;
                     }
-                    let mut st = self.state.lock();
-                    for (_, p) in std::mem::take(&mut st.pending) {
-                        let _ = p.done.send(Err(libc::EIO));
+                    let failed = {
+                        let mut st = self.state.lock();
+                        st.own_flush = false;
+                        std::mem::take(&mut st.pending)
+                    };
+                    for (_, p) in failed {
+                        p.done.finish(Err(libc::EIO));
                     }
-                    st.own_flush = false;
                 }
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
@@ -800,7 +839,7 @@ impl Inner {
                     Pending {
                         req: req.clone(),
                         sent: Some((new.generation, Instant::now())),
-                        done: tx,
+                        done: Waiter::Chan(tx),
                         internal: true,
                         flush_mark: 0,
                     },
@@ -938,6 +977,95 @@ impl Disk for Endpoint {
             done += n;
         }
         Ok(out)
+    }
+
+    /// Requests that fit one channel request go to the driver from the caller's thread and
+    /// are answered by the connection's reader through `done`: no thread waits for them.
+    /// Block status, a discard with FUA and requests larger than one channel request take
+    /// the blocking path (the default: the frontend runs them on a worker).
+    fn submit(&self, op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
+        const MAX_SIMPLE: u64 = 1 << 30;
+        let req = match &op {
+            Op::Read { offset, len } if *len <= wire::MAX_DATA => Req {
+                op: wire::OP_READ,
+                flags: 0,
+                offset: *offset,
+                length: *len,
+                data: Arc::from(Vec::new()),
+            },
+            Op::Write { offset, data, fua } if data.len() <= wire::MAX_DATA as usize => Req {
+                op: wire::OP_WRITE,
+                flags: if *fua { wire::FLAG_FUA } else { 0 },
+                offset: *offset,
+                length: data.len() as u32,
+                data: Arc::from(&data[..]),
+            },
+            Op::Flush => Req {
+                op: wire::OP_FLUSH,
+                flags: 0,
+                offset: 0,
+                length: 0,
+                data: Arc::from(Vec::new()),
+            },
+            Op::Discard {
+                offset,
+                len,
+                fua: false,
+            } if *len <= MAX_SIMPLE => Req {
+                op: wire::OP_DISCARD,
+                flags: 0,
+                offset: *offset,
+                length: *len as u32,
+                data: Arc::from(Vec::new()),
+            },
+            Op::WriteZeroes {
+                offset,
+                len,
+                fua,
+                fast_only,
+            } if *len <= MAX_SIMPLE => Req {
+                op: wire::OP_WRITE_ZEROES,
+                flags: if *fua { wire::FLAG_FUA } else { 0 }
+                    | if *fast_only { wire::FLAG_FAST_ZERO } else { 0 },
+                offset: *offset,
+                length: *len as u32,
+                data: Arc::from(Vec::new()),
+            },
+            _ => return Err((op, done)),
+        };
+        if let Err(error) = op.validate(self) {
+            done(Err(RequestError { op, error }));
+            return Ok(());
+        }
+        if self.inner.closed.load(Ordering::Acquire) {
+            let error = DiskError::Io(io::Error::from_raw_os_error(libc::EIO));
+            done(Err(RequestError { op, error }));
+            return Ok(());
+        }
+        let waiter = Waiter::Call(Box::new(move |o: Outcome| {
+            let r = match (o, &op) {
+                (Ok(data), Op::Read { len, .. }) if data.len() != *len as usize => {
+                    let error = DiskError::Io(io::Error::other("driver sent a short read"));
+                    Err(RequestError { op, error })
+                }
+                (Ok(data), Op::Read { .. }) => {
+                    let mut buf = vec![0u8; headroom + data.len()];
+                    buf[headroom..].copy_from_slice(&data);
+                    Ok(Completion::Read { buf, headroom })
+                }
+                (Ok(_), _) => Ok(Completion::Done),
+                (Err(errno), _) => Err(RequestError {
+                    op,
+                    error: disk_error(errno),
+                }),
+            };
+            done(r);
+        }));
+        let (id, active) = self.inner.submit(req.clone(), waiter, false);
+        if let Some(c) = active {
+            c.send(id, &req);
+        }
+        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ use super::shutdown::Shutdown;
 use super::wire::*;
 use crate::disk::{DiskError, Extent};
 use crate::export::{Export, ExportStats};
-use crate::request::{execute, Completion, Op};
+use crate::request::{execute, Completion, Op, RequestError};
 use crate::workers::WorkerPool;
 
 /// Requests one connection may have outstanding.
@@ -259,25 +259,42 @@ async fn read_requests<R: AsyncRead + Unpin>(
             .expect("semaphore never closed");
         let (export, replier, tx) = (export.clone(), replier.clone(), tx.clone());
         let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
-        workers.submit(move || {
-            count(&export.stats, &op);
-            let frame = match execute(&*export.disk, op, replier.read_headroom()) {
-                Ok(Completion::Read { buf, headroom }) => {
-                    replier.read(h.cookie, h.offset, buf, headroom)
-                }
-                Ok(Completion::Done) => replier.ok(h.cookie),
-                Ok(Completion::Extents(e)) => replier.block_status(h.cookie, &e, req_one),
-                Err(err) => {
-                    ExportStats::add(&export.stats.errors, 1);
-                    let errno = nbd_errno(h.command, &err.error);
-                    tracing::debug!(export = %export.name, command = h.command, offset = h.offset,
-                        len = h.len, error = %err.error, "request failed");
-                    replier.error(h.cookie, errno, &err.error.to_string())
-                }
-            };
-            let _ = tx.send(frame);
-            drop(permit);
-        });
+        count(&export.stats, &op);
+        let headroom = replier.read_headroom();
+        let finish = {
+            let export = export.clone();
+            move |res: Result<Completion, RequestError>| {
+                let _ = tx.send(reply_frame(&export, &replier, &h, req_one, res));
+                drop(permit);
+            }
+        };
+        // A disk that completes requests from its own I/O thread (the failover endpoint)
+        // takes the request here, with no worker hand-off; the others run on a worker.
+        if let Err((op, finish)) = export.disk.submit(op, headroom, Box::new(finish)) {
+            workers.submit(move || finish(execute(&*export.disk, op, headroom)));
+        }
+    }
+}
+
+/// The reply frame for a finished request.
+fn reply_frame(
+    export: &Export,
+    replier: &Replier,
+    h: &RequestHeader,
+    req_one: bool,
+    res: Result<Completion, RequestError>,
+) -> Vec<u8> {
+    match res {
+        Ok(Completion::Read { buf, headroom }) => replier.read(h.cookie, h.offset, buf, headroom),
+        Ok(Completion::Done) => replier.ok(h.cookie),
+        Ok(Completion::Extents(e)) => replier.block_status(h.cookie, &e, req_one),
+        Err(err) => {
+            ExportStats::add(&export.stats.errors, 1);
+            let errno = nbd_errno(h.command, &err.error);
+            tracing::debug!(export = %export.name, command = h.command, offset = h.offset,
+                len = h.len, error = %err.error, "request failed");
+            replier.error(h.cookie, errno, &err.error.to_string())
+        }
     }
 }
 

@@ -9,6 +9,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use remoca_blkback::blkif::{BlkifConfig, BlkifServer};
 use remoca_blkback::failover;
+use remoca_blkback::images::export::{
+    self as image_export, ImageExportSpec, ImageNode, ImageSource, NodeOptions,
+};
 use remoca_blkback::nbd::{self, Listener};
 use remoca_blkback::raw::RawFile;
 use remoca_blkback::{Disk, ExportConfig, Exports};
@@ -31,10 +34,37 @@ pub struct BlkbackArgs {
     /// Unix socket path to listen on.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// An export: `name=NAME,template=PATH[,overlay=PATH][,readonly][,block-size=N]`.
-    /// Repeat for more.
+    /// An export: `name=NAME,template=PATH[,overlay=PATH][,readonly][,block-size=N]`, or
+    /// one whose template is an image version:
+    /// `name=NAME,image=NAME@N,chunk-list=PATH|store=DIR[,overlay=PATH][,readonly][,block-size=N]`
+    /// (`chunk-list=`: through this node's cache, see --image-cache; `store=`: straight from
+    /// an image store; a missing overlay is created). Repeat for more.
     #[arg(long = "export", value_name = "SPEC")]
     export: Vec<String>,
+    /// Node cache directory for `image=...,chunk-list=` exports (the fast device): chunks
+    /// are read from it, else fetched from the peers, else from the origin.
+    #[arg(long, value_name = "DIR")]
+    image_cache: Option<PathBuf>,
+    /// Node cache bound in bytes (K, M, G suffixes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    image_cache_bytes: u64,
+    /// The origin's address (`remoca image-node --store DIR ...`).
+    #[arg(long, value_name = "ADDR", requires = "image_cache")]
+    image_origin: Option<SocketAddr>,
+    /// Every node's address, comma-separated (the same list on every node).
+    #[arg(
+        long,
+        value_name = "ADDR,...",
+        value_delimiter = ',',
+        requires = "image_cache"
+    )]
+    image_peers: Vec<SocketAddr>,
+    /// Serve this node's cache to its peers on this address.
+    #[arg(long, value_name = "ADDR", requires = "image_cache")]
+    image_listen: Option<SocketAddr>,
+    /// Timeout of each peer or origin call, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    image_timeout_ms: u64,
     /// A swap device whose 4 KiB blocks live on the memory servers (two replicas), with a
     /// local spill file: `name=NAME,size=SIZE,spill=PATH[,spill-max=SIZE]`. Repeat for more.
     #[arg(long = "swap", value_name = "SPEC")]
@@ -233,6 +263,49 @@ fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
     })
 }
 
+/// Whether an `--export` spec is an image export (has an `image=` item).
+fn is_image_spec(spec: &str) -> bool {
+    spec.split(',').any(|p| p.starts_with("image="))
+}
+
+/// Parse `name=NAME,image=NAME@N,chunk-list=PATH|store=DIR[,overlay=PATH][,readonly][,block-size=N]`.
+fn parse_image_spec(spec: &str) -> anyhow::Result<ImageExportSpec> {
+    let (mut name, mut image, mut list, mut store) = (None, None, None, None);
+    let (mut overlay, mut read_only, mut min_block) = (None, false, 1);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("name", v)) => name = Some(v.to_owned()),
+            Some(("image", v)) => image = Some(v.to_owned()),
+            Some(("chunk-list", v)) => list = Some(PathBuf::from(v)),
+            Some(("store", v)) => store = Some(PathBuf::from(v)),
+            Some(("overlay", v)) => overlay = Some(PathBuf::from(v)),
+            Some(("block-size", v)) => {
+                min_block = v
+                    .parse()
+                    .with_context(|| format!("--export {spec:?}: bad block-size"))?
+            }
+            None if part == "readonly" => read_only = true,
+            _ => bail!(
+                "--export {spec:?}: unknown item {part:?} (an image export takes name=, \
+                 image=, chunk-list= or store=, overlay=, readonly, block-size=)"
+            ),
+        }
+    }
+    let source = match (list, store) {
+        (Some(chunk_list), None) => ImageSource::Node { chunk_list },
+        (None, Some(dir)) => ImageSource::Store { dir },
+        _ => bail!("--export {spec:?}: give exactly one of chunk-list=PATH or store=DIR"),
+    };
+    Ok(ImageExportSpec {
+        name: name.with_context(|| format!("--export {spec:?}: missing name="))?,
+        image: image.with_context(|| format!("--export {spec:?}: missing image="))?,
+        source,
+        overlay,
+        read_only,
+        min_block,
+    })
+}
+
 /// Parse `name=NAME,size=SIZE,spill=PATH[,spill-max=SIZE]`.
 fn parse_swap_spec(spec: &str) -> anyhow::Result<crate::up::blkback::SwapSpec> {
     let (mut name, mut size, mut spill, mut spill_max) = (None, None, None, None);
@@ -281,9 +354,9 @@ enum Bind {
     Unix(PathBuf),
 }
 
-pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
+pub fn run(mut a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
     super::init_tracing(g.verbose);
-    match a.cmd.map(|c| *c) {
+    match a.cmd.take().map(|c| *c) {
         Some(BlkbackCmd::Driver(d)) => return run_driver(d),
         Some(BlkbackCmd::Endpoint(e)) => return run_endpoint(e),
         Some(BlkbackCmd::Status(s)) => return run_status(&s),
@@ -317,6 +390,7 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
             let configs = a
                 .export
                 .iter()
+                .filter(|s| !is_image_spec(s))
                 .map(|s| {
                     // `remote-cache` is an item of its own; the rest is a plain export spec.
                     let cached = s.split(',').any(|p| p == "remote-cache");
@@ -327,7 +401,13 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
             (bind, configs)
         }
     };
-    if configs.is_empty() && a.swap.is_empty() {
+    let images = a
+        .export
+        .iter()
+        .filter(|s| is_image_spec(s))
+        .map(|s| parse_image_spec(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if configs.is_empty() && a.swap.is_empty() && images.is_empty() {
         bail!("no exports: give --export name=...,template=... or --swap name=...,size=...,spill=... at least once");
     }
     let swaps = a
@@ -336,7 +416,16 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
         .map(|s| parse_swap_spec(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let remote = !swaps.is_empty() || configs.iter().any(|(_, cached)| *cached);
-    let exports = if remote {
+    let mut node = None;
+    let exports = if !images.is_empty() {
+        if remote {
+            bail!("image exports cannot be mixed with --swap or remote-cache exports yet");
+        }
+        let plain: Vec<ExportConfig> = configs.into_iter().map(|(c, _)| c).collect();
+        let (exports, n) = open_with_images(&a, &plain, &images)?;
+        node = n;
+        exports
+    } else if remote {
         if a.memservers.is_empty() {
             bail!("--swap and remote-cache exports need at least one --memserver ADDR");
         }
@@ -396,10 +485,67 @@ pub fn run(a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
         }
         Ok::<(), anyhow::Error>(())
     });
+    if let Some(n) = node {
+        for line in n.finish().context("saving the boot profiles")? {
+            eprintln!("{line}");
+        }
+        eprintln!("image node: {}", n.summary());
+    }
     if let Some(server) = blkif {
         server.shutdown().context("blkif backend")?;
     }
     served
+}
+
+/// Open plain and image exports together (the node started if an image export reads through
+/// it). Plain exports that fail to open are reported and left out; an image export that
+/// fails stops the start.
+fn open_with_images(
+    a: &BlkbackArgs,
+    plain: &[ExportConfig],
+    images: &[ImageExportSpec],
+) -> anyhow::Result<(Exports, Option<ImageNode>)> {
+    let needs_node = images
+        .iter()
+        .any(|s| matches!(s.source, ImageSource::Node { .. }));
+    let node = match (&a.image_cache, needs_node) {
+        (Some(dir), true) => {
+            let n = ImageNode::start(&NodeOptions {
+                cache_dir: dir.clone(),
+                cache_bytes: a.image_cache_bytes,
+                listen: a.image_listen,
+                origin: a.image_origin,
+                peers: a.image_peers.clone(),
+                timeout: std::time::Duration::from_millis(a.image_timeout_ms),
+            })
+            .with_context(|| format!("cannot start the image node on {}", dir.display()))?;
+            Some(n)
+        }
+        (None, true) => bail!("image exports with chunk-list= need --image-cache DIR"),
+        (_, false) => None,
+    };
+    let mut disks = Vec::new();
+    let mut blocks = Vec::new();
+    for c in plain {
+        match Exports::open(std::slice::from_ref(c)) {
+            Ok(one) => {
+                let e = one.get(&c.name).context("export just opened")?;
+                disks.push((c.name.clone(), e.description.clone(), e.disk.clone()));
+                blocks.push((c.name.clone(), c.min_block));
+            }
+            Err(e) => eprintln!("warning: not serving: {:#}", anyhow::Error::from(e)),
+        }
+    }
+    for s in images {
+        let o = image_export::open(s, node.as_ref())?;
+        disks.push((s.name.clone(), o.description, o.disk));
+        blocks.push((s.name.clone(), s.min_block));
+    }
+    let mut exports = Exports::from_disks(disks)?;
+    for (name, b) in blocks {
+        exports = exports.with_min_block(&name, b)?;
+    }
+    Ok((exports, node))
 }
 
 fn channel_key(path: Option<&Path>) -> anyhow::Result<Option<failover::wire::ChannelKey>> {
@@ -630,6 +776,28 @@ mod tests {
         assert!(parse_export_spec("template=/t").is_err());
         assert!(parse_export_spec("name=a,template=/t,bogus=1").is_err());
         assert_eq!(parse_size("64K").unwrap(), 65536);
+        let i = parse_image_spec("name=vm1,image=os@2,chunk-list=/l,overlay=/o,block-size=512")
+            .unwrap();
+        assert!(is_image_spec("name=vm1,image=os@2,chunk-list=/l"));
+        assert!(!is_image_spec("name=vm1,template=/t"));
+        assert_eq!(i.image, "os@2");
+        assert_eq!(
+            i.source,
+            ImageSource::Node {
+                chunk_list: "/l".into()
+            }
+        );
+        assert_eq!((i.overlay, i.min_block), (Some(PathBuf::from("/o")), 512));
+        let i = parse_image_spec("name=a,image=os,store=/s,readonly").unwrap();
+        assert!(i.read_only && i.source == ImageSource::Store { dir: "/s".into() });
+        for bad in [
+            "name=a,image=os",
+            "name=a,image=os,store=/s,chunk-list=/l",
+            "image=os,store=/s",
+            "name=a,image=os,store=/s,template=/t",
+        ] {
+            assert!(parse_image_spec(bad).is_err(), "{bad}");
+        }
         assert!(parse_size("x").is_err());
     }
 }

@@ -2,6 +2,8 @@
 //! real NBD clients (qemu-img, qemu-io, nbdinfo, nbdcopy), make test images.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -72,11 +74,17 @@ pub struct Server {
 impl Server {
     /// Start with these extra arguments (`--listen`/`--socket` and `--export`s).
     pub fn start(args: &[String]) -> Server {
+        Server::start_with_stderr(args, Stdio::inherit())
+    }
+
+    /// As [`Server::start`], with the server's stderr going to `stderr` (a file, to read its
+    /// shutdown counters).
+    pub fn start_with_stderr(args: &[String], stderr: Stdio) -> Server {
         let mut child = remoca()
             .arg("blkback")
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn remoca blkback");
         let mut line = String::new();

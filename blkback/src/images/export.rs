@@ -164,6 +164,16 @@ impl ImageNode {
     /// # Errors
     /// Opening the cache, binding `listen`.
     pub fn start(o: &NodeOptions) -> io::Result<ImageNode> {
+        let listener = o.listen.map(TcpListener::bind).transpose()?;
+        ImageNode::start_on(o, listener)
+    }
+
+    /// As [`ImageNode::start`], serving peers on an already bound `listener` (so every
+    /// node's address can be known before any starts); `o.listen` is ignored.
+    ///
+    /// # Errors
+    /// Opening the cache, starting the server.
+    pub fn start_on(o: &NodeOptions, listener: Option<TcpListener>) -> io::Result<ImageNode> {
         let fetch = FetchConfig {
             me: None,
             peers: o.peers.clone(),
@@ -171,10 +181,10 @@ impl ImageNode {
             timeout: o.timeout,
             ..FetchConfig::default()
         };
-        let (fetcher, node) = match o.listen {
-            Some(addr) => {
+        let (fetcher, node) = match listener {
+            Some(l) => {
                 let n = Node::start(
-                    TcpListener::bind(addr)?,
+                    l,
                     NodeConfig {
                         cache_dir: o.cache_dir.clone(),
                         cache_bytes: o.cache_bytes,
@@ -541,6 +551,54 @@ mod tests {
         s.export_to(&s.resolve("os@1").unwrap(), &mut out, &mut |_| {})
             .unwrap();
         assert_eq!(out, img);
+    }
+
+    #[test]
+    fn two_nodes_serving_each_other_take_each_chunk_from_the_origin_once() {
+        let d = tempfile::tempdir().unwrap();
+        let img = image();
+        let o = origin(d.path(), &img);
+        let ls: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        let nodes: Vec<ImageNode> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let opts = NodeOptions {
+                    cache_dir: d.path().join(format!("cache{i}")),
+                    cache_bytes: 64 << 20,
+                    listen: None,
+                    origin: Some(o.addr),
+                    peers: peers.clone(),
+                    timeout: Duration::from_secs(5),
+                };
+                ImageNode::start_on(&opts, Some(l)).unwrap()
+            })
+            .collect();
+        assert_eq!(nodes[0].serving(), Some(peers[0]));
+        let a = open(&spec(&o, None), Some(&nodes[0])).unwrap();
+        assert_eq!(read_all(a.disk.as_ref()), img);
+        let b = open(&spec(&o, None), Some(&nodes[1])).unwrap();
+        assert_eq!(read_all(b.disk.as_ref()), img);
+        let s = |n: &ImageNode| {
+            let st = &n.fetcher().stats;
+            (st.from_origin.load(Relaxed), st.from_peers.load(Relaxed))
+        };
+        let (a_origin, a_peers) = s(&nodes[0]);
+        let (b_origin, b_peers) = s(&nodes[1]);
+        // Each chunk has one home; the home alone fetches it from the origin (for itself or
+        // on the other's pull), so the origin served each of the 48 chunks once.
+        let served = o._server.stats().chunks_served.load(Relaxed);
+        assert_eq!(served, 48);
+        assert_eq!(a_origin + b_origin, 48, "{a_origin} {b_origin}");
+        assert!(a_peers > 0 && b_peers > 0, "{a_peers} {b_peers}");
+        assert_eq!(
+            a_peers + b_peers,
+            48,
+            "each chunk crossed between the nodes once"
+        );
     }
 
     #[test]

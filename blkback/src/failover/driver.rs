@@ -432,8 +432,13 @@ fn read_requests<R: Read>(
     jobs: &crossbeam_channel::Sender<Job>,
 ) -> io::Result<()> {
     let mut batch: Vec<u8> = Vec::with_capacity(REPLY_BATCH);
+    // One fence section around the batch's writes: one lock and record check per batch
+    // instead of per write. Left before the replies go out, so no answered write is ever
+    // inside a section (a driver stopped after answering holds no lock).
+    let mut section = None;
     loop {
         if !batch.is_empty() && (!whole_request(stream.buffer()) || batch.len() >= REPLY_BATCH) {
+            drop(section.take());
             conn.send_raw(&batch);
             batch.clear();
         }
@@ -448,6 +453,9 @@ fn read_requests<R: Read>(
         stream.read_exact(&mut data)?;
         let inline = matches!(h.op, wire::OP_READ | wire::OP_WRITE) && h.length <= INLINE_MAX;
         if inline {
+            if h.op == wire::OP_WRITE && section.is_none() && conn.disk().is_ok() {
+                section = conn.fence.get().and_then(|f| f.hold());
+            }
             let (error, out) = run_request(conn, &h, &data);
             let r = ReplyHeader {
                 kind: wire::KIND_REPLY,

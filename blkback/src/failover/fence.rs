@@ -210,36 +210,54 @@ impl Fence {
 
     /// Run `f` inside a section, or refuse with `ESTALE` when superseded.
     fn section<T>(&self, f: impl FnOnce() -> Result<T, DiskError>) -> Result<T, DiskError> {
-        {
-            let mut s = self.sections.lock();
-            if s.superseded {
-                s.refused += 1;
+        self.enter(true)?;
+        let r = f();
+        self.leave();
+        r
+    }
+
+    /// Hold a section open until the guard drops, so that the mutating calls made meanwhile
+    /// (which nest inside it) need no lock of their own. The driver holds one across a batch
+    /// of requests it runs back to back, and drops it before it sends their replies. `None`
+    /// when superseded (the calls then refuse one by one) or the lock fails.
+    pub fn hold(&self) -> Option<Section<'_>> {
+        self.enter(false).ok().map(|()| Section(self))
+    }
+
+    /// Enter a section: the first one takes the shared lock and checks the record.
+    fn enter(&self, count_refusal: bool) -> Result<(), DiskError> {
+        let mut s = self.sections.lock();
+        if s.superseded {
+            s.refused += u64::from(count_refusal);
+            return Err(stale());
+        }
+        if s.active == 0 {
+            ofd_lock(&self.file, libc::F_RDLCK, true).map_err(DiskError::Io)?;
+            // The record cannot change while we hold the shared lock.
+            let current = match read_generation(&self.file) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ofd_lock(&self.file, libc::F_UNLCK, true);
+                    return Err(DiskError::Io(e));
+                }
+            };
+            if current != self.generation {
+                let _ = ofd_lock(&self.file, libc::F_UNLCK, true);
+                s.superseded = true;
+                s.refused += u64::from(count_refusal);
+                tracing::warn!(
+                    record = %self.path.display(), ours = self.generation, current,
+                    "superseded by a newer driver generation: refusing every write"
+                );
                 return Err(stale());
             }
-            if s.active == 0 {
-                ofd_lock(&self.file, libc::F_RDLCK, true).map_err(DiskError::Io)?;
-                // The record cannot change while we hold the shared lock.
-                let current = match read_generation(&self.file) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = ofd_lock(&self.file, libc::F_UNLCK, true);
-                        return Err(DiskError::Io(e));
-                    }
-                };
-                if current != self.generation {
-                    let _ = ofd_lock(&self.file, libc::F_UNLCK, true);
-                    s.superseded = true;
-                    s.refused += 1;
-                    tracing::warn!(
-                        record = %self.path.display(), ours = self.generation, current,
-                        "superseded by a newer driver generation: refusing every write"
-                    );
-                    return Err(stale());
-                }
-            }
-            s.active += 1;
         }
-        let r = f();
+        s.active += 1;
+        Ok(())
+    }
+
+    /// Leave a section: the last one releases the shared lock.
+    fn leave(&self) {
         let mut s = self.sections.lock();
         s.active -= 1;
         if s.active == 0 {
@@ -247,7 +265,16 @@ impl Fence {
                 tracing::error!(error = %e, "cannot release the fence lock");
             }
         }
-        r
+    }
+}
+
+/// A section held open by [`Fence::hold`]; dropping it leaves the section.
+#[derive(Debug)]
+pub struct Section<'a>(&'a Fence);
+
+impl Drop for Section<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -388,6 +415,47 @@ mod tests {
         assert_eq!(done_rx.recv().unwrap(), 2);
         let _new = taker.join().unwrap();
         assert_eq!(old.section(|| Ok(())).unwrap_err().errno(), libc::ESTALE);
+    }
+
+    /// A section held across several writes nests them (the takeover waits for the whole
+    /// hold), and a superseded fence gives no hold.
+    #[test]
+    fn a_held_section_covers_the_writes_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("x.fence");
+        let disk = Arc::new(MemDisk::new(1 << 16));
+        let old = Arc::new(fenced(&disk, &rec, 1));
+        let (held_tx, held_rx) = crossbeam_channel::bounded::<()>(0);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+        let o = old.clone();
+        let writer = std::thread::spawn(move || {
+            let hold = o.fence().hold().expect("a hold");
+            o.write_at(&[1; 4096], 0, WriteFlags::default()).unwrap();
+            held_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            o.write_at(&[1; 4096], 4096, WriteFlags::default()).unwrap();
+            drop(hold);
+        });
+        held_rx.recv().unwrap();
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+        let rec2 = rec.clone();
+        let taker = std::thread::spawn(move || {
+            let f = Fence::take_over(&rec2, 2, |_| {}).unwrap();
+            done_tx.send(()).unwrap();
+            f
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err());
+        go_tx.send(()).unwrap();
+        writer.join().unwrap();
+        done_rx.recv().unwrap();
+        let _new = taker.join().unwrap();
+        assert!(disk.contents()[..8192].iter().all(|&b| b == 1));
+        assert!(old.fence().hold().is_none());
+        let e = old
+            .write_at(&[9; 16], 0, WriteFlags::default())
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ESTALE);
+        assert_eq!(disk.contents()[0], 1);
     }
 
     #[test]

@@ -219,6 +219,7 @@ fn cached_chunks(cache: &Path) -> usize {
 /// Returns the console, the server's stderr and the boot's wall time.
 fn boot_once(
     d: &Path,
+    cache: &Path,
     tag: &str,
     kernel: &Path,
     initrd: &Path,
@@ -231,7 +232,7 @@ fn boot_once(
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--image-cache".into(),
-            d.join("cache").display().to_string(),
+            cache.display().to_string(),
             "--image-origin".into(),
             origin.addr.clone(),
             "--export".into(),
@@ -303,7 +304,15 @@ fn a_linux_guest_boots_from_a_store_image_through_an_empty_node_cache_then_a_war
     assert!(!overlay.exists());
 
     // First boot: empty cache.
-    let (first, err1, t1) = boot_once(d, "cold", &kernel, &initrd, &origin, &export);
+    let (first, err1, t1) = boot_once(
+        d,
+        &d.join("cache"),
+        "cold",
+        &kernel,
+        &initrd,
+        &origin,
+        &export,
+    );
     let after_first = SystemTime::now();
     let cold_origin = origin.served_chunks(after_first);
     let cached = cached_chunks(&d.join("cache"));
@@ -353,7 +362,15 @@ fn a_linux_guest_boots_from_a_store_image_through_an_empty_node_cache_then_a_war
     assert!(inspect.contains("template check: matches"), "{inspect}");
 
     // Second boot: warm cache, new server process.
-    let (second, err2, t2) = boot_once(d, "warm", &kernel, &initrd, &origin, &export);
+    let (second, err2, t2) = boot_once(
+        d,
+        &d.join("cache"),
+        "warm",
+        &kernel,
+        &initrd,
+        &origin,
+        &export,
+    );
     let warm_origin = origin.served_chunks(SystemTime::now()) - cold_origin;
     eprintln!(
         "second boot (warm cache): {:.1} s\n{err2}",
@@ -373,10 +390,41 @@ fn a_linux_guest_boots_from_a_store_image_through_an_empty_node_cache_then_a_war
     assert_eq!(counter(&err2, "| origin "), Some(0), "{err2}");
     assert_eq!(warm_origin, 0, "the origin served chunks to a warm node");
     assert_eq!(sha(&out), disk_sha);
+
+    // Third boot: another node with an empty cache but the first boot's profile prefetches
+    // the boot's chunks in that order while the guest reads (on a fresh overlay).
+    let cache3 = d.join("cache3");
+    std::fs::create_dir_all(cache3.join("profiles")).unwrap();
+    for p in std::fs::read_dir(d.join("cache/profiles")).unwrap() {
+        let p = p.unwrap().path();
+        std::fs::copy(&p, cache3.join("profiles").join(p.file_name().unwrap())).unwrap();
+    }
+    let export3 = format!(
+        "name=vm,image=os@1,chunk-list={},overlay={}",
+        list.display(),
+        d.join("vm3.ovl").display()
+    );
+    let before3 = origin.served_chunks(SystemTime::now());
+    let (third, err3, t3) = boot_once(d, &cache3, "profile", &kernel, &initrd, &origin, &export3);
+    let prof_origin = origin.served_chunks(SystemTime::now()) - before3;
+    eprintln!(
+        "third boot (empty cache, profile): {:.1} s\n{err3}",
+        t3.as_secs_f64()
+    );
+    assert!(
+        third.contains(&format!("REMOCA-SUMS-OK {DATA_FILES}")),
+        "{third}"
+    );
+    assert!(third.contains("REMOCA-WROTE"), "{third}");
+    // Prefetch and the guest's reads share one fetch per chunk: nothing is fetched twice.
+    assert_eq!(counter(&err3, "| origin "), Some(prof_origin), "{err3}");
+    assert_eq!(cached_chunks(&cache3) as u64, prof_origin);
+    assert!(prof_origin > 0 && prof_origin as usize <= data_chunks);
     origin.stop();
     eprintln!(
-        "images_guest: {data_chunks} data chunks in the image; cold boot {:.1} s, {cold_origin} chunks from the origin; warm boot {:.1} s, {warm_origin} from the origin",
+        "images_guest: {data_chunks} data chunks in the image; cold boot {:.1} s, {cold_origin} chunks from the origin; warm boot {:.1} s, {warm_origin} from the origin; cold boot with the profile {:.1} s, {prof_origin} from the origin",
         t1.as_secs_f64(),
-        t2.as_secs_f64()
+        t2.as_secs_f64(),
+        t3.as_secs_f64()
     );
 }

@@ -10,25 +10,11 @@
 mod blkback_harness;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use blkback_harness::guest;
 use blkback_harness::*;
-
-/// Modules the guest needs for a virtio disk with ext4, in load order (no modules.dep).
-const MODULES: &[&str] = &[
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko",
-    "drivers/virtio/virtio_pci.ko",
-    "drivers/block/virtio_blk.ko",
-    "lib/crc16.ko",
-    "fs/mbcache.ko",
-    "fs/jbd2/jbd2.ko",
-    "crypto/crc32c_generic.ko",
-    "fs/ext4/ext4.ko",
-];
 
 const INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
@@ -55,114 +41,15 @@ poweroff -f
 "#;
 
 fn kernel_dir() -> PathBuf {
-    let dir = std::env::var_os("REMOCA_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/remoca-guest-kernel"));
-    assert!(
-        dir.join("vmlinuz").exists() && dir.join("modules").exists(),
-        "no guest kernel in {}: run blkback/tests/guest/fetch-kernel.sh {}",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
-
-fn build_initramfs(work: &Path, kernel: &Path) -> PathBuf {
-    let root = work.join("initramfs");
-    for d in ["bin", "proc", "sys", "dev", "modules", "mnt"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    let busybox = busybox.expect("busybox is not installed: apt-get install busybox-static");
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    let applets = run_ok(Command::new(busybox).arg("--list"));
-    for a in applets.lines().filter(|a| *a != "busybox") {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    let mut order = String::new();
-    for m in MODULES {
-        let name = Path::new(m).file_name().unwrap();
-        std::fs::copy(
-            kernel.join("modules/kernel").join(m),
-            root.join("modules").join(name),
+    guest::kernel_dir().unwrap_or_else(|| {
+        panic!(
+            "no guest kernel: run blkback/tests/guest/fetch-kernel.sh (or set REMOCA_GUEST_KERNEL)"
         )
-        .unwrap_or_else(|e| panic!("module {m}: {e}"));
-        order.push_str(&format!("{}\n", name.to_string_lossy()));
-    }
-    std::fs::write(root.join("modules/order"), order).unwrap();
-    std::fs::write(root.join("init"), INIT).unwrap();
-    run_ok(Command::new("chmod").arg("+x").arg(root.join("init")));
-    let out = work.join("initrd.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio -H newc -o --quiet > {}",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cpio failed (apt-get install cpio)");
-    out
+    })
 }
 
 fn boot(kernel: &Path, initrd: &Path, uri: &str) -> String {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35,accel=tcg",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nographic",
-        ])
-        .args([
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-nic",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(kernel.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=3"])
-        .arg("-drive")
-        .arg(format!("file={uri},format=raw,if=virtio,cache=writeback"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86");
-    // A watchdog: TCG boots take tens of seconds; give up after 5 minutes.
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(Duration::from_secs(300)).is_err() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let mut out = String::new();
-    use std::io::Read;
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let _ = child.wait();
-    let _ = tx.send(());
-    watchdog.join().unwrap();
-    assert!(out.contains("REMOCA-DONE"), "guest did not finish:\n{out}");
-    out
+    guest::boot(kernel, initrd, uri, Duration::from_secs(300))
 }
 
 #[test]
@@ -193,7 +80,7 @@ fn linux_guest_boots_from_an_overlay_writes_and_sees_its_file_after_reboot() {
             .arg("--overlay")
             .arg(&o),
     );
-    let initrd = build_initramfs(d, &kernel);
+    let initrd = guest::build_initramfs(d, &kernel, INIT);
 
     let srv = Server::tcp(&[spec("vm", &t, Some(&o))]);
     let first = boot(&kernel, &initrd, &srv.uri("vm"));

@@ -1,8 +1,8 @@
 //! Booting a Linux guest under `qemu-system-x86_64` (TCG, no network) on an NBD disk: the
 //! Debian kernel unpacked by `blkback/tests/guest/fetch-kernel.sh`, a busybox initramfs that
 //! loads the virtio and ext4 modules and runs a given `/init`, and a boot that returns the
-//! serial console. Shared by the guest tests (`tests/images_guest.rs`; `blkback_guest.rs`,
-//! `failover_guest.rs` and `remote_swap_guest.rs` still carry their own copies).
+//! serial console. Used by `tests/images_guest.rs` and `tests/blkback_guest.rs`;
+//! `failover_guest.rs` and `remote_swap_guest.rs` still carry their own copies.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -248,7 +248,7 @@ fn parse_export_spec(spec: &str) -> anyhow::Result<ExportConfig> {
             None if part == "readonly" => read_only = true,
             _ => bail!(
                 "--export {spec:?}: unknown item {part:?} \
-                 (expected name=, template=, overlay=, readonly, block-size=, remote-cache)"
+                 (expected name=, template=, overlay=, readonly, block-size=, remote-cache; or image= for an image export)"
             ),
         }
     }

@@ -93,8 +93,6 @@ pub enum ImageExportError {
     },
     #[error("export {name:?}: the chunk-list= source needs the node options (a cache directory)")]
     NoNode { name: String },
-    #[error("image node: {0}")]
-    Node(#[from] io::Error),
 }
 
 struct Tracked {

@@ -156,8 +156,10 @@ impl CompressArg {
 /// Where the image store is.
 #[derive(Debug, Args)]
 struct StoreArg {
-    /// The image store directory (default: `$REMOCA_STORE`, else `images/` in remoca's
-    /// runtime directory, `$XDG_RUNTIME_DIR/remoca` or `/tmp/remoca-UID`).
+    /// The image store: a directory, or `s3://BUCKET/PREFIX` (endpoint, region and
+    /// credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY). Default: `$REMOCA_STORE`, else `images/` in remoca's runtime
+    /// directory, `$XDG_RUNTIME_DIR/remoca` or `/tmp/remoca-UID`.
     #[arg(long = "store", env = "REMOCA_STORE")]
     dir: Option<PathBuf>,
 }
@@ -176,7 +178,7 @@ impl StoreArg {
             compression,
             ..StoreOptions::default()
         };
-        Store::open(&dir, opts)
+        Store::open_location(&dir, opts)
             .with_context(|| format!("cannot open image store {}", dir.display()))
     }
 }
@@ -436,7 +438,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             let s = store.open(false, Compression::None)?;
             let vs = s.versions(&name)?;
             if vs.is_empty() {
-                bail!("no image {name:?} in {}", s.dir().display());
+                bail!("no image {name:?} in {}", s.location());
             }
             for v in vs.iter().rev() {
                 let i = s.version_info(v)?;
@@ -503,7 +505,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             if !r.is_clean() {
                 bail!(
                     "store {} has {} corrupt chunks, {} missing chunks, {} bad versions",
-                    s.dir().display(),
+                    s.location(),
                     r.bad_chunks.len(),
                     r.missing.len(),
                     r.bad_versions.len()
@@ -545,7 +547,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
         ImageCmd::Du { store } => {
             let s = store.open(false, Compression::None)?;
             let u = s.usage()?;
-            println!("store:          {}", s.dir().display());
+            println!("store:          {}", s.location());
             println!("chunks:         {}", u.chunks);
             println!(
                 "logical bytes:  {} ({})",

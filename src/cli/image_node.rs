@@ -152,7 +152,7 @@ fn wait_for_signal() -> anyhow::Result<()> {
 /// The origin over the store: serve its chunks until a signal, keeping the server's counters
 /// in --stats.
 fn store_origin(a: &NodeArgs, dir: &Path, listener: TcpListener) -> anyhow::Result<()> {
-    let store = Store::open(dir, StoreOptions::default())
+    let store = Store::open_location(dir, StoreOptions::default())
         .with_context(|| format!("cannot open image store {}", dir.display()))?;
     let spec = a.image.as_deref().context("--store needs --image")?;
     let (v, list) = node::store_chunk_list(&store, spec)?;

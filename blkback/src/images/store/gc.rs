@@ -76,6 +76,7 @@ impl Store {
         opts: GcOptions,
         progress: &mut dyn FnMut(u64),
     ) -> Result<GcReport, StoreError> {
+        self.local_only("gc")?;
         let mut r = GcReport {
             chunks_before: self.index.len() as u64,
             stored_before: self.index.values().map(|l| l.stored_len as u64).sum(),

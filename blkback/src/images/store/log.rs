@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::arena::{self, Location, RecordHeader};
+use super::backend::ArenaRead;
 use super::{io_at, StoreError};
 use crate::images::chunk::ChunkId;
 
@@ -23,14 +24,18 @@ pub fn arena_number(name: &str) -> Option<u32> {
 }
 
 /// The stored payload at `loc` (still compressed if it was stored so).
-pub fn read_payload(file: &File, loc: &Location) -> io::Result<Vec<u8>> {
+pub fn read_payload<R: ArenaRead + ?Sized>(file: &R, loc: &Location) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; loc.stored_len as usize];
     file.read_exact_at(&mut buf, loc.offset)?;
     Ok(buf)
 }
 
 /// The raw, hash-checked bytes of the chunk `id` at `loc`.
-pub fn read_chunk(file: &File, id: &ChunkId, loc: &Location) -> Result<Vec<u8>, StoreError> {
+pub fn read_chunk<R: ArenaRead + ?Sized>(
+    file: &R,
+    id: &ChunkId,
+    loc: &Location,
+) -> Result<Vec<u8>, StoreError> {
     let payload = read_payload(file, loc).map_err(|e| StoreError::Io {
         path: format!("arena {}", loc.arena).into(),
         source: e,
@@ -62,7 +67,11 @@ pub struct ArenaScan {
 }
 
 /// The footer table of a sealed arena, or `None` if its trailer or footer does not check.
-pub fn read_footer(file: &File, number: u32, len: u64) -> Option<Vec<(ChunkId, Location)>> {
+pub fn read_footer<R: ArenaRead + ?Sized>(
+    file: &R,
+    number: u32,
+    len: u64,
+) -> Option<Vec<(ChunkId, Location)>> {
     if len < arena::ARENA_HEADER_LEN + arena::RECORD_HEADER_LEN as u64 + arena::TRAILER_LEN {
         return None;
     }
@@ -90,8 +99,12 @@ pub fn read_footer(file: &File, number: u32, len: u64) -> Option<Vec<(ChunkId, L
 /// Read an arena back: its footer when it is sealed, else a scan of every record. A scan
 /// re-hashes every payload when `check_payloads` (an unsealed arena after a crash may hold a
 /// record whose header reached the disk and whose payload did not).
-pub fn scan_arena(file: &File, number: u32, check_payloads: bool) -> Result<ArenaScan, StoreError> {
-    let len = file.metadata().map_err(|e| io_at("arena", e))?.len();
+pub fn scan_arena<R: ArenaRead + ?Sized>(
+    file: &R,
+    number: u32,
+    check_payloads: bool,
+) -> Result<ArenaScan, StoreError> {
+    let len = file.len().map_err(|e| io_at("arena", e))?;
     if let Some(records) = read_footer(file, number, len) {
         return Ok(ArenaScan {
             records,

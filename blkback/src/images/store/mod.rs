@@ -33,6 +33,7 @@
 //! unsynced tail re-hashed and cut back to the last good record. See docs/image-store.md.
 
 pub mod arena;
+pub mod backend;
 pub mod check;
 pub mod disk;
 pub mod gc;
@@ -40,6 +41,7 @@ pub mod index;
 pub mod ingest;
 pub mod log;
 pub mod manifest;
+pub mod s3;
 pub mod usage;
 
 #[cfg(test)]
@@ -55,6 +57,7 @@ use parking_lot::Mutex;
 
 use crate::images::chunk::{ChunkError, ChunkId, ChunkList, ChunkSource};
 use arena::Location;
+use backend::{ArenaRead, Backend};
 use index::IndexFile;
 pub use manifest::{Manifest, VersionRef};
 
@@ -130,6 +133,8 @@ pub struct ArenaState {
     /// Bytes of the file that hold valid records (the whole file when sealed).
     pub len: u64,
     pub sealed: bool,
+    /// The arena is an object in the store's backend (a remote store), not a local file.
+    pub remote: bool,
 }
 
 /// What opening the store had to repair or re-read.
@@ -153,9 +158,20 @@ pub struct Store {
     opts: StoreOptions,
     index: HashMap<ChunkId, Location>,
     arenas: BTreeMap<u32, ArenaState>,
-    readers: Mutex<HashMap<u32, Arc<File>>>,
+    readers: Mutex<HashMap<u32, Arc<dyn ArenaRead>>>,
     writer: Option<log::Writer>,
     open_report: OpenReport,
+    /// A remote store: its objects, and the local staging directory (`dir`) that holds a
+    /// copy of its manifests and the arena being filled until it is sealed and put.
+    remote: Option<Remote>,
+}
+
+#[derive(Debug)]
+struct Remote {
+    backend: Arc<dyn Backend>,
+    /// Sealed in staging, not put yet (put before the manifest that needs them).
+    unsent: Vec<u32>,
+    _staging: tempfile::TempDir,
 }
 
 fn lock(dir: &Path, write: bool) -> Result<File, StoreError> {
@@ -221,6 +237,7 @@ impl Store {
             readers: Mutex::new(HashMap::new()),
             writer: None,
             open_report: OpenReport::default(),
+            remote: None,
         };
         s.load_index()?;
         if opts.write {
@@ -232,6 +249,125 @@ impl Store {
         Ok(s)
     }
 
+    /// Open the store whose objects are in `backend` (an S3 bucket, or a [`DirBackend`]
+    /// directory): its manifests are copied into a fresh local staging directory, its index
+    /// is read from the backend (or rebuilt from the sealed arenas' footers), and chunks are
+    /// read with ranged gets. A writer fills a local arena; [`Store::add_version`] seals it
+    /// and puts it before the manifest that names its chunks.
+    ///
+    /// One writer at a time per remote store: the local lock does not reach other hosts.
+    ///
+    /// [`DirBackend`]: backend::DirBackend
+    ///
+    /// # Errors
+    /// Backend errors; an arena object whose header is not one.
+    pub fn open_remote(backend: Arc<dyn Backend>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let staging = tempfile::Builder::new()
+            .prefix("remoca-store-")
+            .tempdir()
+            .map_err(|e| io_at(std::env::temp_dir(), e))?;
+        let dir = staging.path().to_owned();
+        for sub in ["arenas", "images", "tmp"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(|e| io_at(&p, e))?;
+        }
+        let mut found_any = false;
+        for (key, _) in backend.list("images/")? {
+            let Some(rest) = key.strip_prefix("images/") else {
+                continue;
+            };
+            let Some((name, file)) = rest.split_once('/') else {
+                continue;
+            };
+            let num = file
+                .strip_suffix(".manifest")
+                .or_else(|| file.strip_suffix(".removed"));
+            if manifest::check_name(name).is_err() || num.is_none_or(|n| n.parse::<u32>().is_err())
+            {
+                continue;
+            }
+            found_any = true;
+            let d = dir.join("images").join(name);
+            std::fs::create_dir_all(&d).map_err(|e| io_at(&d, e))?;
+            let bytes = if file.ends_with(".manifest") {
+                backend.get(&key)?.unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let p = d.join(file);
+            std::fs::write(&p, bytes).map_err(|e| io_at(&p, e))?;
+        }
+        // A reader of a location holding nothing of a store is told so (a typo in the
+        // prefix should not look like an empty store).
+        if !opts.write
+            && !found_any
+            && backend.list("arenas/")?.is_empty()
+            && backend.get("index")?.is_none()
+        {
+            return Err(StoreError::NotAStore(backend.describe().into()));
+        }
+        let lock = lock(&dir, true)?;
+        let mut s = Store {
+            dir,
+            _lock: lock,
+            opts,
+            index: HashMap::new(),
+            arenas: BTreeMap::new(),
+            readers: Mutex::new(HashMap::new()),
+            writer: None,
+            open_report: OpenReport::default(),
+            remote: Some(Remote {
+                backend,
+                unsent: Vec::new(),
+                _staging: staging,
+            }),
+        };
+        s.load_index()?;
+        if opts.write && (!s.open_report.rescanned.is_empty() || s.open_report.index_missing) {
+            s.save_index()?;
+        }
+        Ok(s)
+    }
+
+    /// Open a store given as a directory or as `s3://BUCKET/PREFIX` (endpoint, region and
+    /// credentials from the environment, see [`s3`]).
+    ///
+    /// # Errors
+    /// As [`Store::open`] and [`Store::open_remote`]; a malformed `s3://` location.
+    pub fn open_location(location: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        match s3::S3Url::parse(&location.to_string_lossy()) {
+            Some(url) => {
+                let b = s3::S3Backend::from_env(url?)?;
+                Store::open_remote(Arc::new(b), opts)
+            }
+            None => Store::open(location, opts),
+        }
+    }
+
+    /// The store's backend, when it is a remote store.
+    pub fn backend(&self) -> Option<&Arc<dyn Backend>> {
+        self.remote.as_ref().map(|r| &r.backend)
+    }
+
+    /// The directory, or the backend's location for a remote store (for messages).
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.backend.describe(),
+            None => self.dir.display().to_string(),
+        }
+    }
+
+    /// Refuse an operation a remote store does not support yet.
+    pub(crate) fn local_only(&self, what: &str) -> Result<(), StoreError> {
+        match &self.remote {
+            Some(r) => Err(StoreError::Invalid(format!(
+                "{what} is not supported on a remote store ({}) yet",
+                r.backend.describe()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn clean_tmp(&self) {
         if let Ok(rd) = std::fs::read_dir(self.dir.join("tmp")) {
             for e in rd.flatten() {
@@ -240,14 +376,25 @@ impl Store {
         }
     }
 
-    fn arena_files(&self) -> Result<Vec<(u32, u64)>, StoreError> {
+    /// Arena numbers, lengths, and whether each is remote.
+    fn arena_files(&self) -> Result<Vec<(u32, u64, bool)>, StoreError> {
+        if let Some(r) = &self.remote {
+            let mut out = Vec::new();
+            for (key, len) in r.backend.list("arenas/")? {
+                if let Some(n) = key.strip_prefix("arenas/").and_then(log::arena_number) {
+                    out.push((n, len, true));
+                }
+            }
+            out.sort_unstable();
+            return Ok(out);
+        }
         let d = self.dir.join("arenas");
         let mut out = Vec::new();
         for e in std::fs::read_dir(&d).map_err(|e| io_at(&d, e))? {
             let e = e.map_err(|e| io_at(&d, e))?;
             if let Some(n) = log::arena_number(&e.file_name().to_string_lossy()) {
                 let len = e.metadata().map_err(|err| io_at(e.path(), err))?.len();
-                out.push((n, len));
+                out.push((n, len, false));
             }
         }
         out.sort_unstable();
@@ -256,10 +403,16 @@ impl Store {
 
     fn load_index(&mut self) -> Result<(), StoreError> {
         let ipath = self.dir.join("index");
-        let saved = match std::fs::read(&ipath) {
-            Ok(b) => IndexFile::decode(&b).ok(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_at(&ipath, e)),
+        let saved = match &self.remote {
+            Some(r) => r
+                .backend
+                .get("index")?
+                .and_then(|b| IndexFile::decode(&b).ok()),
+            None => match std::fs::read(&ipath) {
+                Ok(b) => IndexFile::decode(&b).ok(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_at(&ipath, e)),
+            },
         };
         self.open_report.index_missing = saved.is_none();
         let saved = saved.unwrap_or_default();
@@ -269,13 +422,32 @@ impl Store {
         }
         let files = self.arena_files()?;
         let last = files.last().map(|f| f.0);
-        for (n, len) in files {
+        for (n, len, remote) in files {
+            if remote {
+                // Before the reader is made: it needs to know the arena is remote.
+                self.arenas.insert(
+                    n,
+                    ArenaState {
+                        len,
+                        sealed: true,
+                        remote,
+                    },
+                );
+            }
             let file = self.reader(n)?;
             let (records, state) = if saved.covered.get(&n) == Some(&len) {
                 let mut recs = by_arena.remove(&n).unwrap_or_default();
                 recs.sort_by_key(|r| r.1.offset);
-                let sealed = log::read_footer(&file, n, len).is_some();
-                (recs, ArenaState { len, sealed })
+                // Remote arenas are put only once sealed.
+                let sealed = remote || log::read_footer(&file, n, len).is_some();
+                (
+                    recs,
+                    ArenaState {
+                        len,
+                        sealed,
+                        remote,
+                    },
+                )
             } else {
                 self.open_report.rescanned.push(n);
                 let scan = log::scan_arena(&file, n, true)?;
@@ -286,12 +458,13 @@ impl Store {
                 (
                     scan.records,
                     ArenaState {
-                        len: scan.valid_len,
+                        len: if remote { len } else { scan.valid_len },
                         sealed: scan.sealed,
+                        remote,
                     },
                 )
             };
-            if self.opts.write && Some(n) == last && !state.sealed {
+            if self.opts.write && Some(n) == last && !state.sealed && !remote {
                 let mut table: Vec<_> = records.clone();
                 table.sort_by_key(|r| r.1.offset);
                 self.writer = Some(log::Writer::resume(&self.dir, n, state.len, table)?);
@@ -320,7 +493,10 @@ impl Store {
             covered: self.arenas.iter().map(|(n, a)| (*n, a.len)).collect(),
             entries: self.index.clone(),
         };
-        write_atomic(&self.dir, &self.dir.join("index"), &f.encode())
+        match &self.remote {
+            Some(r) => r.backend.put("index", &f.encode()),
+            None => write_atomic(&self.dir, &self.dir.join("index"), &f.encode()),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -343,13 +519,22 @@ impl Store {
         self.index.contains_key(id)
     }
 
-    fn reader(&self, n: u32) -> Result<Arc<File>, StoreError> {
+    fn reader(&self, n: u32) -> Result<Arc<dyn ArenaRead>, StoreError> {
         let mut r = self.readers.lock();
         if let Some(f) = r.get(&n) {
             return Ok(f.clone());
         }
-        let p = log::arena_path(&self.dir, n);
-        let f = Arc::new(File::open(&p).map_err(|e| io_at(&p, e))?);
+        let f: Arc<dyn ArenaRead> = match (&self.remote, self.arenas.get(&n)) {
+            (Some(rem), Some(a)) if a.remote => Arc::new(backend::RemoteArena {
+                backend: rem.backend.clone(),
+                key: format!("arenas/{n:08}.arena"),
+                len: a.len,
+            }),
+            _ => {
+                let p = log::arena_path(&self.dir, n);
+                Arc::new(File::open(&p).map_err(|e| io_at(&p, e))?)
+            }
+        };
         r.insert(n, f.clone());
         Ok(f)
     }
@@ -406,6 +591,7 @@ impl Store {
                 ArenaState {
                     len: w.len,
                     sealed: false,
+                    remote: false,
                 },
             );
             self.writer = Some(w);
@@ -427,7 +613,38 @@ impl Store {
             let n = w.number;
             let len = w.seal()?;
             self.readers.lock().remove(&n);
-            self.arenas.insert(n, ArenaState { len, sealed: true });
+            self.arenas.insert(
+                n,
+                ArenaState {
+                    len,
+                    sealed: true,
+                    remote: false,
+                },
+            );
+            if let Some(r) = &mut self.remote {
+                r.unsent.push(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// A remote store: seal the arena being filled and put every sealed arena not put yet
+    /// (each whole, atomically), so every chunk appended so far is durable in the backend.
+    /// A local store: nothing.
+    fn send_arenas(&mut self) -> Result<(), StoreError> {
+        if self.remote.is_none() {
+            return Ok(());
+        }
+        self.seal_writer()?;
+        let Some(r) = &mut self.remote else {
+            return Ok(());
+        };
+        while let Some(&n) = r.unsent.first() {
+            let p = log::arena_path(&self.dir, n);
+            let bytes = std::fs::read(&p).map_err(|e| io_at(&p, e))?;
+            r.backend.put(&format!("arenas/{n:08}.arena"), &bytes)?;
+            r.unsent.remove(0);
+            // Reads of it go on from the staging copy, which is the same bytes.
         }
         Ok(())
     }
@@ -562,6 +779,8 @@ impl Store {
     ) -> Result<VersionRef, StoreError> {
         manifest::check_name(image)?;
         self.sync()?;
+        // A remote store: every chunk the manifest names is in a put arena first.
+        self.send_arenas()?;
         let d = self.image_dir(image);
         if !d.is_dir() {
             std::fs::create_dir_all(&d).map_err(|e| io_at(&d, e))?;
@@ -572,7 +791,14 @@ impl Store {
             version: self.version_numbers(image)?.1 + 1,
         };
         m.version = v.version;
-        write_atomic(&self.dir, &self.manifest_path(&v), &m.encode())?;
+        let bytes = m.encode();
+        write_atomic(&self.dir, &self.manifest_path(&v), &bytes)?;
+        if let Some(r) = &self.remote {
+            r.backend.put(
+                &format!("images/{}/{}.manifest", v.image, v.version),
+                &bytes,
+            )?;
+        }
         self.save_index()?;
         Ok(v)
     }
@@ -643,6 +869,12 @@ impl Store {
                 by,
             });
         }
+        if let Some(r) = &self.remote {
+            r.backend
+                .put(&format!("images/{}/{}.removed", v.image, v.version), b"")?;
+            r.backend
+                .delete(&format!("images/{}/{}.manifest", v.image, v.version))?;
+        }
         let d = self.image_dir(&v.image);
         let tomb = d.join(format!("{}.removed", v.version));
         File::create(&tomb)
@@ -660,21 +892,17 @@ impl ChunkSource for Store {
         if loc.raw_len as usize != len {
             return Err(ChunkError::Corrupt {
                 id: *id,
-                source_name: format!(
-                    "store {} (chunk is {} bytes)",
-                    self.dir.display(),
-                    loc.raw_len
-                ),
+                source_name: format!("store {} (chunk is {} bytes)", self.location(), loc.raw_len),
             });
         }
         self.read_at(id, loc).map_err(|e| match e {
             StoreError::Corrupt(id) => ChunkError::Corrupt {
                 id,
-                source_name: format!("store {}", self.dir.display()),
+                source_name: format!("store {}", self.location()),
             },
             StoreError::Io { source, .. } => ChunkError::Io(source),
             other => ChunkError::Unavailable {
-                source_name: format!("store {}", self.dir.display()),
+                source_name: format!("store {}", self.location()),
                 reason: other.to_string(),
             },
         })

@@ -535,3 +535,161 @@ fn a_store_written_with_every_codec_reads_back_and_verifies() {
         assert_eq!(&export(&s, &format!("img{k}")), img);
     }
 }
+
+// A remote store over a `DirBackend`: the same code the S3 adapter runs, without a server
+// (tests/image_store_s3.rs runs it against an S3-compatible server).
+
+/// Counts the bytes the store fetches from its backend.
+#[derive(Debug)]
+struct Counting {
+    inner: backend::DirBackend,
+    fetched: std::sync::atomic::AtomicU64,
+    ranged: std::sync::atomic::AtomicU64,
+}
+
+impl backend::Backend for Counting {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let b = self.inner.get(key)?;
+        let n = b.as_ref().map_or(0, |b| b.len() as u64);
+        self.fetched
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(b)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.fetched
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        self.ranged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.get_range(key, offset, len)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(key, bytes)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.list(prefix)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn remote(root: &std::path::Path) -> Arc<Counting> {
+    Arc::new(Counting {
+        inner: backend::DirBackend::new(root),
+        fetched: Default::default(),
+        ranged: Default::default(),
+    })
+}
+
+#[test]
+fn a_remote_store_holds_only_sealed_arenas_manifests_and_the_index() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("bucket");
+    let a = image(31, 64, 0);
+    let mut b = a.clone();
+    b[7 * 4096..8 * 4096].fill(0x5a);
+    {
+        let mut s = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+        let ra = import(&mut s, "a", &a, 4096);
+        let rb = import(&mut s, "b", &b, 4096);
+        assert!(ra.new_chunks > 40);
+        assert_eq!(rb.new_chunks, 1, "dedup against what is already remote");
+    }
+    // Objects: one sealed arena per import that added chunks, two manifests, the index.
+    let objs = backend::DirBackend::new(&root).list("").unwrap();
+    let mut names: Vec<&str> = objs.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "arenas/00000001.arena",
+            "arenas/00000002.arena",
+            "images/a/1.manifest",
+            "images/b/1.manifest",
+            "index"
+        ]
+    );
+    for n in [1, 2] {
+        let f = File::open(root.join(format!("arenas/0000000{n}.arena"))).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(log::read_footer(&f, n, len).is_some(), "arena {n} sealed");
+    }
+    // A reader sees both versions through ranged reads, byte-identical.
+    let r = remote(&root);
+    let s = Store::open_remote(r.clone(), StoreOptions::default()).unwrap();
+    assert!(s.open_report().rescanned.is_empty());
+    assert_eq!(export(&s, "a"), a);
+    assert_eq!(export(&s, "b"), b);
+    assert!(s.verify(&mut |_| {}).unwrap().is_clean());
+    // Reading one chunk fetches that chunk's payload and nothing more.
+    let id = ChunkId::of(&b[7 * 4096..8 * 4096]);
+    let before = r.fetched.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(s.read_chunk(&id).unwrap(), &b[7 * 4096..8 * 4096]);
+    let got = r.fetched.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert_eq!(got, s.index()[&id].stored_len as u64);
+    // What is not supported remotely yet says so.
+    drop(s);
+    let mut w = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+    let e = w.gc(GcOptions::default(), &mut |_| {}).unwrap_err();
+    assert!(
+        e.to_string().contains("not supported on a remote store"),
+        "{e}"
+    );
+    // rm writes a tombstone object and removes the manifest object.
+    w.remove(&"a@1".parse().unwrap()).unwrap();
+    drop(w);
+    assert!(root.join("images/a/1.removed").exists());
+    assert!(!root.join("images/a/1.manifest").exists());
+    let w = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+    assert!(w.resolve("a").is_err());
+    assert_eq!(export(&w, "b"), b);
+}
+
+#[test]
+fn a_remote_store_rebuilds_a_lost_index_from_footers_and_verify_finds_a_bad_object() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("bucket");
+    let a = image(41, 48, 100);
+    {
+        let mut s = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+        import(&mut s, "a", &a, 4096);
+    }
+    // An import killed after its arena was put and before its manifest: an arena whose
+    // chunks no manifest names (garbage), which must not disturb anything.
+    {
+        let s2 = tempfile::tempdir().unwrap();
+        let mut l = Store::open(s2.path(), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+        import(&mut l, "x", &image(42, 8, 0), 4096);
+        l.seal_writer().unwrap();
+        drop(l);
+        let bytes = std::fs::read(log::arena_path(s2.path(), 1)).unwrap();
+        // Renumber: arena 2 of the remote store.
+        let mut bytes = bytes;
+        bytes[12..16].copy_from_slice(&2u32.to_le_bytes());
+        std::fs::write(root.join("arenas/00000002.arena"), bytes).unwrap();
+    }
+    std::fs::remove_file(root.join("index")).unwrap();
+    let s = Store::open_remote(remote(&root), StoreOptions::default()).unwrap();
+    assert!(s.open_report().index_missing);
+    assert_eq!(export(&s, "a"), a);
+    let v = s.verify(&mut |_| {}).unwrap();
+    assert!(v.is_clean(), "{v:?}");
+    assert!(
+        v.unreferenced_chunks > 0,
+        "the orphan arena's chunks are garbage"
+    );
+    drop(s);
+    // Flip a byte of a chunk payload in the arena object: verify names it.
+    let p = root.join("arenas/00000001.arena");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = arena::ARENA_HEADER_LEN as usize + arena::RECORD_HEADER_LEN + 10;
+    bytes[at] ^= 0x40;
+    std::fs::write(&p, bytes).unwrap();
+    let s = Store::open_remote(remote(&root), StoreOptions::default()).unwrap();
+    let v = s.verify(&mut |_| {}).unwrap();
+    assert_eq!(v.bad_chunks.len(), 1, "{v:?}");
+    assert!(!v.is_clean());
+}

@@ -1,0 +1,384 @@
+//! The image store on an S3-compatible server: `remoca image ... --store s3://BUCKET/PREFIX`
+//! and `remoca image-node --store s3://...` against moto's server (PyPI `moto[server]`),
+//! started by the test on 127.0.0.1 (port chosen by the server) and stopped by its PID.
+//!
+//! moto is looked for at `$REMOCA_MOTO_SERVER`, `/opt/remoca-venv/bin/moto_server` (what
+//! tests/setup.sh installs), then `moto_server` on PATH; without it every test here prints
+//! why it is skipped and passes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use remoca_blkback::images::store::backend::Backend;
+use remoca_blkback::images::store::s3::{S3Backend, S3Url};
+
+const BIN: &str = env!("CARGO_BIN_EXE_remoca");
+
+/// A moto server on 127.0.0.1, killed (by PID) when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("REMOCA_MOTO_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from("/opt/remoca-venv/bin/moto_server");
+    if venv.exists() {
+        return Some(venv);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("moto_server"))
+            .find(|p| p.exists())
+    })
+}
+
+/// Start moto on a free loopback port (`-p 0`, the port read back from its banner).
+fn start_moto(test: &str) -> Option<Moto> {
+    let Some(bin) = moto_binary() else {
+        eprintln!(
+            "SKIPPED {test}: moto_server not found (pip install 'moto[server]' into \
+             /opt/remoca-venv, as tests/setup.sh does, or set REMOCA_MOTO_SERVER)"
+        );
+        return None;
+    };
+    let mut child = Command::new(&bin)
+        .args(["-H", "127.0.0.1", "-p", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+    // The banner ("Running on http://127.0.0.1:PORT") is on stderr; keep draining both
+    // pipes so the server never blocks on a full one.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for pipe in [
+        Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stdout.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut moto = Moto { child, port: 0 };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while moto.port == 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    moto.port = digits.parse().unwrap_or(0);
+                }
+                seen.push(line);
+            }
+            Err(_) => panic!("moto_server printed no address in 30 s: {seen:?}"),
+        }
+    }
+    Some(moto)
+}
+
+/// One plain HTTP/1.1 request to moto (which checks no signatures): status and body.
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let head_end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response head");
+    let head = String::from_utf8_lossy(&resp[..head_end]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = resp[head_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+/// The store's own S3 adapter, for looking at and damaging objects.
+fn backend(m: &Moto, bucket_prefix: &str) -> S3Backend {
+    let url = S3Url::parse(&format!("s3://{bucket_prefix}"))
+        .unwrap()
+        .unwrap();
+    S3Backend::with_endpoint(
+        url,
+        &format!("http://127.0.0.1:{}", m.port),
+        "remoca-test",
+        "remoca-test-secret",
+    )
+    .unwrap()
+}
+
+fn make_bucket(m: &Moto, bucket: &str) {
+    let (status, body) = http(m.port, "PUT", &format!("/{bucket}"), b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+fn remoca(m: &Moto, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("REMOCA_STORE")
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+        .env("AWS_ACCESS_KEY_ID", "remoca-test")
+        .env("AWS_SECRET_ACCESS_KEY", "remoca-test-secret")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("run remoca")
+}
+
+fn ok(m: &Moto, args: &[&str]) -> String {
+    let o = remoca(m, args);
+    assert!(
+        o.status.success(),
+        "remoca {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// `n` 64 KiB pieces: every 4th zeroes, the rest half random, half one repeated byte.
+fn image(seed: u64, n: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; n << 16];
+    for (i, p) in v.chunks_mut(1 << 16).enumerate() {
+        if i % 4 != 1 {
+            rng.fill(&mut p[..1 << 15]);
+            p[1 << 15..].fill(i as u8);
+        }
+    }
+    v
+}
+
+/// The number after `key` on the first line that contains it.
+fn number_after(text: &str, key: &str) -> u64 {
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key:?} in {text}"))
+        + key.len();
+    text[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap()
+}
+
+fn export(m: &Moto, store: &str, spec: &str) -> Vec<u8> {
+    let o = remoca(m, &["image", "export", spec, "-", "--store", store]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+#[test]
+fn import_export_dedup_and_verify_on_s3() {
+    let Some(m) = start_moto("import_export_dedup_and_verify_on_s3") else {
+        return;
+    };
+    make_bucket(&m, "remoca-images");
+    let store = "s3://remoca-images/site-a/store";
+    let d = tempfile::tempdir().unwrap();
+    let a = image(1, 48);
+    let mut b = a.clone();
+    b[(5 << 16) + 100..(5 << 16) + 200].fill(0xee); // one piece differs
+    let pa = write(d.path(), "a.raw", &a);
+    let pb = write(d.path(), "b.raw", &b);
+
+    let ra = ok(
+        &m,
+        &[
+            "image",
+            "import",
+            pa.to_str().unwrap(),
+            "a",
+            "--store",
+            store,
+        ],
+    );
+    let rb = ok(
+        &m,
+        &[
+            "image",
+            "import",
+            pb.to_str().unwrap(),
+            "b",
+            "--store",
+            store,
+        ],
+    );
+    assert_eq!(number_after(&rb, "zero pieces elided),"), 1, "{rb}");
+    assert!(number_after(&ra, "zero pieces elided),") >= 35, "{ra}");
+
+    assert_eq!(export(&m, store, "a"), a);
+    assert_eq!(export(&m, store, "b@1"), b);
+    let ls = ok(&m, &["image", "ls", "--store", store]);
+    assert!(ls.contains('a') && ls.contains('b'), "{ls}");
+    let v = ok(&m, &["image", "verify", "--store", store]);
+    assert!(v.contains("store is consistent"), "{v}");
+
+    // The objects are where the layout says, under the prefix.
+    let s3 = backend(&m, "remoca-images/site-a/store");
+    let mut keys: Vec<String> = s3.list("").unwrap().into_iter().map(|k| k.0).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "arenas/00000001.arena",
+            "arenas/00000002.arena",
+            "images/a/1.manifest",
+            "images/b/1.manifest",
+            "index"
+        ]
+    );
+
+    // A reader of a prefix holding no store is told so.
+    let o = remoca(
+        &m,
+        &["image", "ls", "--store", "s3://remoca-images/nothing-here"],
+    );
+    assert!(!o.status.success());
+
+    // Flip one byte of a chunk payload in the first arena object: verify names a chunk.
+    let key = "arenas/00000001.arena";
+    let mut arena = s3.get(key).unwrap().expect("arena object");
+    arena[16 + 56 + 20] ^= 0x01;
+    s3.put(key, &arena).unwrap();
+    let o = remoca(&m, &["image", "verify", "--store", store]);
+    assert!(
+        !o.status.success(),
+        "verify must fail on a corrupted object"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("BAD chunk")).count(),
+        1,
+        "{out}"
+    );
+    assert!(
+        !remoca(&m, &["image", "export", "a", "-", "--store", store])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn an_origin_node_serves_a_version_from_s3() {
+    let Some(m) = start_moto("an_origin_node_serves_a_version_from_s3") else {
+        return;
+    };
+    make_bucket(&m, "remoca-origin");
+    let store = "s3://remoca-origin/images";
+    let d = tempfile::tempdir().unwrap();
+    let a = image(7, 40);
+    let pa = write(d.path(), "a.raw", &a);
+    ok(
+        &m,
+        &[
+            "image",
+            "import",
+            pa.to_str().unwrap(),
+            "os",
+            "--store",
+            store,
+        ],
+    );
+
+    let list = d.path().join("os.list");
+    let mut origin = Command::new(BIN)
+        .args(["image-node", "--listen", "127.0.0.1:0", "--store", store])
+        .args(["--image", "os", "--chunk-list"])
+        .arg(&list)
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+        .env("AWS_ACCESS_KEY_ID", "remoca-test")
+        .env("AWS_SECRET_ACCESS_KEY", "remoca-test-secret")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(origin.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .strip_prefix("origin listening on ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("origin said {line:?}"))
+        .to_string();
+
+    let out = d.path().join("deployed.raw");
+    let node = remoca(
+        &m,
+        &[
+            "image-node",
+            "--listen",
+            "127.0.0.1:0",
+            "--cache",
+            d.path().join("cache").to_str().unwrap(),
+            "--origin",
+            &addr,
+            "--chunk-list",
+            list.to_str().unwrap(),
+            "--deploy",
+            out.to_str().unwrap(),
+            "--exit-after-deploy",
+        ],
+    );
+    let _ = origin.kill();
+    let _ = origin.wait();
+    assert!(
+        node.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&node.stdout),
+        String::from_utf8_lossy(&node.stderr)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), a);
+}

@@ -13,6 +13,7 @@ PACKAGES=(
   iproute2                          # network namespaces and veth for the NFS test bed
   busybox-static cpio e2fsprogs zstd xz-utils util-linux perl binutils   # guest and dom0 initramfs builders
   gcc libc6-dev                     # the ABI probe and the static swap workload the guest test runs
+  python3-venv                      # the venv moto's S3-compatible server is installed in (below)
 )
 
 missing=()
@@ -34,6 +35,12 @@ fi
 for svc in nfs-ganesha rpcbind rpcbind.socket; do
   systemctl stop "$svc" >/dev/null 2>&1 || true
 done
+
+# moto's S3-compatible server for tests/image_store_s3.rs (PyPI moto[server], in a venv).
+if [ ! -x /opt/remoca-venv/bin/moto_server ]; then
+  python3 -m venv /opt/remoca-venv
+  /opt/remoca-venv/bin/pip install -q 'moto[server]'
+fi
 
 KERNEL_DIR=${REMOCA_GUEST_KERNEL:-/var/tmp/remoca-guest-kernel}
 if [ ! -e "$KERNEL_DIR/vmlinuz" ]; then

@@ -102,6 +102,22 @@ fn save_restore_extract_inspect_through_files_and_pipes() {
         let o = ok(remoca().arg("restore").arg(&piped).args(["--to", "-"]));
         assert!(o.stdout == stream, "{shape:?} pipe round trip differs");
 
+        // The fast mode (the C LZ4): its image names the codec and the format version.
+        let fast = d.path().join("fast.rsv");
+        ok(remoca()
+            .args(["save", "--quiet", "--codec", "fast", "--from"])
+            .arg(&xl)
+            .arg("--to")
+            .arg(&fast));
+        let o = ok(remoca().arg("restore").arg(&fast).args(["--to", "-"]));
+        assert!(o.stdout == stream, "{shape:?} fast round trip differs");
+        let o = ok(remoca().arg("inspect").arg(&fast));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains("format version 2") && text.contains("codec:        lz4:3"),
+            "{text}"
+        );
+
         let o = ok(remoca().arg("extract").arg(&img).args(["--pfn", "0x203"]));
         assert!(o.stdout == ram[0x203 * PAGE_SIZE..0x204 * PAGE_SIZE]);
         let page = d.path().join("p");

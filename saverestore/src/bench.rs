@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::codec::{Codec, CodecChoice, RATIO_ZSTD_LEVEL};
+use crate::codec::{Codec, CodecChoice, FAST_LZ4_ACCEL, RATIO_ZSTD_LEVEL};
 use crate::image::index::PageClass;
 use crate::image::ImageReader;
 use crate::stream::format::page_pfn;
@@ -201,11 +201,17 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
             "MB/cpu-s"
         )?;
         let mut images = Vec::new();
+        let fast_label = format!("remoca fast (lz4:{FAST_LZ4_ACCEL})");
+        let lz4c_label = format!("lz4 (C, accel {FAST_LZ4_ACCEL})");
         // One output buffer, faulted in once, for every save: the baselines do not pay for
         // fresh output memory either.
         let mut img: Vec<u8> = vec![1; stream.len() / 2];
         for (label, codec) in [
-            ("remoca fast (snap)", CodecChoice::Fixed(Codec::Snap)),
+            (
+                fast_label.as_str(),
+                CodecChoice::Fixed(Codec::Lz4(FAST_LZ4_ACCEL)),
+            ),
+            ("remoca snap", CodecChoice::Fixed(Codec::Snap)),
             (
                 "remoca ratio (zstd:1)",
                 CodecChoice::Fixed(Codec::Zstd(RATIO_ZSTD_LEVEL)),
@@ -245,6 +251,21 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
                 Box::new(|c: &[u8]| {
                     with_out(lz4_flex::block::get_maximum_output_size(c.len()), |o| {
                         lz4_flex::block::compress_into(c, o).expect("lz4")
+                    })
+                }),
+            ),
+            (
+                // The C LZ4 at the fast mode's acceleration: like with like for `fast`.
+                lz4c_label.as_str(),
+                Box::new(|c: &[u8]| {
+                    with_out(lz4::block::compress_bound(c.len()).expect("lz4"), |o| {
+                        lz4::block::compress_to_buffer(
+                            c,
+                            Some(lz4::block::CompressionMode::FAST(FAST_LZ4_ACCEL)),
+                            false,
+                            o,
+                        )
+                        .expect("lz4")
                     })
                 }),
             ),

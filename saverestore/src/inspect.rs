@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::codec::{codec_name, CODEC_ID_SNAP, CODEC_ID_ZSTD};
+use crate::codec::{codec_name, CODEC_ID_LZ4, CODEC_ID_SNAP, CODEC_ID_ZSTD};
 use crate::image::frame::FrameKind;
 use crate::image::{ImageError, ImageReader, ReadAt};
 use crate::stream::format::{libxc_record_name, libxl_record_name, Part};
@@ -17,7 +17,11 @@ pub fn describe<R: ReadAt>(img: &ImageReader<R>) -> Result<String, ImageError> {
     let c = idx.counts();
     let mut s = String::new();
     let image_len = img.image_len();
-    let _ = writeln!(s, "image:        {} bytes, format version 1", image_len);
+    let _ = writeln!(
+        s,
+        "image:        {} bytes, format version {}",
+        image_len, h.version
+    );
     let _ = writeln!(
         s,
         "stream:       {} bytes (crc32c {:#010x})",
@@ -31,6 +35,7 @@ pub fn describe<R: ReadAt>(img: &ImageReader<R>) -> Result<String, ImageError> {
     let choice = match h.codec_choice {
         0 => "auto".to_string(),
         CODEC_ID_ZSTD => format!("zstd:{}", h.level),
+        CODEC_ID_LZ4 => format!("lz4:{}", h.level),
         id => codec_name(id).to_string(),
     };
     let snap = idx
@@ -43,9 +48,14 @@ pub fn describe<R: ReadAt>(img: &ImageReader<R>) -> Result<String, ImageError> {
         .iter()
         .filter(|b| b.codec == CODEC_ID_ZSTD)
         .count();
+    let lz4 = idx
+        .blocks
+        .iter()
+        .filter(|b| b.codec == CODEC_ID_LZ4)
+        .count();
     let _ = writeln!(
         s,
-        "codec:        {choice}; {} blocks of up to {} pages ({snap} snap, {zstd} zstd)",
+        "codec:        {choice}; {} blocks of up to {} pages ({snap} snap, {zstd} zstd, {lz4} lz4)",
         idx.blocks.len(),
         h.block_pages
     );

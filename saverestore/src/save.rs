@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::classify::{classify, Content};
-use crate::codec::{Codec, CodecChoice, RATIO_ZSTD_LEVEL};
+use crate::codec::{Codec, CodecChoice, FAST_LZ4_ACCEL, RATIO_ZSTD_LEVEL};
 use crate::image::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
 use crate::image::index::{BlockEntry, ClassCounts, Index, PageClass, PageEntry};
 use crate::image::{ImageError, DEFAULT_BLOCK_PAGES};
@@ -58,6 +58,7 @@ pub struct SaveStats {
     pub blocks: u64,
     pub snap_blocks: u64,
     pub zstd_blocks: u64,
+    pub lz4_blocks: u64,
     pub elapsed: Duration,
 }
 
@@ -108,8 +109,8 @@ where
     let seen = AtomicU64::new(0);
     let writer_wait = AtomicU64::new(0);
     let (ev_tx, ev_rx) = sync_channel::<Result<(Event, Vec<Content>), StreamError>>(8);
-    let (out_tx, out_rx) = sync_channel::<Vec<Vec<u8>>>(2);
-    let (written_tx, written_rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+    let (out_tx, out_rx) = sync_channel::<Vec<OutFrame>>(2);
+    let (written_tx, written_rx) = std::sync::mpsc::channel::<Vec<OutFrame>>();
     // Page buffers of processed records go back to the parser for reuse.
     let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
 
@@ -169,18 +170,24 @@ where
             stats: SaveStats::default(),
         };
         let header = FileHeader {
+            version: crate::image::VERSION,
             codec_choice: match opts.codec {
                 CodecChoice::Auto => 0,
                 CodecChoice::Fixed(c) => c.id(),
             },
             level: match opts.codec {
                 CodecChoice::Fixed(Codec::Zstd(l)) => l as i8,
+                CodecChoice::Fixed(Codec::Lz4(a)) => a.clamp(1, 127) as i8,
                 _ => 0,
             },
             block_pages: bp as u16,
         };
         let result = (|| {
-            st.send(&out_tx, vec![header.encode().to_vec()], &writer_wait)?;
+            st.send(
+                &out_tx,
+                vec![OutFrame::whole(header.encode().to_vec())],
+                &writer_wait,
+            )?;
             let mut window = Vec::new();
             let mut window_contents = Vec::new();
             let mut pages = 0usize;
@@ -234,8 +241,8 @@ where
 
 fn write_loop<W: Write + ?Sized>(
     out: &mut W,
-    rx: Receiver<Vec<Vec<u8>>>,
-    written: std::sync::mpsc::Sender<Vec<Vec<u8>>>,
+    rx: Receiver<Vec<OutFrame>>,
+    written: std::sync::mpsc::Sender<Vec<OutFrame>>,
     wait: &AtomicU64,
 ) -> io::Result<()> {
     loop {
@@ -243,11 +250,37 @@ fn write_loop<W: Write + ?Sized>(
         let Ok(frames) = rx.recv() else { break };
         wait.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         for f in &frames {
-            out.write_all(f)?;
+            out.write_all(f.bytes())?;
         }
         let _ = written.send(frames);
     }
     out.flush()
+}
+
+/// A frame on its way to the writer: `buf[..len]` is written. The rest of `buf` is
+/// initialized room kept with the buffer, so that a reused buffer takes the next block's
+/// compressed bytes straight from the codec, without zeroing or copying them.
+struct OutFrame {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl OutFrame {
+    fn whole(buf: Vec<u8>) -> Self {
+        OutFrame {
+            len: buf.len(),
+            buf,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+thread_local! {
+    /// Pages of a block that are not contiguous in their record, gathered for the codec.
+    static GATHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Pages that are consecutive slices of one record, as one slice of that record.
@@ -293,18 +326,18 @@ struct SaveState {
     /// page faults: about 4 % of a fast save).
     spare: Vec<Vec<u8>>,
     spare_bytes: usize,
-    spare_rx: Receiver<Vec<Vec<u8>>>,
+    spare_rx: Receiver<Vec<OutFrame>>,
     stats: SaveStats,
 }
 
 impl SaveState {
     fn send(
         &mut self,
-        tx: &std::sync::mpsc::SyncSender<Vec<Vec<u8>>>,
-        frames: Vec<Vec<u8>>,
+        tx: &std::sync::mpsc::SyncSender<Vec<OutFrame>>,
+        frames: Vec<OutFrame>,
         writer_wait: &AtomicU64,
     ) -> Result<(), ImageError> {
-        let n: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        let n: u64 = frames.iter().map(|f| f.len as u64).sum();
         let before = writer_wait.load(Ordering::Relaxed);
         let t = Instant::now();
         tx.send(frames)
@@ -317,7 +350,7 @@ impl SaveState {
             if blocked > 2 * starved + 1_000_000 {
                 self.codec = Codec::Zstd(RATIO_ZSTD_LEVEL);
             } else if starved > 2 * blocked + 1_000_000 {
-                self.codec = Codec::Snap;
+                self.codec = Codec::Lz4(FAST_LZ4_ACCEL);
             }
         }
         self.offset += n;
@@ -331,9 +364,9 @@ impl SaveState {
         &mut self,
         events: &[Event],
         contents: &[Content],
-    ) -> Result<Vec<Vec<u8>>, ImageError> {
+    ) -> Result<Vec<OutFrame>, ImageError> {
         while let Ok(frames) = self.spare_rx.try_recv() {
-            for f in frames {
+            for OutFrame { buf: f, .. } in frames {
                 let cap = f.capacity();
                 if cap >= 4096 && self.spare_bytes + cap <= MAX_SPARE_BYTES {
                     self.spare_bytes += cap;
@@ -405,39 +438,50 @@ impl SaveState {
                 f
             })
             .collect();
-        let mut frames: Vec<Vec<u8>> = unique
+        let mut frames: Vec<OutFrame> = unique
             .par_chunks(self.bp)
             .zip(bufs)
             .map(|(chunk, mut f)| {
-                let len = chunk.len() * PAGE_SIZE;
-                f.clear();
-                f.resize(FrameHeader::LEN, 0);
+                let raw = chunk.len() * PAGE_SIZE;
+                // Compress straight into the frame buffer behind its header; a reused buffer
+                // is already initialized that far, so this costs no zeroing.
+                let room = FrameHeader::LEN + codec.bound(raw);
+                if f.len() < room {
+                    f.resize(room, 0);
+                }
+                let dst = &mut f[FrameHeader::LEN..room];
                 // Most unique pages sit next to each other in their record: compress them in
                 // place; gather only blocks that straddle gaps (zero, duplicate, no-data pages).
-                match contiguous(chunk) {
-                    Some(run) => codec.compress(run, &mut f),
-                    None => codec.compress(
-                        &chunk.iter().map(|p| p.1).collect::<Vec<_>>().concat(),
-                        &mut f,
-                    ),
+                let n = match contiguous(chunk) {
+                    Some(run) => codec.compress_to(run, dst),
+                    None => GATHER.with(|g| {
+                        let mut g = g.borrow_mut();
+                        g.clear();
+                        for p in chunk {
+                            g.extend_from_slice(p.1);
+                        }
+                        codec.compress_to(&g, dst)
+                    }),
                 }
                 .map_err(ImageError::Compress)?;
-                FrameHeader::seal(&mut f, FrameKind::Block, codec.id(), len as u32);
-                Ok(f)
+                let len = FrameHeader::LEN + n;
+                FrameHeader::seal(&mut f[..len], FrameKind::Block, codec.id(), raw as u32);
+                Ok(OutFrame { buf: f, len })
             })
             .collect::<Result<_, ImageError>>()?;
         let mut off = self.offset;
         for (f, chunk) in frames.iter().zip(unique.chunks(self.bp)) {
             self.index.blocks.push(BlockEntry {
                 offset: off,
-                frame_len: f.len() as u32,
+                frame_len: f.len as u32,
                 pages: chunk.len() as u16,
                 codec: codec.id(),
             });
-            off += f.len() as u64;
+            off += f.len as u64;
             match codec {
                 Codec::Snap => self.stats.snap_blocks += 1,
                 Codec::Zstd(_) => self.stats.zstd_blocks += 1,
+                Codec::Lz4(_) => self.stats.lz4_blocks += 1,
             }
         }
         self.stats.blocks += frames.len() as u64;
@@ -470,14 +514,14 @@ impl SaveState {
                     );
                 }
             }
-            frames.push(f);
+            frames.push(OutFrame::whole(f));
         }
         Ok(frames)
     }
 
     fn finish(
         &mut self,
-        tx: &std::sync::mpsc::SyncSender<Vec<Vec<u8>>>,
+        tx: &std::sync::mpsc::SyncSender<Vec<OutFrame>>,
         writer_wait: &AtomicU64,
     ) -> Result<(), ImageError> {
         let raw = self.index.encode();
@@ -490,6 +534,13 @@ impl SaveState {
             index_offset,
             trailer_offset: index_offset + f.len() as u64,
         };
-        self.send(tx, vec![f, trailer.encode().to_vec()], writer_wait)
+        self.send(
+            tx,
+            vec![
+                OutFrame::whole(f),
+                OutFrame::whole(trailer.encode().to_vec()),
+            ],
+            writer_wait,
+        )
     }
 }

@@ -145,6 +145,7 @@ fn round_trip(name: &str, shape: GuestShape, codec: CodecChoice) {
 fn ram_work_pv_and_hvm_round_trip() {
     round_trip("ram-work", GuestShape::Pv, CodecChoice::Auto);
     round_trip("ram-work", GuestShape::Hvm, "snap".parse().unwrap());
+    round_trip("ram-work", GuestShape::Hvm, "fast".parse().unwrap());
 }
 
 #[test]

@@ -78,6 +78,8 @@ fn both_shapes_all_codecs_round_trip_byte_for_byte() {
             (CodecChoice::Fixed(Codec::Zstd(3)), 16, 700),
             (CodecChoice::Auto, 1, 100),
             (CodecChoice::Fixed(Codec::Zstd(1)), 256, 1),
+            (CodecChoice::Fixed(Codec::Lz4(1)), 16, 4096),
+            ("fast".parse().unwrap(), 7, 300),
         ] {
             let img = save(&s, codec, bp, win);
             assert!(
@@ -91,6 +93,26 @@ fn both_shapes_all_codecs_round_trip_byte_for_byte() {
                 "{shape:?} {codec} bp {bp}: restore differs"
             );
         }
+    }
+}
+
+/// Images written before the LZ4 codec (format version 1: snappy and zstd blocks, otherwise
+/// the same layout) are still read: the header's version byte is the only difference.
+#[test]
+fn version_1_images_are_still_read() {
+    let ram = ram(800);
+    let s = stream(GuestShape::Hvm, &ram);
+    for codec in [
+        CodecChoice::Fixed(Codec::Snap),
+        CodecChoice::Fixed(Codec::Zstd(1)),
+    ] {
+        let mut img = save(&s, codec, 16, 256);
+        assert_eq!(img[8..12], 2u32.to_le_bytes(), "this code writes version 2");
+        img[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let r = ImageReader::open(img.clone()).unwrap();
+        assert_eq!(r.header().version, 1);
+        assert!(r.extract(0x203).unwrap() == ram[0x203 * PAGE_SIZE..0x204 * PAGE_SIZE]);
+        assert!(restore(img).unwrap() == s, "{codec}: restore differs");
     }
 }
 
@@ -140,7 +162,13 @@ fn corrupt_check(img: &[u8], at: usize) -> ImageError {
 #[test]
 fn damaged_images_give_clear_errors() {
     let s = stream(GuestShape::Hvm, &ram(600));
-    let img = save(&s, CodecChoice::Fixed(Codec::Snap), 16, 4096);
+    for codec in [Codec::Snap, Codec::Lz4(3)] {
+        damaged_image_errors(&s, codec);
+    }
+}
+
+fn damaged_image_errors(s: &[u8], codec: Codec) {
+    let img = save(s, CodecChoice::Fixed(codec), 16, 4096);
     let r = ImageReader::open(img.clone()).unwrap();
     let b = r.index().blocks[3];
     // A flipped byte inside a block.
@@ -177,11 +205,11 @@ fn damaged_images_give_clear_errors() {
     }
     // Wrong magic and version.
     assert!(matches!(corrupt_check(&img, 0), ImageError::BadMagic));
-    let mut v2 = img.clone();
-    v2[8] = 2;
+    let mut v3 = img.clone();
+    v3[8] = 3;
     assert!(matches!(
-        ImageReader::open(v2),
-        Err(ImageError::UnsupportedVersion(2))
+        ImageReader::open(v3),
+        Err(ImageError::UnsupportedVersion(3))
     ));
     // A verbatim frame damaged: named with its offset.
     let last = r.index().blocks.last().unwrap();

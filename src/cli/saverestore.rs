@@ -27,7 +27,8 @@ pub struct SaveArgs {
     /// Image destination: a path, `-` for stdout, or nfs://host[:port]/export/path.
     #[arg(long)]
     to: String,
-    /// Block codec: auto (by measured output bandwidth), snap, zstd, zstd:LEVEL.
+    /// Block codec: auto (by measured output bandwidth), fast (= lz4:3), ratio (= zstd:1),
+    /// snap, lz4, lz4:ACCEL (1..=64), zstd, zstd:LEVEL (-7..=22).
     #[arg(long, default_value = "auto")]
     codec: CodecChoice,
     /// Worker threads (0 = one per CPU).
@@ -163,7 +164,7 @@ pub fn save(a: SaveArgs, g: &Global) -> anyhow::Result<()> {
     let stats = res.with_context(|| format!("saving to {to}"))?;
     sink.commit().with_context(|| format!("finishing {to}"))?;
     eprintln!(
-        "saved {} stream bytes into {} image bytes (ratio {:.2}) in {:.2?}: {} zero, {} one-word, {} duplicate, {} compressed pages; {} snap + {} zstd blocks",
+        "saved {} stream bytes into {} image bytes (ratio {:.2}) in {:.2?}: {} zero, {} one-word, {} duplicate, {} compressed pages; {} snap + {} zstd + {} lz4 blocks",
         stats.stream_bytes,
         stats.image_bytes,
         stats.ratio(),
@@ -173,7 +174,8 @@ pub fn save(a: SaveArgs, g: &Global) -> anyhow::Result<()> {
         stats.counts.dup,
         stats.counts.block,
         stats.snap_blocks,
-        stats.zstd_blocks
+        stats.zstd_blocks,
+        stats.lz4_blocks
     );
     Ok(())
 }

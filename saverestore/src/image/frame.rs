@@ -1,10 +1,12 @@
 //! File header, frame header and trailer of the image (layout in [`super`]).
 
-use super::{ImageError, MAGIC, MAX_FRAME_PAYLOAD, TRAILER_MAGIC, VERSION};
+use super::{ImageError, MAGIC, MAX_FRAME_PAYLOAD, MIN_VERSION, TRAILER_MAGIC, VERSION};
 
 /// The 32-byte file header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHeader {
+    /// Format version (written: [`VERSION`]; read: [`MIN_VERSION`]..=[`VERSION`]).
+    pub version: u32,
     /// 0 auto, else the codec id used for every block.
     pub codec_choice: u8,
     pub level: i8,
@@ -17,7 +19,7 @@ impl FileHeader {
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[16] = self.codec_choice;
         b[17] = self.level as u8;
         b[18..20].copy_from_slice(&self.block_pages.to_le_bytes());
@@ -32,7 +34,7 @@ impl FileHeader {
             return Err(ImageError::BadMagic);
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(ImageError::UnsupportedVersion(version));
         }
         let flags = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
@@ -48,6 +50,7 @@ impl FileHeader {
             });
         }
         Ok(FileHeader {
+            version,
             codec_choice: b[16],
             level: b[17] as i8,
             block_pages,
@@ -217,6 +220,7 @@ mod tests {
     #[test]
     fn header_round_trip_and_rejections() {
         let h = FileHeader {
+            version: VERSION,
             codec_choice: 2,
             level: -3,
             block_pages: 16,
@@ -229,12 +233,18 @@ mod tests {
             FileHeader::decode(&bad),
             Err(ImageError::BadMagic)
         ));
-        let mut bad = b;
-        bad[8] = 2;
-        assert!(matches!(
-            FileHeader::decode(&bad),
-            Err(ImageError::UnsupportedVersion(2))
-        ));
+        // Version 1 (before the LZ4 codec) is still read; 0 and newer ones are not.
+        let mut v1 = b;
+        v1[8] = 1;
+        assert_eq!(FileHeader::decode(&v1).unwrap().version, 1);
+        for v in [0u8, 3] {
+            let mut bad = b;
+            bad[8] = v;
+            assert!(matches!(
+                FileHeader::decode(&bad),
+                Err(ImageError::UnsupportedVersion(n)) if n == u32::from(v)
+            ));
+        }
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! remoca's save image format (version 1). Full operator description: `docs/save-format.md`.
+//! remoca's save image format (version 2; version 1 is read too). Full operator description: `docs/save-format.md`.
 //!
 //! ```text
 //! offset 0   file header, 32 B
-//!            | magic "RMCSAVE\n" (8) | version u32 = 1 | flags u32 = 0 |
-//!            | codec choice u8 (0 auto, 1 snap, 2 zstd) | level i8 | block_pages u16 |
+//!            | magic "RMCSAVE\n" (8) | version u32 = 2 | flags u32 = 0 |
+//!            | codec choice u8 (0 auto, 1 snap, 2 zstd, 3 lz4) | level i8 | block_pages u16 |
 //!            | page_size u32 = 4096 | reserved u64 = 0 |
 //! 32         frames, written in one streaming pass, per window of pages:
 //!              BLOCK frames of that window, then its VERBATIM / PAGE_RECORD frames in
@@ -13,7 +13,7 @@
 //!            payload, len B                (crc32c covers header bytes 0..12 + payload)
 //!              kind 1 VERBATIM     sub = stream part, aux = record type, payload = the bytes
 //!              kind 2 PAGE_RECORD  aux = count, payload = u32 reserved, u32 0, u64 words[count]
-//!              kind 3 BLOCK        sub = codec id, aux = raw length (pages * 4096),
+//!              kind 3 BLOCK        sub = codec id (1 snappy, 2 zstd, 3 lz4), aux = raw length (pages * 4096),
 //!                                  payload = compressed pages
 //!              kind 4 INDEX        aux = raw length, payload = zstd(index), the last frame
 //! end-32     trailer, 32 B
@@ -49,8 +49,10 @@ pub use reader::ImageReader;
 pub const MAGIC: &[u8; 8] = b"RMCSAVE\n";
 /// Trailer magic.
 pub const TRAILER_MAGIC: &[u8; 8] = b"RMCSIDX\n";
-/// Format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// Format version this code writes: 2 added the LZ4 block codec (id 3); nothing else changed.
+pub const VERSION: u32 = 2;
+/// Oldest format version this code reads (version-1 images hold snappy and zstd blocks only).
+pub const MIN_VERSION: u32 = 1;
 /// Largest frame payload: a whole libxc record of `REC_LENGTH_MAX` plus header and pad.
 pub const MAX_FRAME_PAYLOAD: u32 = (128 << 20) + 16;
 /// Largest decompressed index (enough for 2^24 pages entries = 64 GiB of guest RAM).

@@ -14,6 +14,10 @@
 //!   cache) sees the files and fetches nothing from the origin (the origin's and the node's
 //!   counters).
 //!
+//! `image_exports_serve_the_store_version_through_the_cli` checks the same CLI path with the
+//! NBD clients only (no guest): a node-cache export with an overlay and a `store=` export
+//! read back byte for byte, writes land in the overlay only, and bad specs are refused.
+//!
 //! Needs the guest kernel (`blkback/tests/guest/fetch-kernel.sh`, `REMOCA_GUEST_KERNEL`),
 //! `qemu-system-x86`, `busybox-static`, `e2fsprogs`, `cpio`: skipped with a message when
 //! the kernel or QEMU is missing, failing when another tool is.
@@ -427,4 +431,128 @@ fn a_linux_guest_boots_from_a_store_image_through_an_empty_node_cache_then_a_war
         t2.as_secs_f64(),
         t3.as_secs_f64()
     );
+}
+
+#[test]
+fn image_exports_serve_the_store_version_through_the_cli() {
+    require("nbdcopy");
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 4 MiB: noise with a zero MiB in the middle, 16 KiB chunks.
+    let mut img = noise(4 << 20, 99);
+    img[1 << 20..2 << 20].fill(0);
+    let raw = d.join("img.raw");
+    std::fs::write(&raw, &img).unwrap();
+    let store = d.join("store");
+    run_ok(
+        remoca()
+            .args(["image", "import"])
+            .arg(&raw)
+            .args(["os", "--chunk-size", "16K", "--store"])
+            .arg(&store),
+    );
+    let list = d.join("os@1.list");
+    let origin = Origin::start(&store, "os@1", &list, &d.join("origin.stats"));
+    let cache = d.join("cache");
+    let ovl = d.join("a.ovl");
+    let log = d.join("blkback.err");
+    let srv = Server::start_with_stderr(
+        &[
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--image-cache".into(),
+            cache.display().to_string(),
+            "--image-origin".into(),
+            origin.addr.clone(),
+            "--export".into(),
+            format!(
+                "name=a,image=os@1,chunk-list={},overlay={}",
+                list.display(),
+                ovl.display()
+            ),
+            "--export".into(),
+            format!("name=b,image=os,store={}", store.display()),
+        ],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    for name in ["a", "b"] {
+        let out = d.join(format!("{name}.raw"));
+        run_ok(Command::new("nbdcopy").arg(srv.uri(name)).arg(&out));
+        assert!(std::fs::read(&out).unwrap() == img, "export {name} differs");
+    }
+    // Writes go to a's overlay; b (no overlay) is read-only.
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "flush"])
+            .arg(srv.uri("a")),
+    );
+    let back = run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 0x5a 1M 64k"])
+            .arg(srv.uri("a")),
+    );
+    assert!(!back.contains("Pattern verification failed"), "{back}");
+    let refused = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 4k"])
+        .arg(srv.uri("b"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a write to the read-only store export was accepted: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    srv.stop();
+    let err = std::fs::read_to_string(&log).unwrap();
+    let distinct: std::collections::HashSet<String> = std::fs::read_to_string(&list)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| *l != "0")
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        counter(&err, "| origin "),
+        Some(distinct.len() as u64),
+        "each distinct chunk once from the origin:\n{err}"
+    );
+    let out = d.join("export.raw");
+    run_ok(
+        remoca()
+            .args(["image", "export", "os@1"])
+            .arg(&out)
+            .arg("--store")
+            .arg(&store),
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == img,
+        "the store's image changed"
+    );
+
+    // Refused specs: a chunk list without a cache, both sources, no source.
+    for (args, want) in [
+        (
+            vec![format!("name=a,image=os@1,chunk-list={}", list.display())],
+            "--image-cache",
+        ),
+        (
+            vec![format!(
+                "name=a,image=os@1,chunk-list={},store={}",
+                list.display(),
+                store.display()
+            )],
+            "exactly one of",
+        ),
+        (vec!["name=a,image=os@1".to_string()], "exactly one of"),
+    ] {
+        let mut cmd = remoca();
+        cmd.args(["blkback", "--listen", "127.0.0.1:0"]);
+        for a in &args {
+            cmd.arg("--export").arg(a);
+        }
+        let e = run_err(&mut cmd);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    origin.stop();
 }

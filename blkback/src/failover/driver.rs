@@ -9,9 +9,12 @@
 //! flush, so the new stack sees every acknowledged write. The hello only probes the export
 //! for its size.
 //!
-//! Threads: one accept loop; per connection a reader (parses frames, hands requests to the
-//! worker pool) and a heartbeat thread; a shared pool of workers that run the disk calls and
-//! write the replies under the connection's writer lock.
+//! Threads: one accept loop; per connection a reader and a heartbeat thread; a shared pool
+//! of workers. The reader runs reads and writes up to 128 KiB itself, in order, and sends
+//! their replies in one write per batch (while whole requests are already buffered it keeps
+//! going), so a burst costs no thread hand-off; flushes, discards, write-zeroes, block
+//! status and larger requests go to the pool, whose workers write their replies under the
+//! connection's writer lock.
 
 use std::io::{self, Read, Write};
 use std::net::TcpListener;

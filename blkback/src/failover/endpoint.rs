@@ -2,6 +2,11 @@
 //! keeps every unanswered request in an ordered in-flight table, and fails over to a backup
 //! driver when the monitor declares the active one faulty.
 //!
+//! Two ways in: the blocking `Disk` calls park their caller until the reply, and
+//! [`Disk::submit`] (what the NBD server uses) sends from the caller's task and has the
+//! connection's reader thread answer through a callback, so no thread waits per request.
+//! Both share the in-flight table, so failover treats them alike.
+//!
 //! **Failover**, in the monitor thread:
 //!
 //! 1. stop sending to the old driver and shut its connection down;

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!   reader (this task) ──Op──▶ WorkerPool: request::execute ──frame──▶ writer task
+//!        │  (or Disk::submit, when the disk takes it: the failover endpoint)    │
 //!        │  at most MAX_IN_FLIGHT requests outstanding (a semaphore)            │
 //!        └── header errors that need no disk (bad flags, bad command) ──────────┘
 //! ```

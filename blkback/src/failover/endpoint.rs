@@ -1151,6 +1151,92 @@ mod tests {
         assert!(e.to_string().contains("refused"), "{e}");
     }
 
+    /// `Disk::submit` answers through the callback from the connection's reader: data with
+    /// the asked headroom, range errors at once, block status handed back, and requests
+    /// submitted across a failover answered by the backup.
+    #[test]
+    fn submitted_requests_are_answered_through_the_callback_and_across_failover() {
+        use crate::request::{Completion, Op, RequestError};
+        type Res = Result<Completion, RequestError>;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(1 << 20));
+        let a = start_driver(dir.path(), "a", disk.clone(), None);
+        let b = start_driver(dir.path(), "b", disk.clone(), None);
+        let mut c = cfg(vec![a, b]);
+        c.kill_local = false; // both drivers are threads of this test process
+        let ep = Endpoint::start(c).unwrap();
+        let submit = |op: Op, headroom: usize| -> Receiver<Res> {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let done: Done = Box::new(move |r| tx.send(r).unwrap());
+            assert!(
+                ep.submit(op, headroom, done).is_ok(),
+                "endpoint took the op"
+            );
+            rx
+        };
+        let wait = |rx: Receiver<Res>| rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+        let w = Op::Write {
+            offset: 8192,
+            data: data.clone(),
+            fua: false,
+        };
+        assert!(matches!(wait(submit(w, 0)), Ok(Completion::Done)));
+        match wait(submit(
+            Op::Read {
+                offset: 8192,
+                len: 4096,
+            },
+            16,
+        )) {
+            Ok(Completion::Read { buf, headroom }) => {
+                assert_eq!(headroom, 16);
+                assert_eq!(&buf[16..], &data[..]);
+            }
+            other => panic!("read: {other:?}"),
+        }
+        let past = Op::Read {
+            offset: 1 << 20,
+            len: 1,
+        };
+        let e = wait(submit(past, 0)).unwrap_err();
+        assert!(matches!(e.error, DiskError::OutOfRange { .. }), "{e:?}");
+        let (tx, _rx) = crossbeam_channel::bounded::<Res>(1);
+        let bs = Op::BlockStatus {
+            offset: 0,
+            len: 4096,
+        };
+        let back = ep.submit(bs, 0, Box::new(move |r| tx.send(r).unwrap()));
+        assert!(matches!(back, Err((Op::BlockStatus { .. }, _))));
+        // Break the active connection and keep submitting: every write is answered (by the
+        // backup after the failover) and lands.
+        let active = ep.inner.state.lock().active.clone().unwrap();
+        active.shutdown();
+        let waiting: Vec<_> = (0..16u64)
+            .map(|i| {
+                let op = Op::Write {
+                    offset: i * 4096,
+                    data: vec![i as u8 + 1; 4096],
+                    fua: false,
+                };
+                submit(op, 0)
+            })
+            .collect();
+        for rx in waiting {
+            assert!(matches!(wait(rx), Ok(Completion::Done)));
+        }
+        assert!(matches!(wait(submit(Op::Flush, 0)), Ok(Completion::Done)));
+        assert_eq!(ep.status().failovers, 1);
+        assert_eq!(ep.status().in_flight, 0);
+        let now = disk.contents();
+        for i in 0..16usize {
+            assert!(now[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&x| x == i as u8 + 1));
+        }
+        ep.close();
+    }
+
     /// The active driver's connection breaks; the endpoint fails over to the backup and
     /// re-applies the writes acknowledged since the last flush, in order, before anything else.
     #[test]

@@ -16,7 +16,8 @@
 //!
 //! `image_exports_serve_the_store_version_through_the_cli` checks the same CLI path with the
 //! NBD clients only (no guest): a node-cache export with an overlay and a `store=` export
-//! read back byte for byte, writes land in the overlay only, and bad specs are refused.
+//! read back byte for byte, writes land in the overlay only (which commits as a layer), and
+//! bad specs are refused.
 //!
 //! Needs the guest kernel (`blkback/tests/guest/fetch-kernel.sh`, `REMOCA_GUEST_KERNEL`),
 //! `qemu-system-x86`, `busybox-static`, `e2fsprogs`, `cpio`: skipped with a message when
@@ -529,6 +530,30 @@ fn image_exports_serve_the_store_version_through_the_cli() {
         std::fs::read(&out).unwrap() == img,
         "the store's image changed"
     );
+    // The overlay blkback created over the image commits as a layer on it (once the origin,
+    // which holds the store's read lock, is gone: a commit takes the writer lock).
+    origin.stop();
+    run_ok(
+        remoca()
+            .args(["image", "commit"])
+            .arg(&ovl)
+            .args(["--base", "os@1", "--image", "os", "--store"])
+            .arg(&store),
+    );
+    let out2 = d.join("export2.raw");
+    run_ok(
+        remoca()
+            .args(["image", "export", "os@2"])
+            .arg(&out2)
+            .arg("--store")
+            .arg(&store),
+    );
+    let mut want = img.clone();
+    want[1 << 20..(1 << 20) + (64 << 10)].fill(0x5a);
+    assert!(
+        std::fs::read(&out2).unwrap() == want,
+        "os@2 is not os@1 + the write"
+    );
 
     // Refused specs: a chunk list without a cache, both sources, no source.
     for (args, want) in [
@@ -554,5 +579,4 @@ fn image_exports_serve_the_store_version_through_the_cli() {
         let e = run_err(&mut cmd);
         assert!(e.contains(want), "{args:?}: {e}");
     }
-    origin.stop();
 }

@@ -382,3 +382,34 @@ fn an_origin_node_serves_a_version_from_s3() {
     );
     assert_eq!(std::fs::read(&out).unwrap(), a);
 }
+
+#[test]
+fn a_second_writer_on_s3_fails_instead_of_replacing_the_first_ones_objects() {
+    use remoca_blkback::images::chunk::ChunkSize;
+    use remoca_blkback::images::store::{Store, StoreOptions};
+    let Some(m) =
+        start_moto("a_second_writer_on_s3_fails_instead_of_replacing_the_first_ones_objects")
+    else {
+        return;
+    };
+    make_bucket(&m, "remoca-race");
+    let w = StoreOptions {
+        write: true,
+        ..StoreOptions::default()
+    };
+    let cs = ChunkSize::new(64 << 10).unwrap();
+    let (a, b) = (image(21, 16), image(22, 16));
+    // Both writers open before either publishes, so both pick arena 1 and version 1; the
+    // second one's conditional PUT (If-None-Match: *) must fail.
+    let mut w1 = Store::open_remote(std::sync::Arc::new(backend(&m, "remoca-race/s")), w).unwrap();
+    let mut w2 = Store::open_remote(std::sync::Arc::new(backend(&m, "remoca-race/s")), w).unwrap();
+    w1.import("os", &mut &a[..], cs, "w1", &mut |_| {}).unwrap();
+    let e = w2
+        .import("os", &mut &b[..], cs, "w2", &mut |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("another writer"), "{e}");
+    drop((w1, w2));
+    assert_eq!(export(&m, "s3://remoca-race/s", "os@1"), a);
+    let v = ok(&m, &["image", "verify", "--store", "s3://remoca-race/s"]);
+    assert!(v.contains("store is consistent"), "{v}");
+}

@@ -67,6 +67,11 @@ pub trait Backend: Send + Sync + Debug {
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
     /// Create or replace `key` with `bytes`, atomically.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Create `key` with `bytes` only if there is no object by that name (S3: a PUT with
+    /// `If-None-Match: *`), atomically. `Ok(false)`: it existed, nothing was written. Arenas
+    /// and manifests are put this way, so a second writer that picked the same number
+    /// fails instead of replacing the first writer's object.
+    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError>;
     /// Delete `key`; deleting what is not there is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Every object whose name starts with `prefix` (a "directory" ending in `/`), with its
@@ -145,6 +150,32 @@ impl Backend for DirBackend {
         drop(f);
         std::fs::rename(&tmp, &p).map_err(|e| io_at(&p, e))?;
         super::log::sync_dir(&dir)
+    }
+
+    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        let p = self.path(key)?;
+        let dir = p.parent().unwrap_or(&self.root).to_owned();
+        std::fs::create_dir_all(&dir).map_err(|e| io_at(&dir, e))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.new",
+            p.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let mut f = File::create(&tmp).map_err(|e| io_at(&tmp, e))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_at(&tmp, e))?;
+        drop(f);
+        // link(2) never replaces: it fails if the name exists.
+        let r = std::fs::hard_link(&tmp, &p);
+        let _ = std::fs::remove_file(&tmp);
+        match r {
+            Ok(()) => super::log::sync_dir(&dir).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io_at(&p, e)),
+        }
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

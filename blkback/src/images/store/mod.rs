@@ -107,6 +107,16 @@ pub(crate) fn io_at(path: impl AsRef<Path>, source: io::Error) -> StoreError {
     }
 }
 
+/// A remote store's object this writer meant to create already exists: another writer
+/// (on another host) got there first.
+fn another_writer(b: &Arc<dyn Backend>, key: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "{}/{key} already exists: another writer is using this store; nothing of this \
+         version was published (run the command again)",
+        b.describe()
+    ))
+}
+
 /// How to open a store.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreOptions {
@@ -642,7 +652,10 @@ impl Store {
         while let Some(&n) = r.unsent.first() {
             let p = log::arena_path(&self.dir, n);
             let bytes = std::fs::read(&p).map_err(|e| io_at(&p, e))?;
-            r.backend.put(&format!("arenas/{n:08}.arena"), &bytes)?;
+            let key = format!("arenas/{n:08}.arena");
+            if !r.backend.put_new(&key, &bytes)? {
+                return Err(another_writer(&r.backend, &key));
+            }
             r.unsent.remove(0);
             // Reads of it go on from the staging copy, which is the same bytes.
         }
@@ -792,13 +805,13 @@ impl Store {
         };
         m.version = v.version;
         let bytes = m.encode();
-        write_atomic(&self.dir, &self.manifest_path(&v), &bytes)?;
         if let Some(r) = &self.remote {
-            r.backend.put(
-                &format!("images/{}/{}.manifest", v.image, v.version),
-                &bytes,
-            )?;
+            let key = format!("images/{}/{}.manifest", v.image, v.version);
+            if !r.backend.put_new(&key, &bytes)? {
+                return Err(another_writer(&r.backend, &key));
+            }
         }
+        write_atomic(&self.dir, &self.manifest_path(&v), &bytes)?;
         self.save_index()?;
         Ok(v)
     }

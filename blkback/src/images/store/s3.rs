@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::backend::{check_key, Backend};
 use super::StoreError;
@@ -196,6 +196,22 @@ impl Backend for S3Backend {
         let r = self.run(async move { s3.put(&p, payload).await })?;
         r.map(|_| ())
             .map_err(|e| s3_err(&format!("{}/{key}", self.url), e))
+    }
+
+    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        let p = self.path(key)?;
+        let s3 = self.s3.clone();
+        let payload = PutPayload::from(bytes.to_vec());
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let r = self.run(async move { s3.put_opts(&p, payload, opts).await })?;
+        match r {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(s3_err(&format!("{}/{key}", self.url), e)),
+        }
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

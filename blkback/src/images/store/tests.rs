@@ -565,6 +565,9 @@ impl backend::Backend for Counting {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.put(key, bytes)
     }
+    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        self.inner.put_new(key, bytes)
+    }
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key)
     }
@@ -692,4 +695,33 @@ fn a_remote_store_rebuilds_a_lost_index_from_footers_and_verify_finds_a_bad_obje
     let v = s.verify(&mut |_| {}).unwrap();
     assert_eq!(v.bad_chunks.len(), 1, "{v:?}");
     assert!(!v.is_clean());
+}
+
+#[test]
+fn a_second_remote_writer_fails_instead_of_replacing_the_first_ones_objects() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("bucket");
+    let a = image(51, 24, 0);
+    let b = image(52, 24, 0);
+    // Both open before either publishes: both pick arena 1 and version 1.
+    let mut w1 = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+    let mut w2 = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+    import(&mut w1, "os", &a, 4096);
+    let e = w2
+        .import("os", &mut Cursor::new(&b), cs(4096), "t", &mut |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("another writer"), "{e}");
+    drop((w1, w2));
+    let s = Store::open_remote(remote(&root), StoreOptions::default()).unwrap();
+    assert_eq!(s.versions("os").unwrap().len(), 1);
+    assert_eq!(
+        export(&s, "os@1"),
+        a,
+        "the first writer's version is intact"
+    );
+    assert!(s.verify(&mut |_| {}).unwrap().is_clean());
+    // Run again, the second writer succeeds as version 2.
+    let mut w2 = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+    import(&mut w2, "os", &b, 4096);
+    assert_eq!(export(&w2, "os@2"), b);
 }

@@ -277,19 +277,9 @@ fn alive(pid: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// `remoca up` with an export marked `failover = true`: it runs the endpoint and two driver
-/// processes, `remoca blkback status` shows the active driver's pid, killing that pid moves
-/// the disk to the other driver with the data intact, and the killed driver is restarted
-/// and becomes the backup, so a second kill is survived too. SIGTERM stops everything.
-#[test]
-fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
-    require("qemu-io");
-    let dir = tempfile::tempdir().unwrap();
-    let (template, overlay) = template_and_overlay(dir.path(), 4 << 20);
-    let template_sum = sha(&template);
-    let run = dir.path().join("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let config = dir.path().join("up.toml");
+/// An `up` configuration serving one failover export `vm` and nothing else.
+fn up_failover_config(dir: &Path, template: &Path, overlay: &Path) -> std::path::PathBuf {
+    let config = dir.join("up.toml");
     std::fs::write(
         &config,
         format!(
@@ -302,6 +292,94 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
         ),
     )
     .unwrap();
+    config
+}
+
+/// The processes whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+/// `remoca up` killed with SIGKILL (no chance to stop anything) still takes its failover
+/// drivers with it: each holds a pipe from `up` on its standard input and exits at its end.
+#[test]
+fn remoca_up_killed_with_sigkill_leaves_no_driver_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (template, overlay) = template_and_overlay(dir.path(), 1 << 20);
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let config = up_failover_config(dir.path(), &template, &overlay);
+    let mut child = remoca()
+        .env("XDG_RUNTIME_DIR", &run)
+        .env_remove("REMOCA_SIM_XENSTORE")
+        .args(["--backend", "sim", "up", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("remoca up stopped: {seen}");
+        }
+        seen.push_str(&line);
+        if line.contains("blkback NBD listening on ") {
+            break;
+        }
+    }
+    let drivers = children_of(child.id());
+    assert_eq!(
+        drivers.len(),
+        2,
+        "expected two driver processes: {drivers:?}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for pid in &drivers {
+        let t0 = std::time::Instant::now();
+        while alive(pid) {
+            if t0.elapsed() > std::time::Duration::from_secs(10) {
+                for p in &drivers {
+                    let _ = Command::new("kill").args(["-KILL", p]).status();
+                }
+                panic!("driver {pid} outlived a SIGKILLed up");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// `remoca up` with an export marked `failover = true`: it runs the endpoint and two driver
+/// processes, `remoca blkback status` shows the active driver's pid, killing that pid moves
+/// the disk to the other driver with the data intact, and the killed driver is restarted
+/// and becomes the backup, so a second kill is survived too. SIGTERM stops everything.
+#[test]
+fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let (template, overlay) = template_and_overlay(dir.path(), 4 << 20);
+    let template_sum = sha(&template);
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let config = up_failover_config(dir.path(), &template, &overlay);
     let mut child = remoca()
         .env("XDG_RUNTIME_DIR", &run)
         .env_remove("REMOCA_SIM_XENSTORE")

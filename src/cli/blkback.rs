@@ -124,6 +124,10 @@ struct DriverArgs {
     /// up could then write after a takeover. Only for storage fenced some other way.
     #[arg(long)]
     no_fence: bool,
+    /// Exit when standard input reaches its end. A supervisor that keeps a pipe open to it
+    /// (`remoca up` does) takes its drivers with it when it goes, even when SIGKILLed.
+    #[arg(long)]
+    exit_with_stdin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -579,6 +583,17 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
         .map(|s| parse_export_spec(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let key = channel_key(a.key_file.as_deref())?;
+    if a.exit_with_stdin {
+        std::thread::Builder::new()
+            .name("stdin-watch".into())
+            .spawn(|| {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+                eprintln!(
+                    "remoca blkback driver: standard input closed (supervisor gone), exiting"
+                );
+                std::process::exit(0);
+            })?;
+    }
     // Open every export once now, so a bad spec fails at start rather than at takeover.
     let opened = Exports::open(&configs).context("cannot open exports")?;
     let listener = failover::driver::DriverListener::bind(&channel_addr(&a.listen)?)

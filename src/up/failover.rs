@@ -76,7 +76,10 @@ fn driver_command(
     if !cfg.fence {
         c.arg("--no-fence");
     }
-    c.stdin(Stdio::null()).stdout(Stdio::null());
+    // The pipe's write end stays in `Child` for as long as `up` holds the driver; when `up`
+    // dies, however it dies, the driver reads end of file and exits.
+    c.arg("--exit-with-stdin");
+    c.stdin(Stdio::piped()).stdout(Stdio::null());
     Ok(c)
 }
 

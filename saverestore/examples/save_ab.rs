@@ -6,7 +6,8 @@
 //! cargo run --release -p remoca-saverestore --example save_ab -- \
 //!     ../shared/corpus/ram-work.raw.zst ROUNDS THREADS MODE...
 //! ```
-//! MODE: a `--codec` value (`fast`, `snap`, `lz4:2`, `zstd`, ...) for a save to memory,
+//! MODE: a `--codec` value (`fast`, `snap`, `lz4:2`, `zstd`, ...) for a save to memory
+//! (`CODEC@N`: with N-page blocks),
 //! `restore:CODEC` for a restore of that codec's image to a sink, or a baseline over the
 //! same stream in 1 MiB chunks: `base:snappy`, `base:lz4:ACCEL` (the C LZ4), `base:zstd:N`.
 //! Throughput is stream MB per wall second and per CPU-second of the process (all threads).
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use remoca_saverestore::stream::{build_stream, BuildOptions, GuestShape};
-use remoca_saverestore::{restore_stream, save_stream, CodecChoice, ImageReader, SaveOptions};
+use remoca_saverestore::{restore_stream, save_stream, ImageReader, SaveOptions};
 
 fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes the struct we pass.
@@ -108,8 +109,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else if let Some(codec) = m.strip_prefix("restore:") {
                 if !images.contains_key(codec) {
                     let mut i = Vec::new();
+                    let (c, bp) = codec.split_once('@').unwrap_or((codec, "16"));
                     let opts = SaveOptions {
-                        codec: codec.parse()?,
+                        codec: c.parse()?,
+                        block_pages: bp.parse()?,
                         ..Default::default()
                     };
                     save_stream(&stream[..], &mut i, &opts, &|_| {})?;
@@ -125,10 +128,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 continue;
             } else {
-                let codec: CodecChoice = m.parse()?;
+                // CODEC or CODEC@BLOCK_PAGES
+                let (c, bp) = m.split_once('@').unwrap_or((m, "16"));
                 let opts = SaveOptions {
-                    codec,
+                    codec: c.parse()?,
                     threads,
+                    block_pages: bp.parse()?,
                     ..Default::default()
                 };
                 img.clear();

@@ -96,6 +96,31 @@ fn both_shapes_all_codecs_round_trip_byte_for_byte() {
     }
 }
 
+/// Without `--block-pages`, zstd blocks hold 8 pages and LZ4 / snappy blocks 16; the
+/// header's block size is the largest a block of the image may have.
+#[test]
+fn block_size_follows_the_codec_by_default() {
+    let ram = ram(1200);
+    let s = stream(GuestShape::Pv, &ram);
+    for (codec, want) in [
+        (CodecChoice::Fixed(Codec::Zstd(1)), 8u16),
+        (CodecChoice::Fixed(Codec::Lz4(3)), 16),
+        (CodecChoice::Fixed(Codec::Snap), 16),
+    ] {
+        let img = save(&s, codec, 0, 4096);
+        let r = ImageReader::open(img.clone()).unwrap();
+        assert_eq!(r.header().block_pages, want, "{codec}");
+        let blocks = &r.index().blocks;
+        assert!(blocks.iter().all(|b| b.pages <= want), "{codec}");
+        assert!(
+            blocks.iter().filter(|b| b.pages == want).count() > 1,
+            "{codec}"
+        );
+        assert!(r.extract(0x203).unwrap() == ram[0x203 * PAGE_SIZE..0x204 * PAGE_SIZE]);
+        assert!(restore(img).unwrap() == s, "{codec}: restore differs");
+    }
+}
+
 /// Images written before the LZ4 codec (format version 1: snappy and zstd blocks, otherwise
 /// the same layout) are still read: the header's version byte is the only difference.
 #[test]

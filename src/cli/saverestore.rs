@@ -34,8 +34,9 @@ pub struct SaveArgs {
     /// Worker threads (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Pages per compressed block (16 = 64 KiB).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Pages per compressed block (0 = the codec's default: 16 = 64 KiB for lz4 and snap,
+    /// 8 for zstd).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     block_pages: u16,
     /// No progress bar.
     #[arg(long)]

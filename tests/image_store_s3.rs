@@ -49,6 +49,10 @@ fn moto_binary() -> Option<PathBuf> {
 /// Start moto on a free loopback port (`-p 0`, the port read back from its banner).
 fn start_moto(test: &str) -> Option<Moto> {
     let Some(bin) = moto_binary() else {
+        assert!(
+            std::env::var_os("REMOCA_NO_SKIP").is_none(),
+            "{test}: moto_server not found and REMOCA_NO_SKIP is set (CI's tests/setup.sh installs it)"
+        );
         eprintln!(
             "SKIPPED {test}: moto_server not found (pip install 'moto[server]' into \
              /opt/remoca-venv, as tests/setup.sh does, or set REMOCA_MOTO_SERVER)"

@@ -256,12 +256,20 @@ fn boot_once(
 #[test]
 fn a_linux_guest_boots_from_a_store_image_through_an_empty_node_cache_then_a_warm_one() {
     let Some(kernel) = guest::kernel_dir() else {
+        assert!(
+            std::env::var_os("REMOCA_NO_SKIP").is_none(),
+            "no guest kernel and REMOCA_NO_SKIP is set (CI's tests/setup.sh fetches it)"
+        );
         eprintln!(
             "SKIPPED: no guest kernel (run blkback/tests/guest/fetch-kernel.sh, or set REMOCA_GUEST_KERNEL)"
         );
         return;
     };
     if !found("qemu-system-x86_64") {
+        assert!(
+            std::env::var_os("REMOCA_NO_SKIP").is_none(),
+            "qemu-system-x86_64 missing and REMOCA_NO_SKIP is set"
+        );
         eprintln!("SKIPPED: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
         return;
     }

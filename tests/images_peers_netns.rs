@@ -168,6 +168,10 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if !root || !have("ip") || !have("tc") {
+        assert!(
+            std::env::var_os("REMOCA_NO_SKIP").is_none(),
+            "images_peers_netns needs root and ip/tc, and REMOCA_NO_SKIP is set"
+        );
         eprintln!("SKIP images_peers_netns: needs root and ip/tc (iproute2)");
         return;
     }

@@ -412,6 +412,7 @@ pub fn run_nfs(cfg: &NfsBenchConfig, out: &mut dyn Write) -> Result<(), BenchErr
     let codecs = [
         ("remoca save --codec auto", "auto"),
         ("remoca save --codec zstd", "zstd"),
+        ("remoca save --codec fast", "fast"),
         ("remoca save --codec snap", "snap"),
     ];
     let mut base_t = Vec::new();

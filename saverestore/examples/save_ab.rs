@@ -7,7 +7,7 @@
 //!     ../shared/corpus/ram-work.raw.zst ROUNDS THREADS MODE...
 //! ```
 //! MODE: a `--codec` value (`fast`, `snap`, `lz4:2`, `zstd`, ...) for a save to memory
-//! (`CODEC@N`: with N-page blocks),
+//! (`CODEC@N`: with N-page blocks, `CODEC#W`: windows of W data pages),
 //! `restore:CODEC` for a restore of that codec's image to a sink, or a baseline over the
 //! same stream in 1 MiB chunks: `base:snappy`, `base:lz4:ACCEL` (the C LZ4), `base:zstd:N`.
 //! Throughput is stream MB per wall second and per CPU-second of the process (all threads).
@@ -109,7 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else if let Some(codec) = m.strip_prefix("restore:") {
                 if !images.contains_key(codec) {
                     let mut i = Vec::new();
-                    let (c, bp) = codec.split_once('@').unwrap_or((codec, "16"));
+                    let (c, bp) = codec.split_once('@').unwrap_or((codec, "0"));
                     let opts = SaveOptions {
                         codec: c.parse()?,
                         block_pages: bp.parse()?,
@@ -128,13 +128,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 continue;
             } else {
-                // CODEC or CODEC@BLOCK_PAGES
-                let (c, bp) = m.split_once('@').unwrap_or((m, "16"));
+                // CODEC, CODEC@BLOCK_PAGES, CODEC#WINDOW_PAGES
+                let (m, win) = m.split_once('#').unwrap_or((m, "4096"));
+                let (c, bp) = m.split_once('@').unwrap_or((m, "0"));
                 let opts = SaveOptions {
                     codec: c.parse()?,
                     threads,
                     block_pages: bp.parse()?,
-                    ..Default::default()
+                    window_pages: win.parse()?,
                 };
                 img.clear();
                 save_stream(&stream[..], &mut img, &opts, &|_| {})?.ratio()

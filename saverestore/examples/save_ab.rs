@@ -13,20 +13,12 @@
 //! Throughput is stream MB per wall second and per CPU-second of the process (all threads).
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rayon::prelude::*;
+use remoca_saverestore::bench::cpu_time;
 use remoca_saverestore::stream::{build_stream, BuildOptions, GuestShape};
 use remoca_saverestore::{restore_stream, save_stream, ImageReader, SaveOptions};
-
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

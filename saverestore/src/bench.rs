@@ -82,7 +82,7 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 const REPEATS: usize = 3;
 
 /// CPU time (user + system) of the whole process so far: every thread, ours and rayon's.
-fn cpu_time() -> Duration {
+pub fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_SELF with a valid pointer.

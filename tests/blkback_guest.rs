@@ -9,7 +9,7 @@
 
 mod blkback_harness;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -40,14 +40,6 @@ echo "REMOCA-DONE"
 poweroff -f
 "#;
 
-fn kernel_dir() -> PathBuf {
-    guest::kernel_dir().unwrap_or_else(|| {
-        panic!(
-            "no guest kernel: run blkback/tests/guest/fetch-kernel.sh (or set REMOCA_GUEST_KERNEL)"
-        )
-    })
-}
-
 fn boot(kernel: &Path, initrd: &Path, uri: &str) -> String {
     guest::boot(kernel, initrd, uri, Duration::from_secs(300))
 }
@@ -57,7 +49,7 @@ fn linux_guest_boots_from_an_overlay_writes_and_sees_its_file_after_reboot() {
     require("qemu-system-x86_64");
     require("mke2fs");
     require("cpio");
-    let kernel = kernel_dir();
+    let kernel = guest::require_kernel();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let content = d.join("content");

@@ -38,21 +38,6 @@ use blkback_harness::*;
 use rand::{Rng, SeedableRng};
 use remoca_blkback::failover::status;
 
-/// Modules the guest needs for a virtio disk with ext4, in load order (no modules.dep).
-const MODULES: &[&str] = &[
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko",
-    "drivers/virtio/virtio_pci.ko",
-    "drivers/block/virtio_blk.ko",
-    "lib/crc16.ko",
-    "fs/mbcache.ko",
-    "fs/jbd2/jbd2.ko",
-    "crypto/crc32c_generic.ko",
-    "fs/ext4/ext4.ko",
-];
-
 /// Files the guest rewrites each round (4 to 68 KiB each).
 const FILES: u64 = 32;
 
@@ -84,73 +69,6 @@ sync
 echo "REMOCA-DONE"
 poweroff -f
 "#;
-
-fn kernel_dir() -> PathBuf {
-    let dir = std::env::var_os("REMOCA_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/remoca-guest-kernel"));
-    assert!(
-        dir.join("vmlinuz").exists() && dir.join("modules").exists(),
-        "no guest kernel in {}: run blkback/tests/guest/fetch-kernel.sh {}",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
-
-fn build_initramfs(work: &Path, kernel: &Path) -> PathBuf {
-    let root = work.join("initramfs");
-    for d in ["bin", "proc", "sys", "dev", "modules", "mnt", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox is not installed: apt-get install busybox-static");
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for a in run_ok(Command::new(busybox).arg("--list"))
-        .lines()
-        .filter(|a| *a != "busybox")
-    {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/blkback_harness/fs_workload.c");
-    run_ok(
-        Command::new("gcc")
-            .args(["-static", "-O2", "-Wall", "-o"])
-            .arg(root.join("bin/fs_workload"))
-            .arg(&src),
-    );
-    let mut order = String::new();
-    for m in MODULES {
-        let name = Path::new(m).file_name().unwrap();
-        std::fs::copy(
-            kernel.join("modules/kernel").join(m),
-            root.join("modules").join(name),
-        )
-        .unwrap_or_else(|e| panic!("module {m}: {e}"));
-        order.push_str(&format!("{}\n", name.to_string_lossy()));
-    }
-    std::fs::write(root.join("modules/order"), order).unwrap();
-    std::fs::write(
-        root.join("init"),
-        INIT.replace("@FILES@", &FILES.to_string()),
-    )
-    .unwrap();
-    run_ok(Command::new("chmod").arg("+x").arg(root.join("init")));
-    let out = work.join("initrd.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio -H newc -o --quiet > {}",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cpio failed (apt-get install cpio)");
-    out
-}
 
 /// The content the guest workload writes to file `i` in round `r` (the formula of
 /// `fs_workload.c`: size and a xorshift64 stream, both from one mixed seed).
@@ -496,7 +414,7 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
     require("debugfs");
     require("cpio");
     require("gcc");
-    let kernel = kernel_dir();
+    let kernel = guest::require_kernel();
     let kills: u32 = std::env::var("FAILOVER_GUEST_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -537,7 +455,13 @@ fn linux_guest_keeps_its_files_and_a_clean_filesystem_across_driver_kills() {
             .arg("--overlay")
             .arg(&overlay),
     );
-    let initrd = build_initramfs(d, &kernel);
+    let initrd = guest::build_initramfs_with(
+        d,
+        &kernel,
+        guest::MODULES,
+        &INIT.replace("@FILES@", &FILES.to_string()),
+        &["fs_workload.c"],
+    );
 
     let export = spec("vm", &template, Some(&overlay));
     let socks = [d.join("a.sock"), d.join("b.sock")];

@@ -15,7 +15,7 @@ mod blkback_harness;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,82 +99,21 @@ impl Drop for MemServer {
     }
 }
 
-fn kernel_dir() -> PathBuf {
-    let dir = std::env::var_os("REMOCA_GUEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/remoca-guest-kernel"));
-    assert!(
-        dir.join("vmlinuz").exists() && dir.join("modules").exists(),
-        "no guest kernel in {}: run blkback/tests/guest/fetch-kernel.sh {}",
-        dir.display(),
-        dir.display()
-    );
-    dir
-}
-
-fn build_initramfs(work: &Path, kernel: &Path) -> PathBuf {
-    let root = work.join("initramfs");
-    for d in ["bin", "proc", "sys", "dev", "modules"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox is not installed: apt-get install busybox-static");
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for a in run_ok(Command::new(busybox).arg("--list"))
-        .lines()
-        .filter(|a| *a != "busybox")
-    {
-        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(a));
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/blkback_harness/swap_workload.c");
-    run_ok(
-        Command::new("gcc")
-            .args(["-static", "-O2", "-Wall", "-o"])
-            .arg(root.join("bin/swap_workload"))
-            .arg(&src),
-    );
-    let mut order = String::new();
-    for m in MODULES {
-        let name = Path::new(m).file_name().unwrap();
-        std::fs::copy(
-            kernel.join("modules/kernel").join(m),
-            root.join("modules").join(name),
-        )
-        .unwrap_or_else(|e| panic!("module {m}: {e}"));
-        order.push_str(&format!("{}\n", name.to_string_lossy()));
-    }
-    std::fs::write(root.join("modules/order"), order).unwrap();
-    std::fs::write(
-        root.join("init"),
-        INIT.replace("@MIB@", &WORKLOAD_MIB.to_string()),
-    )
-    .unwrap();
-    run_ok(Command::new("chmod").arg("+x").arg(root.join("init")));
-    let out = work.join("initrd.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio -H newc -o --quiet > {}",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cpio failed (apt-get install cpio)");
-    out
-}
-
 #[test]
 fn guest_swaps_onto_remote_memory_and_survives_a_memserver_kill() {
     require("qemu-system-x86_64");
     require("cpio");
     require("gcc");
-    let kernel = kernel_dir();
+    let kernel = guest::require_kernel();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let initrd = build_initramfs(d, &kernel);
+    let initrd = guest::build_initramfs_with(
+        d,
+        &kernel,
+        MODULES,
+        &INIT.replace("@MIB@", &WORKLOAD_MIB.to_string()),
+        &["swap_workload.c"],
+    );
 
     // Two memory servers, a client with two replicas.
     let key_file = d.join("memserver.key");

@@ -1,8 +1,8 @@
 //! Booting a Linux guest under `qemu-system-x86_64` (TCG, no network) on an NBD disk: the
 //! Debian kernel unpacked by `blkback/tests/guest/fetch-kernel.sh`, a busybox initramfs that
 //! loads the virtio and ext4 modules and runs a given `/init`, and a boot that returns the
-//! serial console. Used by `tests/images_guest.rs` and `tests/blkback_guest.rs`;
-//! `failover_guest.rs` and `remote_swap_guest.rs` still carry their own copies.
+//! serial console. Used by every guest test: `blkback_guest.rs`, `images_guest.rs`,
+//! `failover_guest.rs` and `remote_swap_guest.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -54,16 +54,49 @@ pub fn install_busybox(root: &Path) {
     }
 }
 
+/// The guest kernel directory, or a panic that says how to get one.
+pub fn require_kernel() -> PathBuf {
+    kernel_dir().unwrap_or_else(|| {
+        panic!(
+            "no guest kernel: run blkback/tests/guest/fetch-kernel.sh (or set REMOCA_GUEST_KERNEL)"
+        )
+    })
+}
+
 /// A newc cpio initramfs in `work` with busybox, [`MODULES`] (load order in
 /// `/modules/order`) and `init` as `/init`.
 pub fn build_initramfs(work: &Path, kernel: &Path, init: &str) -> PathBuf {
+    build_initramfs_with(work, kernel, MODULES, init, &[])
+}
+
+/// [`build_initramfs`] with other `modules`, and `programs`: C sources in
+/// `tests/blkback_harness/` compiled static (gcc, libc6-dev) into `/bin/<name>`.
+pub fn build_initramfs_with(
+    work: &Path,
+    kernel: &Path,
+    modules: &[&str],
+    init: &str,
+    programs: &[&str],
+) -> PathBuf {
     let root = work.join("initramfs");
-    for d in ["proc", "sys", "dev", "modules", "mnt"] {
+    for d in ["proc", "sys", "dev", "modules", "mnt", "tmp"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     install_busybox(&root);
+    for c in programs {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/blkback_harness")
+            .join(c);
+        let name = Path::new(c).file_stem().unwrap();
+        run_ok(
+            Command::new("gcc")
+                .args(["-static", "-O2", "-Wall", "-o"])
+                .arg(root.join("bin").join(name))
+                .arg(&src),
+        );
+    }
     let mut order = String::new();
-    for m in MODULES {
+    for m in modules {
         let name = Path::new(m).file_name().unwrap();
         std::fs::copy(
             kernel.join("modules/kernel").join(m),

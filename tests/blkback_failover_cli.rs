@@ -7,7 +7,7 @@ mod blkback_harness;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 use blkback_harness::*;
 
@@ -313,6 +313,38 @@ fn children_of(parent: u32) -> Vec<String> {
     out
 }
 
+/// `remoca up` on `config` with runtime directory `run`, once its NBD server listens: the
+/// child, the rest of its stdout, what it printed so far and the NBD address.
+fn start_up(config: &Path, run: &Path) -> (Child, BufReader<ChildStdout>, String, String) {
+    let mut child = remoca()
+        .env("XDG_RUNTIME_DIR", run)
+        .env_remove("REMOCA_SIM_XENSTORE")
+        .args(["--backend", "sim", "up", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "remoca up stopped: {seen}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        seen.push_str(&line);
+        if let Some(a) = line.trim().strip_prefix("blkback NBD listening on ") {
+            let nbd = a.to_owned();
+            return (child, out, seen, nbd);
+        }
+    }
+}
+
 /// `remoca up` killed with SIGKILL (no chance to stop anything) still takes its failover
 /// drivers with it: each holds a pipe from `up` on its standard input and exits at its end.
 #[test]
@@ -322,29 +354,7 @@ fn remoca_up_killed_with_sigkill_leaves_no_driver_running() {
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     let config = up_failover_config(dir.path(), &template, &overlay);
-    let mut child = remoca()
-        .env("XDG_RUNTIME_DIR", &run)
-        .env_remove("REMOCA_SIM_XENSTORE")
-        .args(["--backend", "sim", "up", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("remoca up stopped: {seen}");
-        }
-        seen.push_str(&line);
-        if line.contains("blkback NBD listening on ") {
-            break;
-        }
-    }
+    let (mut child, _out, _, _) = start_up(&config, &run);
     let drivers = children_of(child.id());
     assert_eq!(
         drivers.len(),
@@ -380,32 +390,7 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
     let config = up_failover_config(dir.path(), &template, &overlay);
-    let mut child = remoca()
-        .env("XDG_RUNTIME_DIR", &run)
-        .env_remove("REMOCA_SIM_XENSTORE")
-        .args(["--backend", "sim", "up", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    let nbd = loop {
-        let mut line = String::new();
-        if out.read_line(&mut line).unwrap() == 0 {
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!(
-                "remoca up stopped: {seen}\n{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        seen.push_str(&line);
-        if let Some(a) = line.trim().strip_prefix("blkback NBD listening on ") {
-            break a.to_owned();
-        }
-    };
+    let (child, mut out, seen, nbd) = start_up(&config, &run);
     assert!(seen.contains("failover endpoint over 2 drivers"), "{seen}");
     // Keep draining stdout so `up` never blocks on it.
     let drain = std::thread::spawn(move || {

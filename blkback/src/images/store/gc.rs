@@ -8,6 +8,14 @@
 //! the old arenas deleted. A crash in between leaves two valid copies of some chunks, and the
 //! copy the index does not point at is garbage for the next gc: a record is live only if a
 //! kept manifest names its id *and* the index points at that very record.
+//!
+//! A remote store (S3) follows the same order with whole objects: the copies fill a new
+//! staging arena, which is sealed and put (`If-None-Match`) as a new arena object; then the
+//! index object is put; then the old arena objects are deleted. A crash before the index
+//! put leaves an extra arena object the index does not cover (the next open reads its
+//! footer; its records duplicate live ones); after it, old objects the index no longer
+//! covers (read from their footers on open, freed by the next gc). Every kept version
+//! reads at every point.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -76,7 +84,6 @@ impl Store {
         opts: GcOptions,
         progress: &mut dyn FnMut(u64),
     ) -> Result<GcReport, StoreError> {
-        self.local_only("gc")?;
         let mut r = GcReport {
             chunks_before: self.index.len() as u64,
             stored_before: self.index.values().map(|l| l.stored_len as u64).sum(),
@@ -177,6 +184,9 @@ impl Store {
                     progress(r.bytes_copied);
                 }
             }
+            // A remote store: the copies' arena is sealed and put (conditionally) before
+            // the index that points at it.
+            self.send_arenas()?;
             for id in &freed {
                 self.index.remove(id);
             }
@@ -190,7 +200,15 @@ impl Store {
             for n in &gone {
                 self.readers.lock().remove(n);
                 let p = log::arena_path(&self.dir, *n);
-                std::fs::remove_file(&p).map_err(|e| super::io_at(&p, e))?;
+                if let Some(b) = self.backend() {
+                    // Last: a crash before this leaves old objects the index no longer
+                    // covers; the next open reads their footers, the next gc frees them.
+                    b.delete(&format!("arenas/{n:08}.arena"))?;
+                    // A staging copy, if this process made the arena.
+                    let _ = std::fs::remove_file(&p);
+                } else {
+                    std::fs::remove_file(&p).map_err(|e| super::io_at(&p, e))?;
+                }
             }
             log::sync_dir(&self.dir.join("arenas"))?;
         }

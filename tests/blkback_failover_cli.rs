@@ -315,6 +315,7 @@ fn children_of(parent: u32) -> Vec<String> {
 
 /// `remoca up` on `config` with runtime directory `run`, once its NBD server listens: the
 /// child, the rest of its stdout, what it printed so far and the NBD address.
+#[allow(clippy::zombie_processes)] // the child goes back to the caller, which waits for it
 fn start_up(config: &Path, run: &Path) -> (Child, BufReader<ChildStdout>, String, String) {
     let mut child = remoca()
         .env("XDG_RUNTIME_DIR", run)

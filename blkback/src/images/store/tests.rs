@@ -633,14 +633,8 @@ fn a_remote_store_holds_only_sealed_arenas_manifests_and_the_index() {
     assert_eq!(s.read_chunk(&id).unwrap(), &b[7 * 4096..8 * 4096]);
     let got = r.fetched.load(std::sync::atomic::Ordering::Relaxed) - before;
     assert_eq!(got, s.index()[&id].stored_len as u64);
-    // What is not supported remotely yet says so.
     drop(s);
     let mut w = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
-    let e = w.gc(GcOptions::default(), &mut |_| {}).unwrap_err();
-    assert!(
-        e.to_string().contains("not supported on a remote store"),
-        "{e}"
-    );
     // rm writes a tombstone object and removes the manifest object.
     w.remove(&"a@1".parse().unwrap()).unwrap();
     drop(w);
@@ -724,4 +718,99 @@ fn a_second_remote_writer_fails_instead_of_replacing_the_first_ones_objects() {
     let mut w2 = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
     import(&mut w2, "os", &b, 4096);
     assert_eq!(export(&w2, "os@2"), b);
+}
+
+/// A backend that fails one kind of call, as if the process died there: `put_new` of an
+/// arena (`at` = "arenas"), `put` of the index, or `delete`.
+#[derive(Debug)]
+struct Dies {
+    inner: backend::DirBackend,
+    at: &'static str,
+}
+
+impl backend::Backend for Dies {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.at == key {
+            return Err(StoreError::Invalid(format!("died before putting {key}")));
+        }
+        self.inner.put(key, bytes)
+    }
+    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        if key.starts_with(self.at) {
+            return Err(StoreError::Invalid(format!("died before putting {key}")));
+        }
+        self.inner.put_new(key, bytes)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        if self.at == "delete" {
+            return Err(StoreError::Invalid(format!("died before deleting {key}")));
+        }
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.list(prefix)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn remote_gc_killed_at_any_step_leaves_every_kept_version_readable() {
+    for at in ["arenas", "index", "delete"] {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("bucket");
+        let a = image(51, 48, 0);
+        let mut b = a.clone();
+        b[7 * 4096..8 * 4096].fill(0x77);
+        let c = image(52, 16, 0);
+        {
+            let mut s = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+            import(&mut s, "a", &a, 4096);
+            import(&mut s, "b", &b, 4096);
+            import(&mut s, "c", &c, 4096);
+            s.remove(&"a@1".parse().unwrap()).unwrap();
+        }
+        // Arena 1 holds a@1's chunks, all but one of them b's too: gc must rewrite it.
+        let dies = Arc::new(Dies {
+            inner: backend::DirBackend::new(&root),
+            at,
+        });
+        let mut s = Store::open_remote(dies, opts(DEFAULT_ARENA_LIMIT)).unwrap();
+        assert!(
+            s.gc(GcOptions::default(), &mut |_| {}).is_err(),
+            "gc must stop at {at}"
+        );
+        drop(s);
+        // Whatever step it died at, the store opens and every kept version reads.
+        let s = Store::open_remote(remote(&root), StoreOptions::default()).unwrap();
+        assert_eq!(export(&s, "b"), b, "after dying at {at}");
+        assert_eq!(export(&s, "c"), c, "after dying at {at}");
+        assert!(s.resolve("a").is_err());
+        assert!(
+            s.verify(&mut |_| {}).unwrap().is_clean(),
+            "after dying at {at}"
+        );
+        drop(s);
+        // A gc that finishes frees everything left over.
+        let mut s = Store::open_remote(remote(&root), opts(DEFAULT_ARENA_LIMIT)).unwrap();
+        s.gc(GcOptions::default(), &mut |_| {}).unwrap();
+        drop(s);
+        let s = Store::open_remote(remote(&root), StoreOptions::default()).unwrap();
+        assert_eq!(export(&s, "b"), b, "after dying at {at}");
+        assert_eq!(export(&s, "c"), c, "after dying at {at}");
+        let v = s.verify(&mut |_| {}).unwrap();
+        assert!(v.is_clean(), "{v:?}");
+        assert_eq!(v.unreferenced_chunks, 0, "after dying at {at}: {v:?}");
+        assert!(
+            !root.join("arenas/00000001.arena").exists(),
+            "after dying at {at}"
+        );
+    }
 }

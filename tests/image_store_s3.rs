@@ -505,3 +505,99 @@ fn gc_on_s3_frees_a_removed_versions_chunks_and_keeps_every_kept_version() {
     assert!(again.contains("freed 0 chunks"), "{again}");
     assert!(again.contains(" 0 arenas rewritten"), "{again}");
 }
+
+/// `remoca image commit --base` onto S3: an overlay made over an export of os@1, written
+/// to, becomes os@2 = os@1 + the overlay's writes; os@1 is unchanged.
+#[test]
+fn commit_base_onto_s3_makes_a_layer_that_exports_as_base_plus_writes() {
+    use remoca_blkback::overlay::Overlay;
+    use remoca_blkback::raw::RawFile;
+    use remoca_blkback::Disk;
+    let Some(m) = start_moto("commit_base_onto_s3_makes_a_layer_that_exports_as_base_plus_writes")
+    else {
+        return;
+    };
+    make_bucket(&m, "remoca-commit");
+    let store = "s3://remoca-commit/store";
+    let d = tempfile::tempdir().unwrap();
+    let base = image(41, 32);
+    let pb = write(d.path(), "base.raw", &base);
+    ok(
+        &m,
+        &[
+            "image",
+            "import",
+            pb.to_str().unwrap(),
+            "os",
+            "--store",
+            store,
+        ],
+    );
+
+    // The operator's workflow: export the version, make an overlay over it, the VM writes.
+    let t = d.path().join("t.raw");
+    ok(
+        &m,
+        &[
+            "image",
+            "export",
+            "os@1",
+            t.to_str().unwrap(),
+            "--store",
+            store,
+        ],
+    );
+    let ov = d.path().join("vm.ovl");
+    ok(
+        &m,
+        &[
+            "image",
+            "create",
+            "--template",
+            t.to_str().unwrap(),
+            "--overlay",
+            ov.to_str().unwrap(),
+        ],
+    );
+    {
+        let tdisk = std::sync::Arc::new(RawFile::open_read_only(&t).unwrap());
+        let o = Overlay::open(&ov, tdisk, false).unwrap();
+        o.write_at(&[0x5a; 100], 5000, Default::default()).unwrap(); // piece 0
+        o.write_at(&[0x33; 4096], 20 << 16, Default::default())
+            .unwrap(); // piece 20
+        o.write_zeroes(30 << 16, 1 << 16, Default::default())
+            .unwrap(); // piece 30 zeroed
+        o.flush().unwrap();
+    }
+    let mut expect = base.clone();
+    expect[5000..5100].fill(0x5a);
+    expect[20 << 16..(20 << 16) + 4096].fill(0x33);
+    expect[30 << 16..31 << 16].fill(0);
+
+    let out = ok(
+        &m,
+        &[
+            "image",
+            "commit",
+            ov.to_str().unwrap(),
+            "--base",
+            "os@1",
+            "--image",
+            "os",
+            "--store",
+            store,
+        ],
+    );
+    assert!(
+        out.starts_with("os@2: layer on os@1 with 3 changed pieces (1 zeroed), 2 new chunks"),
+        "{out}"
+    );
+    assert_eq!(export(&m, store, "os@2"), expect);
+    assert_eq!(export(&m, store, "os@1"), base);
+    let v = ok(&m, &["image", "verify", "--store", store]);
+    assert!(v.contains("store is consistent"), "{v}");
+    // The base is in use by the layer: rm refuses, as on a local store.
+    assert!(!remoca(&m, &["image", "rm", "os@1", "--store", store])
+        .status
+        .success());
+}

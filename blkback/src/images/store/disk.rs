@@ -3,43 +3,32 @@
 //! an export of that version can be opened (and its template fingerprint checked) against
 //! the store itself.
 //!
-//! The source owns the version's chunk locations and opens arenas itself: it does not borrow
-//! the [`super::Store`], which may be appended to while it is open (the store's writer lock is
+//! The source owns the version's chunk locations and readers of the arenas holding them
+//! (files, or ranged gets of a remote store's arena objects): it does not borrow the
+//! [`super::Store`], which may be appended to while it is open (the store's writer lock is
 //! held by whoever made it, so no gc can move the chunks meanwhile).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use super::arena::Location;
+use super::backend::ArenaRead;
 use super::{log, Store, StoreError, VersionRef};
 use crate::images::chunk::{ChunkError, ChunkId, ChunkSource};
 use crate::images::template::ChunkTemplate;
 
-/// The chunks of one store version, read straight from the arenas that hold them.
+/// The chunks of one store version, read straight from the arenas that hold them (local
+/// files, or arena objects of a remote store read with ranged gets).
 #[derive(Debug)]
 pub struct VersionChunks {
-    dir: PathBuf,
+    location: String,
     locs: HashMap<ChunkId, Location>,
-    files: Mutex<HashMap<u32, Arc<File>>>,
+    arenas: HashMap<u32, Arc<dyn ArenaRead>>,
 }
 
 impl VersionChunks {
     fn name(&self) -> String {
-        format!("store {}", self.dir.display())
-    }
-
-    fn arena(&self, n: u32) -> Result<Arc<File>, ChunkError> {
-        let mut f = self.files.lock();
-        if let Some(file) = f.get(&n) {
-            return Ok(file.clone());
-        }
-        let file = Arc::new(File::open(log::arena_path(&self.dir, n))?);
-        f.insert(n, file.clone());
-        Ok(file)
+        format!("store {}", self.location)
     }
 }
 
@@ -52,8 +41,11 @@ impl ChunkSource for VersionChunks {
                 source_name: format!("{} (chunk is {} bytes)", self.name(), loc.raw_len),
             });
         }
-        let file = self.arena(loc.arena)?;
-        log::read_chunk(&file, id, loc).map_err(|e| match e {
+        let file = self
+            .arenas
+            .get(&loc.arena)
+            .ok_or(ChunkError::NotFound(*id))?;
+        log::read_chunk(&**file, id, loc).map_err(|e| match e {
             StoreError::Io { source, .. } => ChunkError::Io(source),
             // A record that does not decode or does not hash to its id: the store's bytes
             // are bad, whatever the detail.
@@ -75,14 +67,19 @@ impl Store {
     pub fn version_disk(&self, v: &VersionRef) -> Result<ChunkTemplate, StoreError> {
         let list = self.chunk_list(v)?;
         let mut locs = HashMap::new();
+        let mut arenas = HashMap::new();
         for id in list.chunks.iter().flatten() {
             let loc = self.index.get(id).ok_or(StoreError::Missing(*id))?;
             locs.insert(*id, *loc);
+            if let std::collections::hash_map::Entry::Vacant(e) = arenas.entry(loc.arena) {
+                // Opened now: a local file stays readable while the store appends to it.
+                e.insert(self.reader(loc.arena)?);
+            }
         }
         let source = VersionChunks {
-            dir: self.dir.clone(),
+            location: self.location(),
             locs,
-            files: Mutex::new(HashMap::new()),
+            arenas,
         };
         ChunkTemplate::new(list, Arc::new(source)).map_err(|e| StoreError::Format(e.to_string()))
     }

@@ -336,7 +336,6 @@ impl Store {
         progress: &mut dyn FnMut(u64),
     ) -> Result<AddReport, StoreError> {
         check_name(image)?;
-        self.local_only("commit --base")?;
         let bdisk = Arc::new(self.version_disk(base)?);
         let list = bdisk.chunk_list().clone();
         let ov = Overlay::open(overlay, bdisk, true)

@@ -367,17 +367,6 @@ impl Store {
         }
     }
 
-    /// Refuse an operation a remote store does not support yet.
-    pub(crate) fn local_only(&self, what: &str) -> Result<(), StoreError> {
-        match &self.remote {
-            Some(r) => Err(StoreError::Invalid(format!(
-                "{what} is not supported on a remote store ({}) yet",
-                r.backend.describe()
-            ))),
-            None => Ok(()),
-        }
-    }
-
     fn clean_tmp(&self) {
         if let Ok(rd) = std::fs::read_dir(self.dir.join("tmp")) {
             for e in rd.flatten() {

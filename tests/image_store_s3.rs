@@ -601,3 +601,89 @@ fn commit_base_onto_s3_makes_a_layer_that_exports_as_base_plus_writes() {
         .status
         .success());
 }
+
+/// `remoca blkback --export name=os,image=os,store=s3://...`: the image served over NBD
+/// straight from the S3 store reads (nbdcopy) as the imported image, and is read-only.
+#[test]
+fn a_blkback_export_serves_an_image_straight_from_s3() {
+    let Some(m) = start_moto("a_blkback_export_serves_an_image_straight_from_s3") else {
+        return;
+    };
+    let has_nbdcopy = Command::new("sh")
+        .args(["-c", "command -v nbdcopy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nbdcopy {
+        assert!(
+            std::env::var_os("REMOCA_NO_SKIP").is_none(),
+            "nbdcopy not found and REMOCA_NO_SKIP is set"
+        );
+        eprintln!(
+            "SKIPPED a_blkback_export_serves_an_image_straight_from_s3: no nbdcopy (libnbd-bin)"
+        );
+        return;
+    }
+    make_bucket(&m, "remoca-nbd");
+    let store = "s3://remoca-nbd/store";
+    let d = tempfile::tempdir().unwrap();
+    let img = image(61, 40);
+    let p = write(d.path(), "os.raw", &img);
+    ok(
+        &m,
+        &[
+            "image",
+            "import",
+            p.to_str().unwrap(),
+            "os",
+            "--store",
+            store,
+        ],
+    );
+
+    let mut srv = Command::new(BIN)
+        .args(["blkback", "--listen", "127.0.0.1:0", "--export"])
+        .arg(format!("name=os,image=os@1,store={store}"))
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+        .env("AWS_ACCESS_KEY_ID", "remoca-test")
+        .env("AWS_SECRET_ACCESS_KEY", "remoca-test-secret")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(srv.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let Some(addr) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
+        let _ = srv.kill();
+        let _ = srv.wait();
+        panic!("remoca blkback did not start: {line:?}");
+    };
+    let out = d.path().join("copy.raw");
+    let copy = Command::new("nbdcopy")
+        .arg(format!("nbd://{addr}/os"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    let refused = Command::new("nbdcopy")
+        .arg(&p)
+        .arg(format!("nbd://{addr}/os"))
+        .output()
+        .unwrap();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == img,
+        "the export differs from the image"
+    );
+    assert!(
+        !refused.status.success(),
+        "a write to the store export was accepted"
+    );
+}

@@ -352,7 +352,7 @@ pub fn open(
             (t, format!("node cache {}", n.cache_dir.display()))
         }
         ImageSource::Store { dir } => {
-            let store = Store::open(dir, StoreOptions::default())
+            let store = Store::open_location(dir, StoreOptions::default())
                 .map_err(|e| src(format!("store {}: {e}", dir.display())))?;
             let v = store.resolve(&spec.image).map_err(|e| src(e.to_string()))?;
             let list = store.chunk_list(&v).map_err(|e| src(e.to_string()))?;

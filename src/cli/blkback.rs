@@ -36,7 +36,7 @@ pub struct BlkbackArgs {
     socket: Option<PathBuf>,
     /// An export: `name=NAME,template=PATH[,overlay=PATH][,readonly][,block-size=N]`, or
     /// one whose template is an image version:
-    /// `name=NAME,image=NAME@N,chunk-list=PATH|store=DIR[,overlay=PATH][,readonly][,block-size=N]`
+    /// `name=NAME,image=NAME@N,chunk-list=PATH|store=DIR|store=s3://BUCKET/PREFIX[,overlay=PATH][,readonly][,block-size=N]`
     /// (`chunk-list=`: through this node's cache, see --image-cache; `store=`: straight from
     /// an image store; a missing overlay is created). Repeat for more.
     #[arg(long = "export", value_name = "SPEC")]
@@ -272,7 +272,7 @@ fn is_image_spec(spec: &str) -> bool {
     spec.split(',').any(|p| p.starts_with("image="))
 }
 
-/// Parse `name=NAME,image=NAME@N,chunk-list=PATH|store=DIR[,overlay=PATH][,readonly][,block-size=N]`.
+/// Parse `name=NAME,image=NAME@N,chunk-list=PATH|store=DIR|store=s3://BUCKET/PREFIX[,overlay=PATH][,readonly][,block-size=N]`.
 fn parse_image_spec(spec: &str) -> anyhow::Result<ImageExportSpec> {
     let (mut name, mut image, mut list, mut store) = (None, None, None, None);
     let (mut overlay, mut read_only, mut min_block) = (None, false, 1);
@@ -298,7 +298,7 @@ fn parse_image_spec(spec: &str) -> anyhow::Result<ImageExportSpec> {
     let source = match (list, store) {
         (Some(chunk_list), None) => ImageSource::Node { chunk_list },
         (None, Some(dir)) => ImageSource::Store { dir },
-        _ => bail!("--export {spec:?}: give exactly one of chunk-list=PATH or store=DIR"),
+        _ => bail!("--export {spec:?}: give exactly one of chunk-list=PATH or store=DIR|s3://BUCKET/PREFIX"),
     };
     Ok(ImageExportSpec {
         name: name.with_context(|| format!("--export {spec:?}: missing name="))?,

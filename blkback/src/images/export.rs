@@ -9,9 +9,11 @@
 //!   the guest reads comes from the node cache, else from the peers, else from the origin,
 //!   and is checked against its id before use (see `fetch`). One [`ImageNode`] (one cache,
 //!   one fetcher, optionally one peer server) serves every image export of a process.
-//! - **Straight from a store** (`store=DIR`): the store is opened read-only (its shared lock
-//!   held while the export is open, so no gc moves chunks under it) and the template reads
-//!   from its arenas. For a host that holds the store itself.
+//! - **Straight from a store** (`store=DIR` or `store=s3://BUCKET/PREFIX`): the store is
+//!   opened read-only and the template reads from its arenas. A local store's shared lock is
+//!   held while the export is open, so no gc moves chunks under it; an S3 store has no lock
+//!   other hosts see (docs/image-store.md: run gc there only when the prefix is quiet). For a
+//!   host that holds the store itself, or reads it from S3.
 //!
 //! **Overlay.** With `overlay=PATH` the guest's writes go to a copy-on-write overlay over the
 //! template; the overlay is created (4 KiB clusters) when the file does not exist, and an

@@ -98,6 +98,31 @@ impl DirBackend {
         check_key(key)?;
         Ok(self.root.join(key))
     }
+
+    /// `bytes` written and synced to a temporary name (`.<name>.<pid>.<suffix>`) beside
+    /// `key`'s file: (temporary, final path, directory), for a rename or link to publish.
+    fn write_temp(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        suffix: &str,
+    ) -> Result<(PathBuf, PathBuf, PathBuf), StoreError> {
+        let p = self.path(key)?;
+        let dir = p.parent().unwrap_or(&self.root).to_owned();
+        std::fs::create_dir_all(&dir).map_err(|e| io_at(&dir, e))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.{suffix}",
+            p.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let mut f = File::create(&tmp).map_err(|e| io_at(&tmp, e))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_at(&tmp, e))?;
+        Ok((tmp, p, dir))
+    }
 }
 
 /// Keys are relative, `/`-separated, without empty, `.` or `..` parts.
@@ -133,41 +158,13 @@ impl Backend for DirBackend {
     }
 
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let p = self.path(key)?;
-        let dir = p.parent().unwrap_or(&self.root).to_owned();
-        std::fs::create_dir_all(&dir).map_err(|e| io_at(&dir, e))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            p.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let mut f = File::create(&tmp).map_err(|e| io_at(&tmp, e))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io_at(&tmp, e))?;
-        drop(f);
+        let (tmp, p, dir) = self.write_temp(key, bytes, "tmp")?;
         std::fs::rename(&tmp, &p).map_err(|e| io_at(&p, e))?;
         super::log::sync_dir(&dir)
     }
 
     fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
-        let p = self.path(key)?;
-        let dir = p.parent().unwrap_or(&self.root).to_owned();
-        std::fs::create_dir_all(&dir).map_err(|e| io_at(&dir, e))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.new",
-            p.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let mut f = File::create(&tmp).map_err(|e| io_at(&tmp, e))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io_at(&tmp, e))?;
-        drop(f);
+        let (tmp, p, dir) = self.write_temp(key, bytes, "new")?;
         // link(2) never replaces: it fails if the name exists.
         let r = std::fs::hard_link(&tmp, &p);
         let _ = std::fs::remove_file(&tmp);

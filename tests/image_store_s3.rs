@@ -182,6 +182,21 @@ fn ok(m: &Moto, args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// `remoca image import FILE NAME --store STORE`, which must succeed.
+fn import(m: &Moto, file: &Path, name: &str, store: &str) -> String {
+    ok(
+        m,
+        &[
+            "image",
+            "import",
+            file.to_str().unwrap(),
+            name,
+            "--store",
+            store,
+        ],
+    )
+}
+
 /// `n` 64 KiB pieces: every 4th zeroes, the rest half random, half one repeated byte.
 fn image(seed: u64, n: usize) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -236,28 +251,8 @@ fn import_export_dedup_and_verify_on_s3() {
     let pa = write(d.path(), "a.raw", &a);
     let pb = write(d.path(), "b.raw", &b);
 
-    let ra = ok(
-        &m,
-        &[
-            "image",
-            "import",
-            pa.to_str().unwrap(),
-            "a",
-            "--store",
-            store,
-        ],
-    );
-    let rb = ok(
-        &m,
-        &[
-            "image",
-            "import",
-            pb.to_str().unwrap(),
-            "b",
-            "--store",
-            store,
-        ],
-    );
+    let ra = import(&m, &pa, "a", store);
+    let rb = import(&m, &pb, "b", store);
     assert_eq!(number_after(&rb, "zero pieces elided),"), 1, "{rb}");
     assert!(number_after(&ra, "zero pieces elided),") >= 35, "{ra}");
 
@@ -323,17 +318,7 @@ fn an_origin_node_serves_a_version_from_s3() {
     let d = tempfile::tempdir().unwrap();
     let a = image(7, 40);
     let pa = write(d.path(), "a.raw", &a);
-    ok(
-        &m,
-        &[
-            "image",
-            "import",
-            pa.to_str().unwrap(),
-            "os",
-            "--store",
-            store,
-        ],
-    );
+    import(&m, &pa, "os", store);
 
     let list = d.path().join("os.list");
     let mut origin = Command::new(BIN)
@@ -522,17 +507,7 @@ fn commit_base_onto_s3_makes_a_layer_that_exports_as_base_plus_writes() {
     let d = tempfile::tempdir().unwrap();
     let base = image(41, 32);
     let pb = write(d.path(), "base.raw", &base);
-    ok(
-        &m,
-        &[
-            "image",
-            "import",
-            pb.to_str().unwrap(),
-            "os",
-            "--store",
-            store,
-        ],
-    );
+    import(&m, &pb, "os", store);
 
     // The operator's workflow: export the version, make an overlay over it, the VM writes.
     let t = d.path().join("t.raw");
@@ -628,17 +603,7 @@ fn a_blkback_export_serves_an_image_straight_from_s3() {
     let d = tempfile::tempdir().unwrap();
     let img = image(61, 40);
     let p = write(d.path(), "os.raw", &img);
-    ok(
-        &m,
-        &[
-            "image",
-            "import",
-            p.to_str().unwrap(),
-            "os",
-            "--store",
-            store,
-        ],
-    );
+    import(&m, &p, "os", store);
 
     let mut srv = Command::new(BIN)
         .args(["blkback", "--listen", "127.0.0.1:0", "--export"])

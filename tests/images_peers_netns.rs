@@ -10,7 +10,9 @@
 //! Addresses 10.77.0.0/24 exist only inside those namespaces.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use remoca_blkback::images::testbed::{num, stats, Bed};
 use std::time::{Duration, Instant};
 
 const RATE: &str = "100mbit";
@@ -25,105 +27,6 @@ fn have(cmd: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Namespaces and processes of one run; dropping it kills and deletes everything.
-struct Bed {
-    prefix: String,
-    names: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Bed {
-    fn ns(&self, host: &str) -> String {
-        format!("{}-{host}", self.prefix)
-    }
-
-    fn add_host(&mut self, host: &str, ip: &str, shape: bool) {
-        let ns = self.ns(host);
-        let sw = self.ns("sw");
-        run(&["ip", "netns", "add", &ns]);
-        self.names.push(ns.clone());
-        let outer = format!("rci{}{host}", std::process::id() % 10000);
-        run(&[
-            "ip", "link", "add", "eth0x", "netns", &ns, "type", "veth", "peer", "name", &outer,
-            "netns", &sw,
-        ]);
-        run(&["ip", "-n", &ns, "link", "set", "eth0x", "name", "eth0"]);
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        run(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0"]);
-        run(&["ip", "-n", &sw, "link", "set", &outer, "up"]);
-        if shape {
-            run(&[
-                "tc", "-n", &ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", RATE,
-                "burst", "64kb", "latency", "20ms",
-            ]);
-        }
-    }
-
-    fn spawn(&mut self, host: &str, args: &[String], log: &Path) -> usize {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(host),
-                env!("CARGO_BIN_EXE_remoca"),
-                "image-node",
-            ])
-            .args(args)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        self.children.len() - 1
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn stats(path: &Path) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn num(s: &std::collections::HashMap<String, String>, k: &str) -> u64 {
-    s.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// A 48 MiB image: pseudo-random 64 KiB chunks, every fifth chunk zero, some repeated.
@@ -177,19 +80,11 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
     }
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let mut bed = Bed {
-        prefix: format!("rcimg{}", std::process::id()),
-        names: Vec::new(),
-        children: Vec::new(),
-    };
-    let sw = bed.ns("sw");
-    run(&["ip", "netns", "add", &sw]);
-    bed.names.push(sw.clone());
-    run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    run(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-    bed.add_host("o", "10.77.0.1", true);
+    let mut bed = Bed::new("rcimg", Path::new(env!("CARGO_BIN_EXE_remoca"))).unwrap();
+    bed.add_host("o", "10.77.0.1", Some(RATE)).unwrap();
     for i in 0..NODES {
-        bed.add_host(&format!("n{i}"), &format!("10.77.0.{}", 11 + i), false);
+        bed.add_host(&format!("n{i}"), &format!("10.77.0.{}", 11 + i), None)
+            .unwrap();
     }
 
     let img = write_image(&w.join("image.raw"));
@@ -213,7 +108,8 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
             s(&w.join("origin.stats")),
         ],
         &w.join("origin.log"),
-    );
+    )
+    .unwrap();
     wait_for(
         "the origin to seed its cache",
         Duration::from_secs(60),
@@ -248,7 +144,10 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
         if i == CORRUPT {
             args.push("--corrupt-served-chunks".into());
         }
-        procs.push(bed.spawn(&format!("n{i}"), &args, &w.join(format!("n{i}.log"))));
+        procs.push(
+            bed.spawn(&format!("n{i}"), &args, &w.join(format!("n{i}.log")))
+                .unwrap(),
+        );
     }
 
     // Kill one node once it has read a quarter of the image: mid-deployment, while the
@@ -263,8 +162,8 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
         },
     );
     let at_kill = stats(&killed_stats);
-    bed.children[procs[KILLED]].kill().unwrap();
-    let _ = bed.children[procs[KILLED]].wait();
+    bed.child(procs[KILLED]).kill().unwrap();
+    let _ = bed.child(procs[KILLED]).wait();
     assert_eq!(
         num(&at_kill, "deployed"),
         0,

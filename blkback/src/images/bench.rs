@@ -8,10 +8,11 @@
 //! root, `ip` and `tc`. Namespaces are named `rcbench<pid>-*`, addresses 10.78.0.0/24 exist
 //! only inside them, and everything is killed and deleted when the run ends or fails.
 
+use super::testbed::{num, run, stats, Bed};
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// What to run.
@@ -90,126 +91,15 @@ impl DeployBench {
     }
 }
 
-fn run(args: &[&str]) -> io::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
+/// The deployment bed: the origin at 10.78.0.1 behind a link shaped to `rate`, `nodes`
+/// nodes at 10.78.0.11 and up.
+fn deploy_bed(exe: &Path, rate: &str, nodes: usize) -> io::Result<Bed> {
+    let mut bed = Bed::new("rcbench", exe)?;
+    bed.add_host("o", "10.78.0.1", Some(rate))?;
+    for i in 0..nodes {
+        bed.add_host(&format!("n{i}"), &format!("10.78.0.{}", 11 + i), None)?;
     }
-    Ok(())
-}
-
-struct Bed {
-    prefix: String,
-    names: Vec<String>,
-    children: Vec<Child>,
-    exe: PathBuf,
-}
-
-impl Bed {
-    fn ns(&self, host: &str) -> String {
-        format!("{}-{host}", self.prefix)
-    }
-
-    fn new(exe: &Path, rate: &str, nodes: usize) -> io::Result<Bed> {
-        let mut bed = Bed {
-            prefix: format!("rcbench{}", std::process::id()),
-            names: Vec::new(),
-            children: Vec::new(),
-            exe: exe.to_owned(),
-        };
-        let sw = bed.ns("sw");
-        run(&["ip", "netns", "add", &sw])?;
-        bed.names.push(sw.clone());
-        run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        run(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
-        bed.add_host("o", "10.78.0.1", Some(rate))?;
-        for i in 0..nodes {
-            bed.add_host(&format!("n{i}"), &format!("10.78.0.{}", 11 + i), None)?;
-        }
-        Ok(bed)
-    }
-
-    fn add_host(&mut self, host: &str, ip: &str, rate: Option<&str>) -> io::Result<()> {
-        let ns = self.ns(host);
-        let sw = self.ns("sw");
-        run(&["ip", "netns", "add", &ns])?;
-        self.names.push(ns.clone());
-        let outer = format!("rcb{}{host}", std::process::id() % 10000);
-        run(&[
-            "ip", "link", "add", "eth0x", "netns", &ns, "type", "veth", "peer", "name", &outer,
-            "netns", &sw,
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0x", "name", "eth0"])?;
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        run(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0"])?;
-        run(&["ip", "-n", &sw, "link", "set", &outer, "up"])?;
-        if let Some(rate) = rate {
-            run(&[
-                "tc", "-n", &ns, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
-                "burst", "64kb", "latency", "20ms",
-            ])?;
-        }
-        Ok(())
-    }
-
-    fn spawn(&mut self, host: &str, args: &[String], log: &Path) -> io::Result<usize> {
-        let log = std::fs::File::create(log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .arg(&self.exe)
-            .arg("image-node")
-            .args(args)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()?;
-        self.children.push(child);
-        Ok(self.children.len() - 1)
-    }
-
-    fn stop_all(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.children.clear();
-    }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        self.stop_all();
-        for ns in self.names.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn stats(path: &Path) -> HashMap<String, String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn num(s: &HashMap<String, String>, k: &str) -> u64 {
-    s.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+    Ok(bed)
 }
 
 fn wait_for(
@@ -268,7 +158,7 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
     }
     std::fs::create_dir_all(&w)?;
     let s = |p: &Path| p.to_string_lossy().into_owned();
-    let mut bed = Bed::new(&cfg.exe, &cfg.rate, cfg.nodes)?;
+    let mut bed = deploy_bed(&cfg.exe, &cfg.rate, cfg.nodes)?;
     let list = w.join("image.list");
     let cache_bytes = format!("{}M", cfg.image_mib * 2 + 64);
     bed.spawn(

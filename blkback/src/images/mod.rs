@@ -23,3 +23,4 @@ pub mod fetch;
 pub mod peer;
 pub mod store;
 pub mod template;
+pub mod testbed;

@@ -219,6 +219,12 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
             );
         }
     }
+    // The killed node counts too: it may be the one that met the bad peer before it died
+    // (its stats file is rewritten every 200 ms, the last one stays).
+    rejected += num(
+        &stats(&w.join(format!("n{KILLED}.stats"))),
+        "corrupt_rejected",
+    );
     // The bad peer was met and its bytes thrown away (counted over all honest nodes: one
     // that timed out on the bad peer first never saw its bytes).
     assert!(rejected >= 1, "no node ever received a corrupted chunk");

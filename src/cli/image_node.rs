@@ -72,6 +72,11 @@ pub struct NodeArgs {
     prefetch_batch: usize,
     #[arg(long, default_value_t = 4)]
     prefetch_parallel: usize,
+    /// Before deploying, wait up to this long (milliseconds) until every peer accepts
+    /// connections, so that a peer still starting is not taken for a dead one (which would
+    /// send its chunks to the origin a second time). Deploys anyway when the time is up.
+    #[arg(long, default_value_t = 0)]
+    wait_peers_ms: u64,
     /// Exit once the deployment is done instead of serving on.
     #[arg(long)]
     exit_after_deploy: bool,
@@ -89,6 +94,8 @@ struct Deploy {
     progress: AtomicU64,
     done: AtomicBool,
     ms: AtomicU64,
+    /// When the deployment started (ms since the Unix epoch), to line nodes up in a trace.
+    start_unix_ms: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -100,6 +107,8 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
     for (k, v) in [
         ("served_bytes", g(&s.bytes_served)),
         ("served_chunks", g(&s.chunks_served)),
+        ("repeat_chunks", g(&s.repeat_chunks)),
+        ("repeat_bytes", g(&s.repeat_bytes)),
         ("pulled", g(&s.pulled)),
         ("from_cache", g(&f.from_cache)),
         ("from_peers", g(&f.from_peers)),
@@ -113,6 +122,7 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
         ("progress", g(&d.progress)),
         ("deployed", d.done.load(Ordering::Relaxed) as u64),
         ("deploy_ms", g(&d.ms)),
+        ("deploy_start_unix_ms", g(&d.start_unix_ms)),
     ] {
         text.push_str(&format!("{k}={v}\n"));
     }
@@ -124,6 +134,12 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn write_chunk_list(
     list: &remoca_blkback::images::chunk::ChunkList,
     out: &Path,
@@ -132,6 +148,23 @@ fn write_chunk_list(
     node::save_chunk_list(list, &tmp).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, out)?;
     Ok(())
+}
+
+/// Wait until every peer but `me` accepts a connection, at most `limit`.
+fn wait_for_peers(peers: &[SocketAddr], me: SocketAddr, limit: Duration) {
+    let start = std::time::Instant::now();
+    let mut waiting: Vec<SocketAddr> = peers.iter().copied().filter(|p| *p != me).collect();
+    while !waiting.is_empty() && start.elapsed() < limit {
+        waiting.retain(|p| {
+            std::net::TcpStream::connect_timeout(p, Duration::from_millis(200)).is_err()
+        });
+        if !waiting.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if !waiting.is_empty() && !limit.is_zero() {
+        tracing::warn!("peers not up after {limit:?}, deploying anyway: {waiting:?}");
+    }
 }
 
 /// Wait for SIGINT or SIGTERM.
@@ -175,10 +208,12 @@ fn store_origin(a: &NodeArgs, dir: &Path, listener: TcpListener) -> anyhow::Resu
             s.spawn(move || loop {
                 let st = server.stats();
                 let text = format!(
-                    "served_bytes={}\nserved_chunks={}\nmissing={}\n",
+                    "served_bytes={}\nserved_chunks={}\nmissing={}\nrepeat_chunks={}\nrepeat_bytes={}\n",
                     st.bytes_served.load(Ordering::Relaxed),
                     st.chunks_served.load(Ordering::Relaxed),
-                    st.missing.load(Ordering::Relaxed)
+                    st.missing.load(Ordering::Relaxed),
+                    st.repeat_chunks.load(Ordering::Relaxed),
+                    st.repeat_bytes.load(Ordering::Relaxed)
                 );
                 let tmp = path.with_extension("tmp");
                 let _ = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path));
@@ -249,6 +284,8 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
             let list = node::load_chunk_list(list_path)?;
             let profile = a.profile.as_deref().map(AccessProfile::load).transpose()?;
             d.total.store(list.chunks.len() as u64, Ordering::Relaxed);
+            wait_for_peers(&a.peers, me, Duration::from_millis(a.wait_peers_ms));
+            d.start_unix_ms.store(unix_ms(), Ordering::Relaxed);
             let f = std::fs::File::create(out)?;
             match node::deploy(
                 &n.fetcher,

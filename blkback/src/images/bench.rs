@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -34,6 +36,9 @@ pub struct DeployBenchConfig {
 pub struct RunResult {
     pub deploy_ms: Vec<u64>,
     pub origin_egress: u64,
+    /// Where the time went: per node start, time, sources and failures; the origin link's
+    /// throughput over time (from the tbf qdisc's counters, sampled every 100 ms).
+    pub trace: String,
 }
 
 impl RunResult {
@@ -83,6 +88,9 @@ impl DeployBench {
         s.push_str(&row("peers", &self.peers));
         let sp50 = self.origin_only.p50_ms() as f64 / self.peers.p50_ms().max(1) as f64;
         let smax = self.origin_only.max_ms() as f64 / self.peers.max_ms().max(1) as f64;
+        for (name, r) in [("origin-only", &self.origin_only), ("peers", &self.peers)] {
+            s.push_str(&format!("trace of the {name} run:\n{}", r.trace));
+        }
         s.push_str(&format!(
             "peers vs origin-only: {sp50:.2}x faster at p50, {smax:.2}x at max (goal >= 3x); origin egress {:.2}x the working set (goal <= 1.25x)\n",
             self.peers.origin_egress as f64 / ws as f64
@@ -187,6 +195,23 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
     let addrs: Vec<String> = (0..cfg.nodes)
         .map(|i| format!("10.78.0.{}:7000", 11 + i))
         .collect();
+    let t0 = SystemTime::now();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (ns, sampling) = (bed.ns("o"), sampling.clone());
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                let t = t0.elapsed().unwrap_or_default().as_millis() as u64;
+                if let Some(b) = tbf_sent(&ns) {
+                    v.push((t, b));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            v
+        })
+    };
+    let _stop_sampler = ClearOnDrop(sampling.clone());
     for (i, me) in addrs.iter().enumerate() {
         let mut args = vec![
             "--listen".into(),
@@ -207,6 +232,9 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
         if with_peers {
             args.push("--peers".into());
             args.push(addrs.join(","));
+            // Deploy once every peer is up, as nodes that are already running would.
+            args.push("--wait-peers-ms".into());
+            args.push("10000".into());
         }
         bed.spawn(&format!("n{i}"), &args, &w.join(format!("n{i}.log")))?;
     }
@@ -223,10 +251,21 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
         Ok(all)
     })?;
     std::thread::sleep(Duration::from_millis(400)); // a last stats rewrite
-    let deploy_ms = (0..cfg.nodes)
-        .map(|i| num(&stats(&w.join(format!("n{i}.stats"))), "deploy_ms"))
+    sampling.store(false, Ordering::Relaxed);
+    let samples = sampler.join().unwrap_or_default();
+    let node_stats: Vec<HashMap<String, String>> = (0..cfg.nodes)
+        .map(|i| stats(&w.join(format!("n{i}.stats"))))
         .collect();
-    let origin_egress = num(&stats(&w.join("origin.stats")), "served_bytes");
+    let deploy_ms = node_stats.iter().map(|st| num(st, "deploy_ms")).collect();
+    let ost = stats(&w.join("origin.stats"));
+    let origin_egress = num(&ost, "served_bytes");
+    let trace = trace(t0, &node_stats, &ost, &samples);
+    for i in 0..cfg.nodes {
+        let _ = std::fs::copy(
+            w.join(format!("n{i}.log")),
+            cfg.work.join(format!("last-{tag}-n{i}.log")),
+        );
+    }
     // Check every node's disk against the image before the figures count.
     let image = std::fs::read(cfg.work.join("image.raw"))?;
     for i in 0..cfg.nodes {
@@ -243,7 +282,98 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
     Ok(RunResult {
         deploy_ms,
         origin_egress,
+        trace,
     })
+}
+
+/// Clears its flag when dropped (stops the link sampler however `one_run` returns).
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Bytes the tbf qdisc on the origin's link has sent (`tc -s qdisc`), or `None`.
+fn tbf_sent(ns: &str) -> Option<u64> {
+    let out = Command::new("tc")
+        .args(["-n", ns, "-s", "qdisc", "show", "dev", "eth0"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = text.split("Sent ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The trace lines of one run: each node's start (relative to when the first node was
+/// spawned), deployment time, end and counters; the origin's repeats; the link's timeline.
+fn trace(
+    t0: SystemTime,
+    nodes: &[HashMap<String, String>],
+    origin: &HashMap<String, String>,
+    samples: &[(u64, u64)],
+) -> String {
+    let t0_ms = t0
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut s = String::new();
+    let mut last_end = 0;
+    for (i, st) in nodes.iter().enumerate() {
+        let start = num(st, "deploy_start_unix_ms").saturating_sub(t0_ms);
+        let end = start + num(st, "deploy_ms");
+        last_end = last_end.max(end);
+        s.push_str(&format!(
+            "  n{i}: start {start} ms, end {end} ms | origin {} chunks, peers {} chunks, cache {} | served {} chunks, pulled {} | peer failures {}, corrupt {}\n",
+            num(st, "from_origin"),
+            num(st, "from_peers"),
+            num(st, "from_cache"),
+            num(st, "served_chunks"),
+            num(st, "pulled"),
+            num(st, "peer_failures"),
+            num(st, "corrupt_rejected"),
+        ));
+    }
+    s.push_str(&format!(
+        "  origin: served {} chunks, {} of them again ({} bytes)\n",
+        num(origin, "served_chunks"),
+        num(origin, "repeat_chunks"),
+        num(origin, "repeat_bytes")
+    ));
+    let (Some(&(_, b0)), Some(&(_, b1))) = (samples.first(), samples.last()) else {
+        return s;
+    };
+    let total = b1 - b0;
+    let at = |frac: f64| {
+        samples
+            .iter()
+            .find(|(_, b)| (b - b0) as f64 >= frac * total as f64)
+            .map_or(0, |(t, _)| *t)
+    };
+    let (first, p99, all) = (at(1e-4), at(0.99), at(1.0));
+    s.push_str(&format!(
+        "  link: {:.1} MiB on the wire; first bytes by {first} ms, 99% by {p99} ms, all by {all} ms; last node done at {last_end} ms\n",
+        total as f64 / (1 << 20) as f64
+    ));
+    // Throughput per 500 ms between the first and the last bytes, in Mbit/s.
+    let mut line = String::from("  link Mbit/s per 500 ms:");
+    let mut k = 0;
+    let mut t = first.saturating_sub(100);
+    while t < all {
+        let mut b = |t: u64| {
+            while k + 1 < samples.len() && samples[k + 1].0 <= t {
+                k += 1;
+            }
+            samples[k].1
+        };
+        let x = b(t);
+        let y = b(t + 500);
+        line.push_str(&format!(" {:.0}", (y - x) as f64 * 8.0 / 0.5 / 1e6));
+        t += 500;
+    }
+    s.push_str(&line);
+    s.push('\n');
+    s
 }
 
 /// Run both deployments.

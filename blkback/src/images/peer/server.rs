@@ -35,6 +35,10 @@ pub struct ServerStats {
     /// Chunks fetched from the origin on a pull request.
     pub pulled: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Chunks sent that this server had sent before (to anyone): for the origin, the chunks
+    /// that left it more than once.
+    pub repeat_chunks: AtomicU64,
+    pub repeat_bytes: AtomicU64,
 }
 
 /// What a server serves from.
@@ -43,6 +47,7 @@ pub struct Service {
     holds: Box<dyn Fn(&ChunkId) -> bool + Send + Sync>,
     pull: Option<Arc<dyn BatchSource>>,
     corrupt: bool,
+    sent: parking_lot::Mutex<std::collections::HashSet<ChunkId>>,
     pub stats: ServerStats,
 }
 
@@ -67,6 +72,7 @@ impl Service {
             holds: Box::new(holds),
             pull: None,
             corrupt: false,
+            sent: Default::default(),
             stats: ServerStats::default(),
         }
     }
@@ -143,6 +149,13 @@ impl Service {
         self.stats
             .bytes_served
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let again = !self.sent.lock().insert(id);
+        if again {
+            self.stats.repeat_chunks.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .repeat_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
         if self.corrupt {
             data[0] ^= 0x5a;
         }

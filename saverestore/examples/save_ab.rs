@@ -6,8 +6,9 @@
 //! cargo run --release -p remoca-saverestore --example save_ab -- \
 //!     ../shared/corpus/ram-work.raw.zst ROUNDS THREADS MODE...
 //! ```
-//! MODE: a `--codec` value (`fast`, `snap`, `lz4:2`, `zstd`, ...) for a save to memory
-//! (`CODEC@N`: with N-page blocks, `CODEC#W`: windows of W data pages),
+//! MODE: a `--codec` value (`fast`, `snap`, `lz4:2`, `zstd`, ...) for a save from memory
+//! (pages borrowed) to memory (`CODEC@N`: with N-page blocks, `CODEC#W`: windows of W data
+//! pages, `copy:CODEC`: through the copying reader path, as from a pipe),
 //! `restore:CODEC` for a restore of that codec's image to a sink, or a baseline over the
 //! same stream in 1 MiB chunks: `base:snappy`, `base:lz4:ACCEL` (the C LZ4), `base:zstd:N`.
 //! Throughput is stream MB per wall second and per CPU-second of the process (all threads).
@@ -18,7 +19,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use remoca_saverestore::bench::cpu_time;
 use remoca_saverestore::stream::{build_stream, BuildOptions, GuestShape};
-use remoca_saverestore::{restore_stream, save_stream, ImageReader, SaveOptions};
+use remoca_saverestore::{restore_stream, save_slice, save_stream, ImageReader, SaveOptions};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -120,7 +121,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 continue;
             } else {
-                // CODEC, CODEC@BLOCK_PAGES, CODEC#WINDOW_PAGES
+                // [copy:]CODEC, CODEC@BLOCK_PAGES, CODEC#WINDOW_PAGES
+                let (copy, m) = match m.strip_prefix("copy:") {
+                    Some(m) => (true, m),
+                    None => (false, &m[..]),
+                };
                 let (m, win) = m.split_once('#').unwrap_or((m, "4096"));
                 let (c, bp) = m.split_once('@').unwrap_or((m, "0"));
                 let opts = SaveOptions {
@@ -130,7 +135,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     window_pages: win.parse()?,
                 };
                 img.clear();
-                save_stream(&stream[..], &mut img, &opts, &|_| {})?.ratio()
+                if copy {
+                    save_stream(&stream[..], &mut img, &opts, &|_| {})?.ratio()
+                } else {
+                    save_slice(&stream, &mut img, &opts, &|_| {})?.ratio()
+                }
             };
             let (w, cp) = (t.elapsed(), cpu_time() - c);
             if round > 0 {

@@ -22,4 +22,4 @@ pub mod xl;
 pub use codec::{Codec, CodecChoice};
 pub use image::{ImageError, ImageReader, ReadAt};
 pub use restore::{restore_stream, RestoreStats};
-pub use save::{save_stream, SaveOptions, SaveStats};
+pub use save::{save_slice, save_stream, SaveOptions, SaveStats};

@@ -23,7 +23,7 @@ use crate::codec::{Codec, CodecChoice, FAST_LZ4_ACCEL, RATIO_ZSTD_LEVEL};
 use crate::image::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
 use crate::image::index::{BlockEntry, ClassCounts, Index, PageClass, PageEntry};
 use crate::image::{ImageError, DEFAULT_BLOCK_PAGES};
-use crate::stream::format::{page_has_data, page_type, PAGE_SIZE};
+use crate::stream::format::{page_has_data, page_type, LIBXC_PAGE_DATA, PAGE_SIZE};
 use crate::stream::{Event, StreamError, StreamParser};
 
 /// How to save.
@@ -73,17 +73,41 @@ impl SaveStats {
 
 struct CountingReader<'a, R> {
     inner: R,
-    crc: u32,
     seen: &'a AtomicU64,
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         self.seen.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
+}
+
+/// A parsed piece of the stream held until its window is written: the event, and its page
+/// data when that is borrowed from an in-memory source instead of held by the event.
+struct Held<'a> {
+    ev: Event,
+    borrowed: Option<&'a [u8]>,
+}
+
+impl Held<'_> {
+    /// The page data of a PAGE_DATA record (empty for other events).
+    fn pages(&self) -> &[u8] {
+        match (&self.ev, self.borrowed) {
+            (_, Some(b)) => b,
+            (Event::Pages(r), None) => &r.pages,
+            _ => &[],
+        }
+    }
+}
+
+/// Where the stream comes from.
+enum Input<'a, R> {
+    /// Any reader: a parser thread copies each record out of it.
+    Reader(R),
+    /// The whole stream in memory (or mapped): records borrow their pages from it.
+    Slice(&'a [u8]),
 }
 
 /// Transforms an `xl save` stream into an image written to `out`. `progress` is called with
@@ -94,6 +118,38 @@ impl<R: Read> Read for CountingReader<'_, R> {
 /// On error the output holds a partial image without a trailer, which readers reject.
 pub fn save_stream<R, W>(
     input: R,
+    out: &mut W,
+    opts: &SaveOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SaveStats, ImageError>
+where
+    R: Read + Send,
+    W: Write + Send + ?Sized,
+{
+    save_input(Input::Reader(input), out, opts, progress)
+}
+
+/// [`save_stream`] of a stream held in memory or mapped from a file (see
+/// [`crate::mapped::MappedFile`]): the same image, without copying the page data out of
+/// `stream` (the parser only reads headers and pfn arrays; the workers read the pages where
+/// they are).
+///
+/// # Errors
+/// As [`save_stream`].
+pub fn save_slice<W>(
+    stream: &[u8],
+    out: &mut W,
+    opts: &SaveOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SaveStats, ImageError>
+where
+    W: Write + Send + ?Sized,
+{
+    save_input(Input::Slice::<io::Empty>(stream), out, opts, progress)
+}
+
+fn save_input<R, W>(
+    input: Input<'_, R>,
     out: &mut W,
     opts: &SaveOptions,
     progress: &(dyn Fn(u64) + Sync),
@@ -115,7 +171,6 @@ where
         .map_err(ImageError::ThreadPool)?;
     let seen = AtomicU64::new(0);
     let writer_wait = AtomicU64::new(0);
-    let (ev_tx, ev_rx) = sync_channel::<Result<(Event, Vec<Content>), StreamError>>(8);
     let (out_tx, out_rx) = sync_channel::<Vec<OutFrame>>(2);
     let (written_tx, written_rx) = std::sync::mpsc::channel::<Vec<OutFrame>>();
     // Page buffers of processed records go back to the parser for reuse.
@@ -123,42 +178,48 @@ where
 
     std::thread::scope(|s| {
         let seen = &seen;
-        let parser = s.spawn(move || {
-            let mut p = StreamParser::new(CountingReader {
-                inner: input,
-                crc: 0,
-                seen,
-            });
-            loop {
-                while let Ok(b) = spare_rx.try_recv() {
-                    p.recycle(b);
-                }
-                match p.next_event() {
-                    Ok(Some(ev)) => {
-                        // Classify (zero / one word / hash) here, off the compression
-                        // threads' path: the parser thread has time to spare while a record
-                        // is in the page cache anyway.
-                        let contents = match &ev {
-                            Event::Pages(r) => {
-                                r.pages.chunks_exact(PAGE_SIZE).map(classify).collect()
+        type Next<'n> = Box<dyn FnMut() -> Option<Result<Held<'n>, StreamError>> + 'n>;
+        let (mut next, parser): (Next<'_>, _) = match input {
+            Input::Reader(input) => {
+                let (ev_tx, ev_rx) = sync_channel::<Result<Event, StreamError>>(8);
+                let parser = s.spawn(move || {
+                    let mut p = StreamParser::new(CountingReader { inner: input, seen });
+                    loop {
+                        while let Ok(b) = spare_rx.try_recv() {
+                            p.recycle(b);
+                        }
+                        let ev = p.next_event().transpose();
+                        let stop = !matches!(ev, Some(Ok(_)));
+                        if let Some(ev) = ev {
+                            if ev_tx.send(ev).is_err() {
+                                break;
                             }
-                            Event::Verbatim { .. } => Vec::new(),
-                        };
-                        if ev_tx.send(Ok((ev, contents))).is_err() {
+                        }
+                        if stop {
                             break;
                         }
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = ev_tx.send(Err(e));
-                        break;
-                    }
-                }
+                });
+                let next = move || {
+                    let ev = ev_rx.recv().ok()?;
+                    Some(ev.map(|ev| Held { ev, borrowed: None }))
+                };
+                (Box::new(next) as Next<'_>, Some(parser))
             }
-            drop(ev_tx);
-            let crc = p.input_ref().crc;
-            (crc, p.offset())
-        });
+            Input::Slice(data) => {
+                // Parsing headers and pfn arrays is cheap: no thread of its own.
+                let mut p = StreamParser::new(io::Cursor::new(data));
+                let next = move || {
+                    let r = p.next_event_borrowed().transpose()?;
+                    seen.store(p.offset(), Ordering::Relaxed);
+                    Some(r.map(|(ev, pages)| Held {
+                        ev,
+                        borrowed: Some(pages),
+                    }))
+                };
+                (Box::new(next) as Next<'_>, None)
+            }
+        };
         let writer = s.spawn(|| write_loop(out, out_rx, written_tx, &writer_wait));
 
         let mut st = SaveState {
@@ -176,6 +237,9 @@ where
             spare_bytes: 0,
             spare_rx: written_rx,
             stats: SaveStats::default(),
+            stream_crc: 0,
+            stream_len: 0,
+            head: Vec::new(),
         };
         let header = FileHeader {
             version: crate::image::VERSION,
@@ -196,28 +260,24 @@ where
                 vec![OutFrame::whole(header.encode().to_vec())],
                 &writer_wait,
             )?;
-            let mut window = Vec::new();
-            let mut window_contents = Vec::new();
+            let mut window: Vec<Held<'_>> = Vec::new();
             let mut pages = 0usize;
             loop {
-                let next = ev_rx.recv();
-                let eof = next.is_err();
-                if let Ok(ev) = next {
-                    let (ev, contents) = ev?;
-                    if let Event::Pages(r) = &ev {
-                        pages += r.data_pages();
-                    }
-                    window.push(ev);
-                    window_contents.extend_from_slice(&contents);
+                let held = next().transpose()?;
+                let eof = held.is_none();
+                if let Some(h) = held {
+                    pages += h.pages().len() / PAGE_SIZE;
+                    window.push(h);
                 }
                 if (pages >= opts.window_pages || eof) && !window.is_empty() {
-                    let frames = pool.install(|| st.window(&window, &window_contents))?;
-                    window_contents.clear();
+                    let frames = pool.install(|| st.window(&window))?;
                     st.send(&out_tx, frames, &writer_wait)?;
                     progress(seen.load(Ordering::Relaxed));
-                    for ev in window.drain(..) {
-                        if let Event::Pages(r) = ev {
-                            let _ = spare_tx.send(r.pages);
+                    for h in window.drain(..) {
+                        if let Event::Pages(r) = h.ev {
+                            if r.pages.capacity() > 0 {
+                                let _ = spare_tx.send(r.pages);
+                            }
                         }
                     }
                     pages = 0;
@@ -227,10 +287,14 @@ where
                 }
             }
         })();
-        drop(ev_rx);
-        let (crc, len) = parser.join().expect("parser thread panicked");
+        // Stops the parser thread (its next send fails) before joining it.
+        drop(next);
+        if let Some(parser) = parser {
+            parser.join().expect("parser thread panicked");
+        }
+        let len = st.stream_len;
         let result = result.and_then(|()| {
-            st.index.stream_crc = crc;
+            st.index.stream_crc = st.stream_crc;
             st.index.stream_len = len;
             st.finish(&out_tx, &writer_wait)
         });
@@ -324,6 +388,10 @@ impl Hasher for HashIsKey {
 /// 3.26 (16 pages: 3.29) and one page is extracted by decoding half as much.
 pub const ZSTD_BLOCK_PAGES: usize = 8;
 
+/// Pages per parallel classification / CRC piece (1 MiB): few enough pieces that combining
+/// their CRCs in order costs nothing measurable, enough for the workers to share a window.
+const PIECE_PAGES: usize = 256;
+
 /// Capacity of written frame buffers kept for reuse (a window of blocks is about 6-16 MiB).
 const MAX_SPARE_BYTES: usize = 48 << 20;
 
@@ -343,6 +411,11 @@ struct SaveState {
     spare_bytes: usize,
     spare_rx: Receiver<Vec<OutFrame>>,
     stats: SaveStats,
+    /// CRC32C and length of the stream so far (the events regenerate it byte for byte).
+    stream_crc: u32,
+    stream_len: u64,
+    /// Reused buffer for a PAGE_DATA record's header bytes.
+    head: Vec<u8>,
 }
 
 impl SaveState {
@@ -374,12 +447,7 @@ impl SaveState {
     }
 
     /// Builds the frames of one window: its blocks first, then its records in order.
-    /// `contents` holds the class of every data page of `events`, in order.
-    fn window(
-        &mut self,
-        events: &[Event],
-        contents: &[Content],
-    ) -> Result<Vec<OutFrame>, ImageError> {
+    fn window(&mut self, held: &[Held<'_>]) -> Result<Vec<OutFrame>, ImageError> {
         while let Ok(frames) = self.spare_rx.try_recv() {
             for OutFrame { buf: f, .. } in frames {
                 let cap = f.capacity();
@@ -394,26 +462,79 @@ impl SaveState {
             _ => DEFAULT_BLOCK_PAGES,
         });
         // (the record's page bytes, the page, its index in the record)
-        let pages: Vec<(&[u8], &[u8], usize)> = events
+        let pages: Vec<(&[u8], &[u8], usize)> = held
             .iter()
-            .filter_map(|e| match e {
-                Event::Pages(r) => Some(
-                    r.pages
-                        .chunks_exact(PAGE_SIZE)
-                        .enumerate()
-                        .map(|(i, p)| (&r.pages[..], p, i)),
-                ),
-                Event::Verbatim { .. } => None,
+            .flat_map(|h| {
+                let rec = h.pages();
+                rec.chunks_exact(PAGE_SIZE)
+                    .enumerate()
+                    .map(move |(i, p)| (rec, p, i))
             })
-            .flatten()
             .collect();
-        debug_assert_eq!(pages.len(), contents.len());
+
+        // In parallel: classify every data page (zero / one word / xxh3-128) and take the
+        // CRC32C of pieces of at most PIECE_PAGES pages; the pieces' CRCs are combined in
+        // stream order below.
+        let mut contents = vec![Content::Zero; pages.len()];
+        let pieces: Vec<&[u8]> = held
+            .iter()
+            .flat_map(|h| h.pages().chunks(PIECE_PAGES * PAGE_SIZE))
+            .collect();
+        let mut crcs = vec![0u32; pieces.len()];
+        {
+            let mut jobs = Vec::with_capacity(pieces.len());
+            let mut rest = &mut contents[..];
+            for (&piece, crc) in pieces.iter().zip(crcs.iter_mut()) {
+                let (mine, tail) = rest.split_at_mut(piece.len() / PAGE_SIZE);
+                rest = tail;
+                jobs.push((piece, mine, crc));
+            }
+            jobs.into_par_iter().for_each(|(piece, mine, crc)| {
+                let mut c = 0;
+                for (page, class) in piece.chunks_exact(PAGE_SIZE).zip(mine) {
+                    *class = classify(page);
+                    c = crc32c::crc32c_append(c, page);
+                }
+                *crc = c;
+            });
+        }
+        let mut crc = self.stream_crc;
+        let mut k = 0;
+        for h in held {
+            match &h.ev {
+                Event::Verbatim { bytes, .. } => {
+                    crc = crc32c::crc32c_append(crc, bytes);
+                    self.stream_len += bytes.len() as u64;
+                }
+                Event::Pages(rec) => {
+                    let data = h.pages().len();
+                    self.head.clear();
+                    self.head.extend_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
+                    let len = 8 + 8 * rec.words.len() + data;
+                    self.head.extend_from_slice(&(len as u32).to_le_bytes());
+                    self.head
+                        .extend_from_slice(&(rec.words.len() as u32).to_le_bytes());
+                    self.head.extend_from_slice(&rec.reserved.to_le_bytes());
+                    for w in &rec.words {
+                        self.head.extend_from_slice(&w.to_le_bytes());
+                    }
+                    crc = crc32c::crc32c_append(crc, &self.head);
+                    for _ in 0..data.div_ceil(PIECE_PAGES * PAGE_SIZE) {
+                        crc = crc32c::crc32c_combine(crc, crcs[k], pieces[k].len());
+                        k += 1;
+                    }
+                    self.stream_len += (8 + len) as u64;
+                }
+            }
+        }
+        debug_assert_eq!(k, pieces.len());
+        self.stream_crc = crc;
 
         let first_block = self.index.blocks.len() as u64;
         let mut unique: Vec<(&[u8], &[u8], usize)> = Vec::new();
         let mut ci = 0usize;
-        for ev in events {
-            let Event::Pages(rec) = ev else { continue };
+        for h in held {
+            let Event::Pages(rec) = &h.ev else { continue };
             self.index.records += 1;
             for &word in &rec.words {
                 let class = if !page_has_data(page_type(word)) {
@@ -505,9 +626,9 @@ impl SaveState {
         }
         self.stats.blocks += frames.len() as u64;
 
-        for ev in events {
+        for h in held {
             let mut f = Vec::new();
-            match ev {
+            match &h.ev {
                 Event::Verbatim { part, rtype, bytes } => {
                     FrameHeader::write_frame(
                         &mut f,

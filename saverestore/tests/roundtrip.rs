@@ -6,7 +6,7 @@ use remoca_saverestore::stream::{
     build_stream, page_has_data, BuildOptions, GuestShape, PAGE_SIZE,
 };
 use remoca_saverestore::{
-    restore_stream, save_stream, Codec, CodecChoice, ImageError, SaveOptions,
+    restore_stream, save_slice, save_stream, Codec, CodecChoice, ImageError, SaveOptions,
 };
 
 /// RAM with every class: zero pages, single-word pages, duplicates, text-like and random.
@@ -264,4 +264,54 @@ fn bad_streams_are_refused_on_save() {
         ImageReader::open(img),
         Err(ImageError::Truncated(_))
     ));
+}
+
+/// Saving a stream held in memory (pages borrowed, not copied) writes the same image as
+/// saving it through a reader, and the index's stream checksum is the CRC32C of the whole
+/// stream (both paths compute it per piece in parallel and combine the pieces).
+#[test]
+fn saving_from_memory_writes_the_same_image() {
+    let ram = ram(3000);
+    for shape in [GuestShape::Pv, GuestShape::Hvm] {
+        let mut s = stream(shape, &ram);
+        s.extend_from_slice(b"trailing bytes");
+        for (codec, bp, win) in [
+            (CodecChoice::Fixed(Codec::Zstd(1)), 0, 4096),
+            ("fast".parse().unwrap(), 0, 300),
+            (CodecChoice::Fixed(Codec::Snap), 5, 1),
+        ] {
+            let from_reader = save(&s, codec, bp, win);
+            let opts = SaveOptions {
+                codec,
+                block_pages: bp,
+                window_pages: win,
+                threads: 2,
+            };
+            let mut from_memory = Vec::new();
+            let st = save_slice(&s, &mut from_memory, &opts, &|_| {}).unwrap();
+            assert_eq!(st.stream_bytes, s.len() as u64);
+            assert!(
+                from_memory == from_reader,
+                "{shape:?} {codec}: the images differ"
+            );
+            let r = ImageReader::open(from_memory).unwrap();
+            assert_eq!(
+                r.index().stream_crc,
+                crc32c::crc32c(&s),
+                "{shape:?} {codec}"
+            );
+            assert_eq!(r.index().stream_len, s.len() as u64);
+        }
+        for cut in [100, s.len() / 2, s.len() - 20] {
+            let mut img = Vec::new();
+            let opts = SaveOptions::default();
+            let a = save_stream(&s[..cut], &mut img, &opts, &|_| {}).unwrap_err();
+            let b = save_slice(&s[..cut], &mut img, &opts, &|_| {}).unwrap_err();
+            let (ImageError::Stream(a), ImageError::Stream(b)) = (a, b) else {
+                panic!("cut {cut}: not a stream error");
+            };
+            assert_eq!(a.to_string(), b.to_string());
+            assert!(a.to_string().contains("truncated"), "{a}");
+        }
+    }
 }

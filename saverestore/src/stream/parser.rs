@@ -67,6 +67,10 @@ pub struct StreamParser<R> {
     /// Page buffers handed back by the consumer ([`StreamParser::recycle`]), reused so that
     /// steady-state parsing neither allocates nor zero-fills page memory.
     spare: Vec<Vec<u8>>,
+    /// Leave PAGE_DATA page bytes in the input ([`StreamParser::next_event_borrowed`]).
+    defer_pages: bool,
+    /// Page bytes of the last record left in the input.
+    deferred: usize,
 }
 
 /// Recycled page buffers kept at most.
@@ -85,6 +89,8 @@ impl<R: Read> StreamParser<R> {
             domain_type: None,
             libxc_version: None,
             spare: Vec::new(),
+            defer_pages: false,
+            deferred: 0,
         }
     }
 
@@ -382,6 +388,14 @@ impl<R: Read> StreamParser<R> {
             )));
         }
         let want = (with_data as usize) * PAGE_SIZE;
+        if self.defer_pages {
+            self.deferred = want;
+            return Ok(PageRecord {
+                reserved,
+                words,
+                pages: Vec::new(),
+            });
+        }
         let mut pages = self.spare.pop().unwrap_or_default();
         if want <= pages.len() {
             // A recycled buffer already initialised that far: read straight into it (no
@@ -425,6 +439,41 @@ impl<R: Read> Iterator for StreamParser<R> {
     }
 }
 
+impl<'a> StreamParser<io::Cursor<&'a [u8]>> {
+    /// Like [`StreamParser::next_event`] over a stream held in memory (or mapped), but a
+    /// PAGE_DATA record's page bytes are not copied: the record comes with empty `pages` and
+    /// the second value is its page data, borrowed from the input (empty for other events).
+    ///
+    /// # Errors
+    /// As [`StreamParser::next_event`], with the same messages.
+    pub fn next_event_borrowed(&mut self) -> Result<Option<(Event, &'a [u8])>, StreamError> {
+        self.defer_pages = true;
+        self.deferred = 0;
+        let r = self.next_event();
+        self.defer_pages = false;
+        let Some(ev) = r? else { return Ok(None) };
+        let want = std::mem::take(&mut self.deferred);
+        if want == 0 {
+            return Ok(Some((ev, &[])));
+        }
+        let data: &'a [u8] = self.input.get_ref();
+        let pos = (self.input.position() as usize).min(data.len());
+        let avail = data.len() - pos;
+        if avail < want {
+            self.offset += avail as u64;
+            self.input.set_position(data.len() as u64);
+            self.state = State::Done;
+            return Err(StreamError::Truncated {
+                what: "PAGE_DATA pages",
+                offset: self.offset,
+            });
+        }
+        self.input.set_position((pos + want) as u64);
+        self.offset += want as u64;
+        Ok(Some((ev, &data[pos..pos + want])))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +510,40 @@ mod tests {
         for shape in [GuestShape::Pv, GuestShape::Hvm] {
             let s = built(shape, 3000);
             assert_eq!(regenerate(&s).unwrap(), s);
+        }
+    }
+
+    /// The borrowing parser: the same events (pages put back) and the same errors as the
+    /// copying one.
+    fn parse_borrowed(stream: &[u8]) -> Result<Vec<Event>, StreamError> {
+        let mut p = StreamParser::new(io::Cursor::new(stream));
+        let mut evs = Vec::new();
+        while let Some((mut ev, pages)) = p.next_event_borrowed()? {
+            if let Event::Pages(r) = &mut ev {
+                assert!(r.pages.is_empty());
+                r.pages = pages.to_vec();
+            } else {
+                assert!(pages.is_empty());
+            }
+            evs.push(ev);
+        }
+        assert_eq!(p.offset(), stream.len() as u64);
+        Ok(evs)
+    }
+
+    #[test]
+    fn borrowed_parse_matches_copying_parse() {
+        let mut s = built(GuestShape::Hvm, 700);
+        s.extend_from_slice(b"tail");
+        let copied: Vec<Event> = StreamParser::new(&s[..]).collect::<Result<_, _>>().unwrap();
+        assert!(copied.iter().any(|e| matches!(e, Event::Pages(_))));
+        assert_eq!(parse_borrowed(&s).unwrap(), copied);
+        for cut in (0..s.len()).step_by(4093) {
+            let want = StreamParser::new(&s[..cut])
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap_err();
+            let got = parse_borrowed(&s[..cut]).unwrap_err();
+            assert_eq!(got.to_string(), want.to_string(), "cut {cut}");
         }
     }
 

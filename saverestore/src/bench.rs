@@ -12,7 +12,7 @@ use crate::image::index::PageClass;
 use crate::image::ImageReader;
 use crate::stream::format::page_pfn;
 use crate::stream::{build_stream, BuildOptions, GuestShape};
-use crate::{restore_stream, save_stream, SaveOptions};
+use crate::{restore_stream, save_slice, SaveOptions};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -175,7 +175,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
     let all = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    writeln!(out, "remoca bench save: {} thread(s) available; baselines compress the same in-memory stream in 1 MiB chunks (contexts and buffers reused per thread); our saves read it from memory and write the image to memory; each figure is the median of {REPEATS} runs; MB/cpu-s counts the CPU time of every thread of the {all}-thread run (a 1-thread save also has a parser and a writer thread)", all)?;
+    writeln!(out, "remoca bench save: {} thread(s) available; baselines compress the same in-memory stream in 1 MiB chunks (contexts and buffers reused per thread); our saves read it from memory in place (as from a mapped file; pipes are copied) and write the image to memory; each figure is the median of {REPEATS} runs; MB/cpu-s counts the CPU time of every thread of the {all}-thread run (a 1-thread save also has a writer thread)", all)?;
     for name in &cfg.images {
         let raw = load(cfg, name)?;
         let mut stream = Vec::with_capacity(raw.len() + (raw.len() >> 8) + (1 << 20));
@@ -229,7 +229,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
                 };
                 runs.push(measure(|| {
                     img.clear();
-                    let st = save_stream(&stream[..], &mut img, &opts, &|_| {})?;
+                    let st = save_slice(&stream, &mut img, &opts, &|_| {})?;
                     ratio = st.ratio();
                     Ok(st.stream_bytes)
                 })?);

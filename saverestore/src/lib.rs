@@ -3,7 +3,8 @@
 //! * [`stream`]: the `xl save` stream (parser keeping every non-page byte, writer, builder).
 //! * [`image`]: remoca's own image format (verbatim records, page index, compressed blocks).
 //! * [`codec`]: the block codecs; [`classify`]: zero / single-word / hashed pages.
-//! * [`save`] / [`restore`]: the parallel pipelines between the two.
+//! * [`save`] / [`restore`]: the parallel pipelines between the two; [`mapped`]: a file
+//!   mapped for a save that reads its pages in place.
 
 pub mod bench;
 pub mod classify;
@@ -11,6 +12,7 @@ pub mod codec;
 pub mod dest;
 pub mod image;
 pub mod inspect;
+pub mod mapped;
 pub mod nfs;
 pub mod nfs_testbed;
 pub mod progress;
@@ -21,5 +23,6 @@ pub mod xl;
 
 pub use codec::{Codec, CodecChoice};
 pub use image::{ImageError, ImageReader, ReadAt};
+pub use mapped::MappedFile;
 pub use restore::{restore_stream, RestoreStats};
 pub use save::{save_slice, save_stream, SaveOptions, SaveStats};

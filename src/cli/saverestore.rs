@@ -11,7 +11,8 @@ use remoca_saverestore::progress::Progress;
 use remoca_saverestore::stream::GuestShape;
 use remoca_saverestore::xl::XlRun;
 use remoca_saverestore::{
-    bench, inspect, restore_stream, save_stream, CodecChoice, ImageReader, SaveOptions,
+    bench, inspect, restore_stream, save_slice, save_stream, CodecChoice, ImageReader, MappedFile,
+    SaveOptions,
 };
 
 use super::Global;
@@ -128,6 +129,8 @@ pub fn save(a: SaveArgs, g: &Global) -> anyhow::Result<()> {
         threads: a.threads,
         ..Default::default()
     };
+    // A regular file is mapped and its pages read in place; pipes, FIFOs and stdin are read.
+    let mut mapped = None;
     let (input, total, xl): (Box<dyn Read + Send>, Option<u64>, Option<XlRun>) =
         match (&a.from, &a.domain) {
             (Some(f), _) if f == "-" => (
@@ -138,8 +141,10 @@ pub fn save(a: SaveArgs, g: &Global) -> anyhow::Result<()> {
             (Some(f), _) => {
                 let file = File::open(f).with_context(|| format!("opening {f}"))?;
                 let len = file.metadata().map(|m| m.len()).ok();
+                let reader = file.try_clone().with_context(|| format!("opening {f}"))?;
+                mapped = MappedFile::map(file).with_context(|| format!("mapping {f}"))?;
                 (
-                    Box::new(io::BufReader::with_capacity(4 << 20, file)),
+                    Box::new(io::BufReader::with_capacity(4 << 20, reader)),
                     len,
                     None,
                 )
@@ -157,7 +162,15 @@ pub fn save(a: SaveArgs, g: &Global) -> anyhow::Result<()> {
         };
     let mut sink = create_sink(&to).with_context(|| format!("opening destination {to}"))?;
     let bar = Progress::new("save", total, !a.quiet);
-    let res = save_stream(input, &mut *sink, &opts, &|n| bar.set(n));
+    let res: anyhow::Result<_> = match &mapped {
+        Some(m) => save_slice(m.bytes(), &mut *sink, &opts, &|n| bar.set(n))
+            .map_err(anyhow::Error::from)
+            .and_then(|st| {
+                m.check_unchanged().context("reading the input")?;
+                Ok(st)
+            }),
+        None => save_stream(input, &mut *sink, &opts, &|n| bar.set(n)).map_err(Into::into),
+    };
     bar.finish();
     if let Some(run) = xl {
         run.wait().context("xl save")?;

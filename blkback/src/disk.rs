@@ -19,8 +19,10 @@
 //! - **Idempotence.** Applying the same write (or discard, or write-zeroes) twice leaves the
 //!   same content as applying it once, so a failover frontend may replay requests.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use crate::request::{Completion, Op, RequestError};
 
@@ -169,6 +171,54 @@ pub trait Disk: Send + Sync + fmt::Debug {
         let _ = headroom;
         Err((op, done))
     }
+}
+
+/// Output that completions queue up and that is sent once the batch they ran in ends: a
+/// frontend's reply socket. See [`defer_to_batch_end`].
+pub trait BatchOutput: Send + Sync {
+    /// Send what was queued while the batch ran.
+    fn end_of_batch(&self);
+}
+
+thread_local! {
+    /// `Some` on a thread that batches the completions it runs (see
+    /// [`batch_completions_on_this_thread`]): the outputs to send at the end of the batch.
+    static BATCH: RefCell<Option<Vec<Arc<dyn BatchOutput>>>> = const { RefCell::new(None) };
+}
+
+/// Make the calling thread batch what the completions ([`Done`]) it runs send: an I/O thread
+/// that completes several requests from one read (the failover endpoint's connection reader)
+/// calls this once, runs the callbacks, and calls [`end_completion_batch`] before it blocks
+/// again, so a frontend sends all their replies in one write.
+pub fn batch_completions_on_this_thread() {
+    BATCH.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.is_none() {
+            *b = Some(Vec::new());
+        }
+    });
+}
+
+/// Send everything queued by completions run on this thread since the last call.
+pub fn end_completion_batch() {
+    let outs = BATCH.with(|b| b.borrow_mut().as_mut().map(std::mem::take));
+    for o in outs.into_iter().flatten() {
+        o.end_of_batch();
+    }
+}
+
+/// Called by a completion that queued output on `out`: when the calling thread batches,
+/// `out` is sent at the end of the batch and this returns true; otherwise false (send now).
+pub fn defer_to_batch_end(out: &Arc<dyn BatchOutput>) -> bool {
+    BATCH.with(|b| match b.borrow_mut().as_mut() {
+        Some(v) => {
+            if !v.iter().any(|o| Arc::ptr_eq(o, out)) {
+                v.push(out.clone());
+            }
+            true
+        }
+        None => false,
+    })
 }
 
 /// Return [`DiskError::OutOfRange`] unless `offset..offset+len` lies within `size`.

@@ -261,6 +261,16 @@ impl Conn {
     }
 }
 
+/// Whether `buf` starts with a whole reply frame.
+fn whole_reply(buf: &[u8]) -> bool {
+    buf.len() >= wire::REPLY_HEADER_LEN
+        && buf[..wire::REPLY_HEADER_LEN]
+            .try_into()
+            .ok()
+            .and_then(|b| wire::parse_reply(b).ok())
+            .is_some_and(|h| buf.len() - wire::REPLY_HEADER_LEN >= h.data_len as usize)
+}
+
 /// A process's state letter and start time from `/proc/PID/stat`.
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let s = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
@@ -547,8 +557,22 @@ impl Inner {
         conn
     }
 
-    fn read_replies(&self, s: &mut impl Read, conn: &Conn) -> io::Result<()> {
+    /// Read replies until the connection ends, completing each request. The callbacks of
+    /// one batch (the replies one `read` brought in) queue their output, sent when no whole
+    /// reply is left in the buffer, just before the reader would block again.
+    fn read_replies<R: Read>(&self, s: &mut io::BufReader<R>, conn: &Conn) -> io::Result<()> {
+        struct EndBatch;
+        impl Drop for EndBatch {
+            fn drop(&mut self) {
+                crate::disk::end_completion_batch();
+            }
+        }
+        crate::disk::batch_completions_on_this_thread();
+        let _end = EndBatch;
         loop {
+            if !whole_reply(s.buffer()) {
+                crate::disk::end_completion_batch();
+            }
             let mut hb = [0u8; wire::REPLY_HEADER_LEN];
             s.read_exact(&mut hb)?;
             let h = wire::parse_reply(&hb)

@@ -7,21 +7,30 @@
 //!        └── header errors that need no disk (bad flags, bad command) ──────────┘
 //! ```
 //!
+//! On a socket (unix or TCP), a disk that completes requests from its own I/O thread (the
+//! failover endpoint, through `Disk::submit`) has that thread write the replies of one
+//! batch to the socket itself ([`Sink`], [`crate::disk::defer_to_batch_end`]): no task is
+//! woken per reply. Replies finished on worker threads go through the writer task, which
+//! gathers what is queued into one write. On other streams (tests, fuzzing) every reply
+//! goes through the writer task.
+//!
 //! Requests are pipelined and replies may leave out of order, as the protocol allows. A
 //! FLUSH is executed after every earlier request *completed* (the client only counts on
 //! writes it saw replies for), which the disk's `flush` contract covers. On DISC or shutdown
 //! the reader stops, every outstanding request is answered, and the connection closes.
 
+use std::any::Any;
 use std::io;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{Session, CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION};
 use super::shutdown::Shutdown;
 use super::wire::*;
-use crate::disk::{DiskError, Extent};
+use crate::disk::{defer_to_batch_end, BatchOutput, DiskError, Extent};
 use crate::export::{Export, ExportStats};
 use crate::request::{execute, Completion, Op, RequestError};
 use crate::workers::WorkerPool;
@@ -188,20 +197,234 @@ where
         structured: session.structured,
         contexts: Arc::new(session.contexts),
     };
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let (replies, writer_task) = match SinkSocket::from_writer(writer) {
+        Ok(sock) => {
+            let sink = Arc::new(Sink::new(sock));
+            let task = tokio::spawn(sink.clone().write_rest());
+            (Replies::Direct(sink), task)
+        }
+        Err(writer) => {
+            let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            (Replies::Queue(tx), tokio::spawn(write_replies(writer, rx)))
+        }
+    };
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let result = read_requests(
-        reader, &export, &replier, &tx, &in_flight, workers, shutdown,
+        reader, &export, &replier, &replies, &in_flight, workers, shutdown,
     )
     .await;
     // Answer everything outstanding before closing.
     let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
-    drop(tx);
+    replies.close();
     let written = writer_task.await.map_err(io::Error::other)?;
     result?;
     written?;
     Ok(())
+}
+
+/// Where replies go: straight to the socket, or through the writer task.
+#[derive(Clone)]
+enum Replies {
+    Direct(Arc<Sink>),
+    Queue(mpsc::UnboundedSender<Vec<u8>>),
+}
+
+impl Replies {
+    fn send(&self, frame: Vec<u8>) {
+        match self {
+            Replies::Direct(s) => s.send(&frame),
+            Replies::Queue(tx) => {
+                let _ = tx.send(frame);
+            }
+        }
+    }
+
+    /// No more replies: the writer task ends once everything queued is written.
+    fn close(self) {
+        if let Replies::Direct(s) = self {
+            s.close();
+        }
+    }
+}
+
+/// The write half of a client socket, written from any thread with non-blocking writes.
+enum SinkSocket {
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+}
+
+impl SinkSocket {
+    /// The socket behind `writer`, when it is one; else `writer` back.
+    fn from_writer<W: Send + 'static>(writer: W) -> Result<Self, W> {
+        let any: Box<dyn Any + Send> = Box::new(writer);
+        let any = match any.downcast::<tokio::net::unix::OwnedWriteHalf>() {
+            Ok(w) => return Ok(SinkSocket::Unix(*w)),
+            Err(a) => a,
+        };
+        let any = match any.downcast::<tokio::net::tcp::OwnedWriteHalf>() {
+            Ok(w) => return Ok(SinkSocket::Tcp(*w)),
+            Err(a) => a,
+        };
+        Err(*any.downcast::<W>().expect("the writer's own type"))
+    }
+
+    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            SinkSocket::Unix(w) => w.try_write(b),
+            SinkSocket::Tcp(w) => w.try_write(b),
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        match self {
+            SinkSocket::Unix(w) => w.writable().await,
+            SinkSocket::Tcp(w) => w.writable().await,
+        }
+    }
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// Whole frames not written yet (the tail of one may have been written already).
+    buf: Vec<u8>,
+    /// The writer task owns the socket until `buf` is empty: nobody else writes.
+    handed_off: bool,
+    closed: bool,
+    error: Option<io::Error>,
+}
+
+/// A client socket that a disk's I/O thread writes its replies to itself.
+///
+/// Replies are appended whole to one queue. A disk's I/O thread writes the queue with a
+/// non-blocking write at the end of its batch; what the socket does not take, and what
+/// other threads queue, the writer task ([`Sink::write_rest`]) writes, waiting for the
+/// socket. Frames never interleave: only one writer writes at a time (under the lock, or
+/// the writer task while `handed_off`).
+struct Sink {
+    sock: SinkSocket,
+    state: Mutex<SinkState>,
+    wake: tokio::sync::Notify,
+}
+
+impl Sink {
+    fn new(sock: SinkSocket) -> Self {
+        Self {
+            sock,
+            state: Mutex::new(SinkState::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Queue `frame`. On a thread that batches its completions (a disk's own I/O thread,
+    /// see [`crate::disk::batch_completions_on_this_thread`]) it is written by that thread at
+    /// the end of its batch; from any other thread (a worker, the reader task) the writer
+    /// task is woken to write it, as it gathers whatever else is queued by then.
+    fn send(self: &Arc<Self>, frame: &[u8]) {
+        let mut st = self.state.lock();
+        if st.error.is_some() || st.closed {
+            return;
+        }
+        st.buf.extend_from_slice(frame);
+        let out: Arc<dyn BatchOutput> = self.clone();
+        if defer_to_batch_end(&out) {
+            return;
+        }
+        if !st.handed_off {
+            st.handed_off = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Write what is queued, unless the writer task owns the socket.
+    fn write_queued(&self, st: &mut SinkState) {
+        if st.handed_off || st.buf.is_empty() || st.error.is_some() {
+            return;
+        }
+        let mut done = 0;
+        while done < st.buf.len() {
+            match self.sock.try_write(&st.buf[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    st.buf.drain(..done);
+                    st.handed_off = true;
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(e) => return self.fail(st, e),
+            }
+        }
+        st.buf.clear();
+    }
+
+    fn fail(&self, st: &mut SinkState, e: io::Error) {
+        st.buf = Vec::new();
+        st.error = Some(e);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// The writer task: write what the socket did not take at once, waiting until it is
+    /// writable; end when closed with nothing left (or at the first error).
+    async fn write_rest(self: Arc<Self>) -> io::Result<()> {
+        loop {
+            let chunk = {
+                let mut st = self.state.lock();
+                if let Some(e) = &st.error {
+                    return Err(io::Error::new(e.kind(), e.to_string()));
+                }
+                if st.handed_off && !st.buf.is_empty() {
+                    Some(std::mem::take(&mut st.buf))
+                } else {
+                    st.handed_off = false;
+                    if st.closed {
+                        // Batched frames not yet written (none once every request is
+                        // answered and its batch ended; kept for safety).
+                        if !st.buf.is_empty() {
+                            st.handed_off = true;
+                            Some(std::mem::take(&mut st.buf))
+                        } else {
+                            return Ok(());
+                        }
+                    } else {
+                        None
+                    }
+                }
+            };
+            let Some(chunk) = chunk else {
+                self.wake.notified().await;
+                continue;
+            };
+            let mut done = 0;
+            while done < chunk.len() {
+                self.sock.writable().await?;
+                match self.sock.try_write(&chunk[done..]) {
+                    Ok(n) => done += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => {
+                        let mut st = self.state.lock();
+                        self.fail(&mut st, io::Error::new(e.kind(), e.to_string()));
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl BatchOutput for Sink {
+    fn end_of_batch(&self) {
+        let mut st = self.state.lock();
+        self.write_queued(&mut st);
+    }
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
@@ -223,7 +446,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     reader: &mut R,
     export: &Arc<Export>,
     replier: &Replier,
-    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    tx: &Replies,
     in_flight: &Arc<Semaphore>,
     workers: &WorkerPool,
     shutdown: &mut Shutdown,
@@ -243,12 +466,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let op = match decoded {
             Decoded::Disconnect => return Ok(()),
             Decoded::Ok => {
-                let _ = tx.send(replier.ok(h.cookie));
+                tx.send(replier.ok(h.cookie));
                 continue;
             }
             Decoded::Reply(errno, msg) => {
                 ExportStats::add(&export.stats.errors, 1);
-                let _ = tx.send(replier.error(h.cookie, errno, msg));
+                tx.send(replier.error(h.cookie, errno, msg));
                 continue;
             }
             Decoded::Run(op) => op,
@@ -265,7 +488,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let finish = {
             let export = export.clone();
             move |res: Result<Completion, RequestError>| {
-                let _ = tx.send(reply_frame(&export, &replier, &h, req_one, res));
+                tx.send(reply_frame(&export, &replier, &h, req_one, res));
                 drop(permit);
             }
         };
@@ -374,6 +597,152 @@ async fn decode<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::{Disk, Done, WriteFlags, ZeroFlags};
+    use crate::memory::MemDisk;
+    use crate::nbd::client::Client;
+
+    /// A disk that completes the requests it takes (all but flushes) from its own thread,
+    /// several per batch, as the failover endpoint's connection reader does.
+    #[derive(Debug)]
+    struct ThreadedDisk {
+        mem: Arc<MemDisk>,
+        tx: std::sync::Mutex<std::sync::mpsc::Sender<(Op, usize, Done)>>,
+    }
+
+    impl ThreadedDisk {
+        fn new(size: u64) -> Self {
+            let mem = Arc::new(MemDisk::new(size));
+            let (tx, rx) = std::sync::mpsc::channel::<(Op, usize, Done)>();
+            let m = mem.clone();
+            std::thread::spawn(move || {
+                crate::disk::batch_completions_on_this_thread();
+                while let Ok(first) = rx.recv() {
+                    for (op, headroom, done) in std::iter::once(first).chain(rx.try_iter()) {
+                        done(execute(&*m, op, headroom));
+                    }
+                    crate::disk::end_completion_batch();
+                }
+            });
+            Self {
+                mem,
+                tx: std::sync::Mutex::new(tx),
+            }
+        }
+    }
+
+    impl Disk for ThreadedDisk {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, f: WriteFlags) -> Result<(), DiskError> {
+            self.mem.write_at(buf, offset, f)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            self.mem.flush()
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.mem.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), DiskError> {
+            self.mem.write_zeroes(offset, len, f)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+            self.mem.block_status(offset, len)
+        }
+        fn submit(&self, op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
+            if matches!(op, Op::Flush) {
+                return Err((op, done));
+            }
+            self.tx
+                .lock()
+                .unwrap()
+                .send((op, headroom, done))
+                .map_err(|e| (e.0 .0, e.0 .2))
+        }
+    }
+
+    /// Replies written by the disk's own thread (batched) and by the writer task (flushes
+    /// run on a worker) share the socket: with the client not reading until 24 MiB of read
+    /// replies are queued (far more than the socket buffer holds, so the disk thread's
+    /// non-blocking writes stop short and the writer task finishes them), every reply
+    /// arrives whole and carries its own block's data.
+    #[test]
+    fn replies_from_the_disk_thread_and_workers_arrive_whole() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let l = {
+            let _g = rt.enter();
+            tokio::net::UnixListener::bind(&sock).unwrap()
+        };
+        let disk: Arc<dyn Disk> = Arc::new(ThreadedDisk::new(32 * MIB));
+        let exports =
+            crate::export::Exports::from_disks(vec![("vm".into(), "t".into(), disk)]).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(crate::nbd::run(
+            crate::nbd::Listener::Unix(l),
+            exports,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        // Structured replies: the raw client reads a simple reply's data only in `read`.
+        let structured = true;
+        {
+            let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            let mut c = Client::connect(s, "vm", structured).unwrap();
+            let block = |i: u64| -> Vec<u8> {
+                (0..MIB)
+                    .map(|j| (i * 7 + j / 4096 + u64::from(structured)) as u8)
+                    .collect()
+            };
+            for i in 0..24 {
+                c.write(i * MIB, &block(i), false).unwrap();
+            }
+            // First reads only (the disk thread's own writes stop short), then reads mixed
+            // with flushes (answered through the writer task).
+            for flushes in [false, true] {
+                let mut cookies = std::collections::HashMap::new();
+                for i in 0..24 {
+                    let ck = c.send(CMD_READ, 0, i * MIB, MIB as u32, &[]).unwrap();
+                    cookies.insert(ck, Some(i));
+                    if flushes && i % 6 == 0 {
+                        cookies.insert(c.send(CMD_FLUSH, 0, 0, 0, &[]).unwrap(), None);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                for _ in 0..cookies.len() {
+                    let r = c.recv().unwrap();
+                    assert_eq!(r.error, 0);
+                    match cookies
+                        .remove(&r.cookie)
+                        .expect("a reply for a request sent")
+                    {
+                        Some(i) => assert!(
+                            r.data == block(i),
+                            "block {i} read back wrong ({} bytes)",
+                            r.data.len()
+                        ),
+                        None => assert!(r.data.is_empty()),
+                    }
+                }
+            }
+            c.disconnect().unwrap();
+        }
+        let _ = stop.send(());
+        rt.block_on(server).unwrap().unwrap();
+    }
 
     #[test]
     fn errno_mapping_follows_the_protocol() {

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod classify;
 pub mod codec;
+pub mod crc;
 pub mod dest;
 pub mod image;
 pub mod inspect;

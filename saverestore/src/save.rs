@@ -520,7 +520,7 @@ impl SaveState {
                     }
                     crc = crc32c::crc32c_append(crc, &self.head);
                     for _ in 0..data.div_ceil(PIECE_PAGES * PAGE_SIZE) {
-                        crc = crc32c::crc32c_combine(crc, crcs[k], pieces[k].len());
+                        crc = crate::crc::combine(crc, crcs[k], pieces[k].len());
                         k += 1;
                     }
                     self.stream_len += (8 + len) as u64;

@@ -96,6 +96,12 @@ struct Deploy {
     ms: AtomicU64,
     /// When the deployment started (ms since the Unix epoch), to line nodes up in a trace.
     start_unix_ms: AtomicU64,
+    /// When this node's home stream was done, from the start of the deployment.
+    home_ms: AtomicU64,
+    /// When every chunk had been read, before the disk was synced.
+    read_ms: AtomicU64,
+    /// When the prefetcher was done.
+    pf_ms: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -123,6 +129,9 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
         ("deployed", d.done.load(Ordering::Relaxed) as u64),
         ("deploy_ms", g(&d.ms)),
         ("deploy_start_unix_ms", g(&d.start_unix_ms)),
+        ("home_stream_ms", g(&d.home_ms)),
+        ("read_done_ms", g(&d.read_ms)),
+        ("prefetched_ms", g(&d.pf_ms)),
     ] {
         text.push_str(&format!("{k}={v}\n"));
     }
@@ -298,6 +307,12 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
             ) {
                 Ok(r) => {
                     d.ms.store(r.elapsed.as_millis() as u64, Ordering::Relaxed);
+                    d.pf_ms
+                        .store(r.prefetched.as_millis() as u64, Ordering::Relaxed);
+                    d.read_ms
+                        .store(r.read_done.as_millis() as u64, Ordering::Relaxed);
+                    d.home_ms
+                        .store(r.home_stream.as_millis() as u64, Ordering::Relaxed);
                     d.done.store(true, Ordering::Relaxed);
                     println!(
                         "deployed {} bytes in {:.3} s: {}",

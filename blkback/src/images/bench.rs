@@ -259,7 +259,28 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
     let deploy_ms = node_stats.iter().map(|st| num(st, "deploy_ms")).collect();
     let ost = stats(&w.join("origin.stats"));
     let origin_egress = num(&ost, "served_bytes");
-    let trace = trace(t0, &node_stats, &ost, &samples);
+    let mut trace = trace(t0, &node_stats, &ost, &samples);
+    if let Ok(o) = Command::new("ip")
+        .args(["netns", "exec", &bed.ns("o"), "nstat", "-az"])
+        .args([
+            "TcpRetransSegs",
+            "TcpExtTCPTimeouts",
+            "TcpExtTCPLossProbes",
+            "TcpOutSegs",
+        ])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let kv: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some(format!("{} {}", w.next()?, w.next()?))
+            })
+            .collect();
+        trace.push_str(&format!("  origin TCP: {}\n", kv.join(", ")));
+    }
     for i in 0..cfg.nodes {
         let _ = std::fs::copy(
             w.join(format!("n{i}.log")),
@@ -323,8 +344,12 @@ fn trace(
         let start = num(st, "deploy_start_unix_ms").saturating_sub(t0_ms);
         let end = start + num(st, "deploy_ms");
         last_end = last_end.max(end);
+        let home = start + num(st, "home_stream_ms");
         s.push_str(&format!(
-            "  n{i}: start {start} ms, end {end} ms | origin {} chunks, peers {} chunks, cache {} | served {} chunks, pulled {} | peer failures {}, corrupt {}\n",
+            "  n{i}: start {start} ms, home stream done {} ms, prefetched {} ms, all read {} ms, end {end} ms | origin {} chunks, peers {} chunks, cache {} | served {} chunks, pulled {} | peer failures {}, corrupt {}\n",
+            home,
+            start + num(st, "prefetched_ms"),
+            start + num(st, "read_done_ms"),
             num(st, "from_origin"),
             num(st, "from_peers"),
             num(st, "from_cache"),
@@ -372,6 +397,15 @@ fn trace(
         t += 500;
     }
     s.push_str(&line);
+    s.push_str("\n  link Mbit/s per 100 ms, last second:");
+    let tail: Vec<&(u64, u64)> = samples.iter().filter(|(t, _)| *t + 1100 >= all).collect();
+    for w in tail.windows(2) {
+        let dt = (w[1].0 - w[0].0).max(1) as f64 / 1e3;
+        s.push_str(&format!(
+            " {:.0}",
+            (w[1].1 - w[0].1) as f64 * 8.0 / dt / 1e6
+        ));
+    }
     s.push('\n');
     s
 }

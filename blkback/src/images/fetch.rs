@@ -239,6 +239,46 @@ impl Fetcher {
         parallel: usize,
         stop: &AtomicBool,
     ) -> usize {
+        self.pump(order, batch, parallel, stop, |w| self.fetch_many(w))
+    }
+
+    /// Whether this fetcher has peers (is part of a cooperative cache).
+    pub fn has_peers(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    /// Stream the chunks of `order` this node is the home of from the origin into the cache,
+    /// in that order, `batch` chunks per request and `parallel` requests in flight, until
+    /// done or `stop`: what keeps the origin link busy from the start of a deployment,
+    /// whatever the peers ask when. Goes through the origin single-flight table, shared with
+    /// the pull requests peers send, so no chunk is fetched twice. Does nothing without peers
+    /// or origin. Returns how many chunks could not be had.
+    pub fn stream_home(
+        &self,
+        order: &[(ChunkId, usize)],
+        batch: usize,
+        parallel: usize,
+        stop: &AtomicBool,
+    ) -> usize {
+        if self.peers.is_empty() || self.origin.is_none() || self.me.is_none() {
+            return 0;
+        }
+        let mine: Vec<(ChunkId, usize)> = order
+            .iter()
+            .filter(|(id, _)| self.home_of(id).is_none())
+            .copied()
+            .collect();
+        self.pump(&mine, batch, parallel, stop, |w| self.fetch_from_origin(w))
+    }
+
+    fn pump(
+        &self,
+        order: &[(ChunkId, usize)],
+        batch: usize,
+        parallel: usize,
+        stop: &AtomicBool,
+        fetch: impl Fn(&[(ChunkId, usize)]) -> Results + Sync,
+    ) -> usize {
         let batch = batch.clamp(1, MAX_BATCH);
         let next = AtomicUsize::new(0);
         let failed = AtomicUsize::new(0);
@@ -259,11 +299,7 @@ impl Fetcher {
                     if wants.is_empty() {
                         continue;
                     }
-                    let bad = self
-                        .fetch_many(&wants)
-                        .iter()
-                        .filter(|r| r.is_err())
-                        .count();
+                    let bad = fetch(&wants).iter().filter(|r| r.is_err()).count();
                     failed.fetch_add(bad, Ordering::Relaxed);
                 });
             }

@@ -90,6 +90,14 @@ pub fn store_chunk_list(store: &Store, spec: &str) -> Result<(VersionRef, ChunkL
     Ok((v, list))
 }
 
+/// Chunks per origin GET of the home stream (see [`Fetcher::stream_home`]): few, since a
+/// peer's pull waiting on one of them waits for the whole GET (a flight completes with its
+/// request).
+pub const HOME_STREAM_BATCH: usize = 4;
+/// Origin GETs the home stream keeps in flight (2 MiB at 64 KiB chunks): enough to keep the
+/// origin link full.
+pub const HOME_STREAM_DEPTH: usize = 8;
+
 /// What one deployment did.
 #[derive(Debug, Clone)]
 pub struct DeployReport {
@@ -97,6 +105,12 @@ pub struct DeployReport {
     pub bytes: u64,
     pub data_chunks: usize,
     pub elapsed: Duration,
+    /// When the home stream (see [`Fetcher::stream_home`]) was done, from the start.
+    pub home_stream: Duration,
+    /// When the prefetcher was done, from the start.
+    pub prefetched: Duration,
+    /// When every chunk had been read (and written to `out`), before `out` was synced.
+    pub read_done: Duration,
     /// Chunks the prefetcher could not get (the reader then failed too, or got them later).
     pub prefetch_failures: usize,
 }
@@ -147,8 +161,31 @@ pub fn deploy(
     let stop = AtomicBool::new(false);
     let cs = list.chunk_size.bytes() as u64;
     let (read, prefetch_failures) = std::thread::scope(|s| {
-        let pf = s.spawn(|| fetcher.prefetch(&wanted, batch, parallel, &stop));
-        let read = (|| -> io::Result<u64> {
+        // With peers, this node streams the chunks it is home of from the origin from the
+        // start (the peers pull them from here), so the origin link is busy from t=0
+        // whatever order the peers ask in.
+        let home = s.spawn(|| {
+            let failed = fetcher.stream_home(&wanted, HOME_STREAM_BATCH, HOME_STREAM_DEPTH, &stop);
+            (failed, start.elapsed())
+        });
+        let pf = s.spawn(|| {
+            let failed = fetcher.prefetch(&wanted, batch, parallel, &stop);
+            (failed, start.elapsed())
+        });
+        // Write-behind: sync `out` while the chunks arrive, so that the final sync has only
+        // the last few writes left.
+        // The reader drops `done` when it is through, which ends this at once.
+        let (done, reading) = std::sync::mpsc::channel::<()>();
+        if let Some(f) = out {
+            s.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    reading.recv_timeout(Duration::from_millis(200))
+                {
+                    let _ = f.sync_data();
+                }
+            });
+        }
+        let read = (|| -> io::Result<(u64, Duration)> {
             let mut buf = vec![0u8; cs as usize];
             let mut bytes = 0u64;
             for &i in &order {
@@ -163,13 +200,16 @@ pub fn deploy(
                 bytes += len as u64;
                 progress.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(bytes)
+            Ok((bytes, start.elapsed()))
         })();
+        drop(done);
         stop.store(true, Ordering::Relaxed);
-        let failures = pf.join().unwrap_or(0);
-        (read, failures)
+        let (home_failures, home_stream) = home.join().unwrap_or_default();
+        let (pf_failures, prefetched) = pf.join().unwrap_or_default();
+        (read, (pf_failures + home_failures, home_stream, prefetched))
     });
-    let bytes = read?;
+    let (prefetch_failures, home_stream, prefetched) = prefetch_failures;
+    let (bytes, read_done) = read?;
     if let Some(f) = out {
         f.set_len(list.size)?;
         f.sync_all()?;
@@ -178,6 +218,9 @@ pub fn deploy(
         bytes,
         data_chunks: wanted.len(),
         elapsed: start.elapsed(),
+        home_stream,
+        prefetched,
+        read_done,
         prefetch_failures,
     })
 }

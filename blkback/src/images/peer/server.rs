@@ -269,7 +269,7 @@ impl RunningServer {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .max_blocking_threads(16)
+            .max_blocking_threads(128)
             .enable_all()
             .build()?;
         let s2 = svc.clone();

@@ -2,13 +2,16 @@
 //!
 //! Every call runs under a deadline: connect, each read and each write time out after
 //! [`PeerClient::timeout`], so a peer that dies or hangs mid-transfer costs at most that long.
+//! A peer that is pulling the chunk from the origin says so with WAIT frames, and is waited
+//! for (up to `PATIENCE` timeouts per GET) instead of being taken for a hung one: abandoning
+//! it would fetch the chunk from the origin a second time.
 //! Connections are kept in a small pool and reused; one that failed is dropped. The client
 //! does not check chunk bytes against their ids — the fetcher does, and decides what a bad
 //! chunk means for the peer.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -17,6 +20,9 @@ use crate::images::chunk::ChunkId;
 
 /// Idle connections kept per peer.
 const POOL: usize = 8;
+/// How many read timeouts a GET may last in all while the peer keeps sending WAIT (it is
+/// pulling from the origin); a peer that sends nothing times out after one.
+const PATIENCE: u32 = 15;
 
 /// A client of one peer (or of the origin).
 #[derive(Debug)]
@@ -90,8 +96,21 @@ impl PeerClient {
                 wants: wants.to_vec(),
             }))?;
             let mut out = Vec::with_capacity(wants.len());
+            let started = Instant::now();
             for (id, len) in wants {
-                match wire::read_frame(&mut s)? {
+                let mut frame = wire::read_frame(&mut s)?;
+                // WAIT: the peer is fetching the chunk from the origin. Wait on, up to
+                // PATIENCE read timeouts for the whole GET.
+                while frame == Frame::Wait {
+                    if started.elapsed() > self.timeout * PATIENCE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("peer still waiting for {id} after {:?}", started.elapsed()),
+                        ));
+                    }
+                    frame = wire::read_frame(&mut s)?;
+                }
+                match frame {
                     Frame::Chunk { id: got, data } if got == *id && data.len() == *len as usize => {
                         out.push(Answer::Data(data))
                     }
@@ -148,5 +167,6 @@ fn describe(f: &Frame) -> String {
         Frame::Get { .. } => "GET".into(),
         Frame::HaveQuery(_) => "HAVE_QUERY".into(),
         Frame::Error(m) => format!("ERROR {m}"),
+        Frame::Wait => "WAIT".into(),
     }
 }

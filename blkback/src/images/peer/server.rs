@@ -189,7 +189,14 @@ async fn connection(svc: Arc<Service>, mut s: TcpStream) -> io::Result<()> {
                 let job = tokio::task::spawn_blocking(move || {
                     svc2.answer_get(pull, &wants, &mut |f| tx.blocking_send(f).is_ok())
                 });
-                while let Some(f) = rx.recv().await {
+                // While the next answer is being fetched (a pull from the origin), tell the
+                // client so every WAIT_EVERY: it must not take this peer for a hung one.
+                loop {
+                    let f = match tokio::time::timeout(wire::WAIT_EVERY, rx.recv()).await {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(_) => Frame::Wait,
+                    };
                     s.write_all(&wire::encode(&f)).await?;
                 }
                 job.await.map_err(io::Error::other)?;
@@ -318,5 +325,60 @@ impl Drop for RunningServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::peer::client::{Answer, PeerClient};
+    use std::time::Duration;
+
+    /// Holds nothing.
+    struct Empty;
+
+    impl ChunkSource for Empty {
+        fn fetch(&self, id: &ChunkId, _len: usize) -> Result<Vec<u8>, ChunkError> {
+            Err(ChunkError::NotFound(*id))
+        }
+    }
+
+    /// An origin path that takes `0` to produce `1`.
+    struct SlowOrigin(Duration, Vec<u8>);
+
+    impl BatchSource for SlowOrigin {
+        fn fetch_batch(&self, wants: &[(ChunkId, usize)]) -> Vec<Result<Vec<u8>, ChunkError>> {
+            std::thread::sleep(self.0);
+            wants.iter().map(|_| Ok(self.1.clone())).collect()
+        }
+    }
+
+    #[test]
+    fn a_peer_pulling_slowly_from_the_origin_is_waited_for_a_silent_one_is_not() {
+        let data = vec![7u8; 4096];
+        let id = ChunkId::of(&data);
+        let timeout = Duration::from_millis(400);
+        // The pull takes three read timeouts: WAIT frames keep the client waiting.
+        let svc = Service::new(Arc::new(Empty), |_| false)
+            .with_pull(Arc::new(SlowOrigin(timeout * 3, data.clone())));
+        let srv = RunningServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(svc)).unwrap();
+        let c = PeerClient::new(srv.addr(), timeout);
+        assert_eq!(
+            c.get(&[(id, 4096)], true).unwrap(),
+            vec![Answer::Data(data.clone())]
+        );
+        // Without the pull flag the same server answers MISSING at once.
+        assert_eq!(c.get(&[(id, 4096)], false).unwrap(), vec![Answer::Missing]);
+        // A peer that accepts and never answers still fails after one read timeout.
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = PeerClient::new(hung.local_addr().unwrap(), timeout);
+        let e = c.get(&[(id, 4096)], true).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
     }
 }

@@ -14,10 +14,13 @@
 //! HAVE       (server → client) flags 0 | count 1..=MAX_BATCH | body: ceil(count/8) bitmap,
 //!                              bit i (LSB first in byte i/8) set = the server holds id i
 //! ERROR      (server → client) flags 0 | count 0 | body: UTF-8 message ≤ MAX_ERROR_LEN
+//! WAIT       (server → client) flags 0 | count 0 | empty body
 //! ```
 //!
 //! A GET is answered by one CHUNK or MISSING frame per asked id, in the order asked; a
-//! HAVE_QUERY by one HAVE frame; a request the server cannot parse by one ERROR frame, after
+//! HAVE_QUERY by one HAVE frame; while the server is still working on the next answer of a
+//! GET (pulling from the origin), it sends a WAIT frame every [`WAIT_EVERY`], so a client
+//! can tell a peer that waits for the origin from a hung one (which sends nothing); a request the server cannot parse by one ERROR frame, after
 //! which the server closes the connection. `FLAG_PULL` asks the server to fetch a chunk it
 //! does not hold from the origin (never from another peer) and serve it: the server is the
 //! chunk's home node (see `fetch`). A client never trusts a CHUNK's bytes: it checks them
@@ -46,6 +49,11 @@ pub const KIND_CHUNK: u8 = 3;
 pub const KIND_MISSING: u8 = 4;
 pub const KIND_HAVE: u8 = 5;
 pub const KIND_ERROR: u8 = 6;
+pub const KIND_WAIT: u8 = 7;
+
+/// How often a server busy with a GET's next answer sends WAIT. Client read timeouts must be
+/// longer.
+pub const WAIT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// GET flag: fetch what you lack from the origin and serve it.
 pub const FLAG_PULL: u8 = 1;
@@ -67,6 +75,8 @@ pub enum Frame {
     /// One flag per queried id.
     Have(Vec<bool>),
     Error(String),
+    /// The next answer is still being fetched.
+    Wait,
 }
 
 /// A frame header that passed every check: the body it announces is safe to allocate.
@@ -122,7 +132,7 @@ pub fn parse_header(b: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
     }
     let body_len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
     let allowed_flags = if kind == KIND_GET { FLAG_PULL } else { 0 };
-    if !(KIND_GET..=KIND_ERROR).contains(&kind) {
+    if !(KIND_GET..=KIND_WAIT).contains(&kind) {
         return Err(WireError::Kind(kind));
     }
     if flags & !allowed_flags != 0 {
@@ -140,6 +150,7 @@ pub fn parse_header(b: &[u8; HEADER_LEN]) -> Result<Header, WireError> {
         KIND_CHUNK => (33..=MAX_BODY as u64).contains(&len),
         KIND_MISSING => len == 32,
         KIND_HAVE => len == n.div_ceil(8),
+        KIND_WAIT => len == 0,
         _ => len <= MAX_ERROR_LEN as u64,
     };
     if !ok {
@@ -206,6 +217,7 @@ pub fn parse_body(h: &Header, body: &[u8]) -> Result<Frame, WireError> {
             }
             Frame::Have(bits)
         }
+        KIND_WAIT => Frame::Wait,
         _ => Frame::Error(
             std::str::from_utf8(body)
                 .map_err(|_| WireError::Utf8)?
@@ -299,6 +311,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             v.extend_from_slice(&msg.as_bytes()[..end]);
             v
         }
+        Frame::Wait => header(KIND_WAIT, 0, 0, 0),
     }
 }
 
@@ -374,6 +387,7 @@ mod tests {
             Frame::Have(vec![false; 8]),
             Frame::Error("no".into()),
             Frame::Error(String::new()),
+            Frame::Wait,
         ]
     }
 
@@ -404,7 +418,7 @@ mod tests {
         let mut reserved = raw(KIND_MISSING, 0, 0, 32);
         reserved[7] = 1;
         assert_eq!(parse_header(&reserved), Err(WireError::Reserved));
-        for kind in [0, 7, 255] {
+        for kind in [0, 8, 255] {
             assert_eq!(
                 parse_header(&raw(kind, 0, 0, 0)),
                 Err(WireError::Kind(kind))
@@ -431,7 +445,7 @@ mod tests {
                 );
             }
         }
-        for kind in [KIND_CHUNK, KIND_MISSING, KIND_ERROR] {
+        for kind in [KIND_CHUNK, KIND_MISSING, KIND_ERROR, KIND_WAIT] {
             assert!(matches!(
                 parse_header(&raw(kind, 0, 1, 32)),
                 Err(WireError::Count { .. })
@@ -449,6 +463,7 @@ mod tests {
             (KIND_HAVE, 9, 1),
             (KIND_HAVE, 8, 2),
             (KIND_ERROR, 0, MAX_ERROR_LEN as u32 + 1),
+            (KIND_WAIT, 0, 1),
         ] {
             assert!(
                 matches!(

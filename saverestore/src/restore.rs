@@ -56,7 +56,7 @@ where
             dup_last.insert(src, i as u64);
         }
     }
-    let (tx, rx) = sync_channel::<Vec<u8>>(4);
+    let (tx, rx) = sync_channel::<(Vec<u8>, u32)>(4);
     // Record buffers come back from the writer for reuse: no fresh (zeroed, faulted-in)
     // memory per record.
     let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -65,8 +65,9 @@ where
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> io::Result<(u64, u32)> {
             let (mut n, mut crc) = (0u64, 0u32);
-            for buf in rx {
-                crc = crc32c::crc32c_append(crc, &buf);
+            for (buf, buf_crc) in rx {
+                // Each buffer's CRC32C was taken by the workers: only combined here.
+                crc = crate::crc::combine(crc, buf_crc, buf.len());
                 n += buf.len() as u64;
                 out.write_all(&buf)?;
                 progress(n);
@@ -91,7 +92,7 @@ where
             entry: 0,
             spare: spare_rx,
         };
-        let send = |buf: Vec<u8>| {
+        let send = |buf: (Vec<u8>, u32)| {
             tx.send(buf)
                 .map_err(|_| ImageError::Output(io::Error::other("writer stopped")))
         };
@@ -224,6 +225,9 @@ impl ReadBudget {
     }
 }
 
+/// Bytes per parallel CRC32C piece of the regenerated stream.
+const CRC_PIECE: usize = 1 << 20;
+
 /// Largest written buffer handed back for reuse (a PAGE_DATA record from Xen is at most
 /// 1024 pages, about 4 MiB).
 const MAX_RECYCLED: usize = 8 << 20;
@@ -304,7 +308,7 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
     fn flush(
         &mut self,
         pool: &rayon::ThreadPool,
-        send: &dyn Fn(Vec<u8>) -> Result<(), ImageError>,
+        send: &dyn Fn((Vec<u8>, u32)) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
         let index = self.img.index();
         let frames = std::mem::take(&mut self.frames);
@@ -402,6 +406,8 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
         let mut per_block: Vec<Vec<(usize, &mut [u8])>> =
             (0..nblocks).map(|_| Vec::new()).collect();
         let mut elsewhere: Vec<(u64, usize, &mut [u8])> = Vec::new();
+        // Zero and one-word runs, filled by the workers along with the blocks.
+        let mut word_runs: Vec<(u64, &mut [u8])> = Vec::new();
         {
             let mut ri = 0;
             let mut li = 0;
@@ -422,15 +428,7 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                     ri += 1;
                     li += n;
                     match fill {
-                        Fill::Word(v) => {
-                            if v == 0 {
-                                run.fill(0);
-                            } else {
-                                for c in run.chunks_exact_mut(8) {
-                                    c.copy_from_slice(&v.to_le_bytes());
-                                }
-                            }
-                        }
+                        Fill::Word(v) => word_runs.push((v, run)),
                         Fill::Block(block, slot) => {
                             let b = block.wrapping_sub(first);
                             if b < nblocks as u64 {
@@ -446,6 +444,15 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
         }
         let pending = &self.pending;
         pool.install(|| {
+            word_runs.into_par_iter().for_each(|(v, run)| {
+                if v == 0 {
+                    run.fill(0);
+                } else {
+                    for c in run.chunks_exact_mut(8) {
+                        c.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            });
             per_block
                 .into_par_iter()
                 .enumerate()
@@ -514,8 +521,21 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                 }
             }
         }
-        for buf in bufs {
-            send(buf)?;
+        // The stream CRC32C of the window's buffers, in parallel pieces of at most 1 MiB,
+        // combined per buffer here and across buffers by the writer.
+        let pieces: Vec<(usize, &[u8])> = bufs
+            .iter()
+            .enumerate()
+            .flat_map(|(b, buf)| buf.chunks(CRC_PIECE).map(move |c| (b, c)))
+            .collect();
+        let piece_crcs: Vec<u32> =
+            pool.install(|| pieces.par_iter().map(|(_, c)| crc32c::crc32c(c)).collect());
+        let mut crcs = vec![0u32; bufs.len()];
+        for (&(b, c), &pc) in pieces.iter().zip(&piece_crcs) {
+            crcs[b] = crate::crc::combine(crcs[b], pc, c.len());
+        }
+        for (buf, crc) in bufs.into_iter().zip(crcs) {
+            send((buf, crc))?;
         }
         Ok(())
     }

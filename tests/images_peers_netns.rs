@@ -134,6 +134,9 @@ fn four_nodes_deploy_one_image_despite_a_killed_and_a_corrupting_peer() {
             peers.join(","),
             "--timeout-ms".into(),
             "1000".into(),
+            // Start together: a peer still starting must not be taken for a dead one.
+            "--wait-peers-ms".into(),
+            "10000".into(),
             "--chunk-list".into(),
             s(&list),
             "--deploy".into(),

@@ -70,7 +70,7 @@ pub struct NodeArgs {
     /// Chunks per prefetch request and prefetch requests in flight.
     #[arg(long, default_value_t = 16)]
     prefetch_batch: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     prefetch_parallel: usize,
     /// Before deploying, wait up to this long (milliseconds) until every peer accepts
     /// connections, so that a peer still starting is not taken for a dead one (which would

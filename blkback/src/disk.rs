@@ -165,12 +165,18 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// failover endpoint. The default hands the request back, and the frontend runs it on a
     /// worker thread.
     ///
+    /// A layer may hold taken requests back to send several at once: the caller calls
+    /// [`Disk::submit_flush`] before it waits for anything (more requests, a free slot).
+    ///
     /// # Errors
     /// The request and `done`, untouched, when this layer does not take it.
     fn submit(&self, op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
         let _ = headroom;
         Err((op, done))
     }
+
+    /// Start the requests [`Disk::submit`] held back. The default holds none back.
+    fn submit_flush(&self) {}
 }
 
 /// Output that completions queue up and that is sent once the batch they ran in ends: a

@@ -214,7 +214,10 @@ struct Conn {
     generation: u64,
     pid: u32,
     start_time: Option<u64>,
-    writer: Mutex<Stream>,
+    /// The socket, and request frames queued by [`Disk::submit`] until
+    /// [`Disk::submit_flush`] (always written before any later frame, so the driver sees
+    /// requests in the order they were sent).
+    writer: Mutex<(Stream, Vec<u8>)>,
     ctl: Stream,
     monitor: Mutex<Monitor>,
     broken: AtomicBool,
@@ -222,21 +225,66 @@ struct Conn {
 }
 
 impl Conn {
-    fn send(&self, id: u64, r: &Req) {
-        let h = RequestHeader {
+    fn header(&self, id: u64, r: &Req) -> [u8; wire::REQUEST_HEADER_LEN] {
+        wire::encode_request(&RequestHeader {
             op: r.op,
             flags: r.flags,
             id,
             generation: self.generation,
             offset: r.offset,
             length: r.length,
-        };
+        })
+    }
+
+    /// Send a request now (after whatever is queued).
+    fn send(&self, id: u64, r: &Req) {
+        let head = self.header(id, r);
         let mut w = self.writer.lock();
-        let res = super::write_frame(&mut *w, &wire::encode_request(&h), &r.data);
+        let (stream, queued) = &mut *w;
+        let res = if queued.is_empty() {
+            super::write_frame(stream, &head, &r.data)
+        } else {
+            queued.extend_from_slice(&head);
+            queued.extend_from_slice(&r.data);
+            let res = stream.write_all(queued);
+            queued.clear();
+            res
+        };
+        drop(w);
         if res.is_err() {
-            self.broken.store(true, Ordering::Release);
-            self.monitor.lock().on_broken();
+            self.on_write_error();
         }
+    }
+
+    /// Queue a request, sent by the next [`Conn::send`] or [`Conn::send_queued`].
+    fn queue(&self, id: u64, r: &Req) {
+        let head = self.header(id, r);
+        let mut w = self.writer.lock();
+        w.1.extend_from_slice(&head);
+        w.1.extend_from_slice(&r.data);
+    }
+
+    /// Send the queued requests in one write.
+    fn send_queued(&self) {
+        let mut w = self.writer.lock();
+        let (stream, queued) = &mut *w;
+        if queued.is_empty() {
+            return;
+        }
+        let res = stream.write_all(queued);
+        queued.clear();
+        if queued.capacity() > super::READ_BUFFER {
+            *queued = Vec::new();
+        }
+        drop(w);
+        if res.is_err() {
+            self.on_write_error();
+        }
+    }
+
+    fn on_write_error(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.monitor.lock().on_broken();
     }
 
     fn shutdown(&self) {
@@ -531,7 +579,7 @@ impl Inner {
             generation: h.generation,
             pid: h.pid,
             start_time,
-            writer: Mutex::new(writer),
+            writer: Mutex::new((writer, Vec::new())),
             ctl,
             monitor: Mutex::new(Monitor::new(self.cfg.monitor, Instant::now())),
             broken: AtomicBool::new(false),
@@ -1008,8 +1056,9 @@ impl Disk for Endpoint {
         Ok(out)
     }
 
-    /// Requests that fit one channel request go to the driver from the caller's thread and
-    /// are answered by the connection's reader through `done`: no thread waits for them.
+    /// Requests that fit one channel request are queued for the driver (sent by
+    /// [`Disk::submit_flush`] from the caller's thread) and answered by the connection's
+    /// reader through `done`: no thread waits for them.
     /// Block status, a discard with FUA and requests larger than one channel request take
     /// the blocking path (the default: the frontend runs them on a worker).
     fn submit(&self, op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
@@ -1092,9 +1141,19 @@ impl Disk for Endpoint {
         }));
         let (id, active) = self.inner.submit(req.clone(), waiter, false);
         if let Some(c) = active {
-            c.send(id, &req);
+            c.queue(id, &req);
         }
         Ok(())
+    }
+
+    /// Send the requests `submit` queued, in one write: the NBD server calls this before
+    /// it waits for anything, so the requests read from one client read reach the driver
+    /// together (and the driver answers them together).
+    fn submit_flush(&self) {
+        let active = self.inner.state.lock().active.clone();
+        if let Some(c) = active {
+            c.send_queued();
+        }
     }
 }
 
@@ -1196,6 +1255,7 @@ mod tests {
                 ep.submit(op, headroom, done).is_ok(),
                 "endpoint took the op"
             );
+            ep.submit_flush();
             rx
         };
         let wait = |rx: Receiver<Res>| rx.recv_timeout(Duration::from_secs(10)).unwrap();

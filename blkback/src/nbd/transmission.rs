@@ -213,6 +213,7 @@ where
         reader, &export, &replier, &replies, &in_flight, workers, shutdown,
     )
     .await;
+    export.disk.submit_flush();
     // Answer everything outstanding before closing.
     let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
     replies.close();
@@ -453,16 +454,36 @@ async fn read_requests<R: AsyncRead + Unpin>(
 ) -> Result<(), TransmissionError> {
     loop {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
-        tokio::select! {
-            r = reader.read_exact(&mut hb) => match r {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e.into()),
-            },
-            _ = shutdown.recv() => return Ok(()),
+        let header = {
+            let mut read = std::pin::pin!(reader.read_exact(&mut hb));
+            match poll_once(read.as_mut()).await {
+                Some(r) => r,
+                None => {
+                    // Nothing more buffered: start what the disk held back before waiting.
+                    export.disk.submit_flush();
+                    tokio::select! {
+                        r = read => r,
+                        _ = shutdown.recv() => return Ok(()),
+                    }
+                }
+            }
+        };
+        match header {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
         let h = parse_request(&hb)?;
-        let decoded = decode(reader, &h, export, replier).await?;
+        let decoded = {
+            let mut dec = std::pin::pin!(decode(reader, &h, export, replier));
+            match poll_once(dec.as_mut()).await {
+                Some(d) => d,
+                None => {
+                    export.disk.submit_flush();
+                    dec.await
+                }
+            }
+        }?;
         let op = match decoded {
             Decoded::Disconnect => return Ok(()),
             Decoded::Ok => {
@@ -476,11 +497,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
             }
             Decoded::Run(op) => op,
         };
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = match in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                export.disk.submit_flush();
+                in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed")
+            }
+        };
         let (export, replier, tx) = (export.clone(), replier.clone(), tx.clone());
         let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
         count(&export.stats, &op);
@@ -498,6 +525,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
             workers.submit(move || finish(execute(&*export.disk, op, headroom)));
         }
     }
+}
+
+/// Poll `fut` once: its output if it is ready now, `None` if it would wait (its waker is
+/// registered; poll it again to wait).
+async fn poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// The reply frame for a finished request.

@@ -4,6 +4,10 @@
 //! run: deployment time of each node (p50, max) and the origin's egress bytes, against the
 //! image's working set (its distinct non-zero chunk bytes; a deployment reads every chunk).
 //!
+//! Each run also gets a trace (see [`RunResult::trace`]): per node, when it started and when
+//! its home stream, prefetcher and reader were done, and its sources and failures; the
+//! origin's repeated chunks, its link's throughput over time and its TCP retransmits.
+//!
 //! Nodes are `remoca image-node` processes (`exe`), started with `ip netns exec`. Needs
 //! root, `ip` and `tc`. Namespaces are named `rcbench<pid>-*`, addresses 10.78.0.0/24 exist
 //! only inside them, and everything is killed and deleted when the run ends or fails.

@@ -333,3 +333,47 @@ fn nodes_deploy_a_stored_image_from_a_store_backed_origin() {
     assert!(origin.stats().chunks_served.load(Ordering::Relaxed) > 0);
     assert_eq!(origin.stats().missing.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn healthy_nodes_deploying_together_take_each_chunk_from_the_origin_once() {
+    let (img, list, src) = image();
+    let distinct = src.0.len() as u64;
+    let origin = origin(src);
+    let listeners: Vec<TcpListener> = (0..4).map(|_| bind()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Node> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut c = cfg(dirs[i].path(), &addrs, origin.addr());
+            // No failures here: a generous timeout, so a slow test machine is not one.
+            c.fetch.timeout = Duration::from_secs(10);
+            Node::start(l, c).unwrap()
+        })
+        .collect();
+    let images: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .map(|n| s.spawn(|| deploy_to_vec(n, &list, None)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, got) in images.iter().enumerate() {
+        assert!(got == &img, "node {i}'s image differs from the original");
+    }
+    // Each node streamed the chunks it is home of and the others pulled them from it: no
+    // chunk left the origin twice, and the nodes did share.
+    let st = origin.stats();
+    assert_eq!(st.repeat_chunks.load(Ordering::Relaxed), 0);
+    assert_eq!(st.chunks_served.load(Ordering::Relaxed), distinct);
+    for (i, n) in nodes.iter().enumerate() {
+        let f = &n.fetcher.stats;
+        assert!(
+            f.from_peers.load(Ordering::Relaxed) > 0 && f.from_origin.load(Ordering::Relaxed) > 0,
+            "node {i}: {}",
+            f.summary()
+        );
+        assert_eq!(f.peer_failures.load(Ordering::Relaxed), 0, "node {i}");
+    }
+}

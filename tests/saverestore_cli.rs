@@ -101,6 +101,18 @@ fn save_restore_extract_inspect_through_files_and_pipes() {
         std::fs::write(&piped, &o.stdout).unwrap();
         let o = ok(remoca().arg("restore").arg(&piped).args(["--to", "-"]));
         assert!(o.stdout == stream, "{shape:?} pipe round trip differs");
+        // A regular file is mapped and its pages read in place: the same image as read
+        // through the pipe.
+        let mapped = d.path().join("mapped.rsv");
+        ok(remoca()
+            .args(["save", "--quiet", "--codec", "snap", "--from"])
+            .arg(&xl)
+            .arg("--to")
+            .arg(&mapped));
+        assert!(
+            std::fs::read(&mapped).unwrap() == std::fs::read(&piped).unwrap(),
+            "{shape:?} the mapped file's image differs from the piped one"
+        );
 
         // The fast mode (the C LZ4): its image names the codec and the format version.
         let fast = d.path().join("fast.rsv");

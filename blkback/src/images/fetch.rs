@@ -6,7 +6,8 @@
 //! `BLAKE3(address | chunk id)` (highest random weight); the first is the chunk's *home*.
 //! The home is the one node that fetches the chunk from the origin; everyone else asks the
 //! home with a pull GET, and the home fetches from the origin on the first such request (or
-//! its own first read) and serves its cached copy to every later one. With N nodes deploying
+//! its own first read, or when its home stream gets there: [`Fetcher::stream_home`]) and
+//! serves its cached copy to every later one. With N nodes deploying
 //! the same image, each chunk leaves the origin about once and each node serves about 1/N of
 //! the image to the others. Nothing is announced or stored centrally: the ranking is a pure
 //! function of the address list and the id, so there is no tracker to lose. The price is
@@ -25,7 +26,9 @@
 //! **Failures.** Every chunk is checked against its id before it is used or cached. A peer
 //! that sends bad bytes is *demoted*: never asked again while this fetcher lives (it costs
 //! one retry, never bad data). A peer that fails to answer (connection refused or reset,
-//! timeout mid-transfer) is skipped for `down_for` and its chunks go elsewhere at once.
+//! timeout mid-transfer) is skipped for `down_for` and its chunks go elsewhere at once. A
+//! home that is still pulling a chunk from the origin says so (WAIT frames) and is waited
+//! for, so a slow origin does not make a chunk leave it twice.
 //! A pull request makes the home fetch from the origin only, never from other peers, so
 //! requests cannot loop; pull fetches have their own single-flight table, so a node waiting
 //! on a peer never blocks a peer waiting on it.
@@ -240,11 +243,6 @@ impl Fetcher {
         stop: &AtomicBool,
     ) -> usize {
         self.pump(order, batch, parallel, stop, |w| self.fetch_many(w))
-    }
-
-    /// Whether this fetcher has peers (is part of a cooperative cache).
-    pub fn has_peers(&self) -> bool {
-        !self.peers.is_empty()
     }
 
     /// Stream the chunks of `order` this node is the home of from the origin into the cache,

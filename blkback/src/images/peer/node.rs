@@ -118,8 +118,11 @@ pub struct DeployReport {
 /// Deploy `list` on this node the way a booting VM would: a reader reads every chunk through
 /// a [`ChunkTemplate`] in `profile` order (then the rest in list order; list order without a
 /// profile), while a prefetcher fetches ahead in the same order, `batch` chunks per request
-/// and `parallel` requests in flight. The bytes read are written at their offsets into `out`
-/// when given. `progress` counts chunks read so far.
+/// and `parallel` requests in flight. With peers, the chunks this node is home of are also
+/// streamed from the origin from the start ([`Fetcher::stream_home`], [`HOME_STREAM_BATCH`]
+/// chunks per GET, [`HOME_STREAM_DEPTH`] GETs in flight). The bytes read are written at
+/// their offsets into `out` when given, and `out` is synced as it fills (every 200 ms) and
+/// at the end. `progress` counts chunks read so far.
 ///
 /// # Errors
 /// The first read that fails (a chunk no peer and no origin could give).
@@ -160,7 +163,7 @@ pub fn deploy(
         .map_err(|e| io::Error::other(e.to_string()))?;
     let stop = AtomicBool::new(false);
     let cs = list.chunk_size.bytes() as u64;
-    let (read, prefetch_failures) = std::thread::scope(|s| {
+    let (read, helpers) = std::thread::scope(|s| {
         // With peers, this node streams the chunks it is home of from the origin from the
         // start (the peers pull them from here), so the origin link is busy from t=0
         // whatever order the peers ask in.
@@ -173,8 +176,8 @@ pub fn deploy(
             (failed, start.elapsed())
         });
         // Write-behind: sync `out` while the chunks arrive, so that the final sync has only
-        // the last few writes left.
-        // The reader drops `done` when it is through, which ends this at once.
+        // the last few writes left. The reader drops `done` when it is through, which ends
+        // this at once.
         let (done, reading) = std::sync::mpsc::channel::<()>();
         if let Some(f) = out {
             s.spawn(move || {
@@ -208,7 +211,7 @@ pub fn deploy(
         let (pf_failures, prefetched) = pf.join().unwrap_or_default();
         (read, (pf_failures + home_failures, home_stream, prefetched))
     });
-    let (prefetch_failures, home_stream, prefetched) = prefetch_failures;
+    let (prefetch_failures, home_stream, prefetched) = helpers;
     let (bytes, read_done) = read?;
     if let Some(f) = out {
         f.set_len(list.size)?;

@@ -386,7 +386,10 @@ fn serve_connection(
             }
         })?;
     let r = read_requests(
-        &mut io::BufReader::with_capacity(super::READ_BUFFER, &mut stream),
+        &mut io::BufReader::with_capacity(
+            super::READ_BUFFER,
+            super::SpinRead::new(&mut stream, super::spin_budget("DRIVER")),
+        ),
         &conn,
         jobs,
     );

@@ -170,9 +170,10 @@ impl Write for Stream {
 
 /// How long a channel reader polls for more bytes, right after a read that brought some,
 /// before it sleeps in a blocking `recv`: [`spin_budget`]'s default. Off: on the 2-core
-/// machine the polling was measured on, it did not gain beyond noise (30 µs polling with
-/// `sched_yield`: split IOPS +5 % at 9 % more CPU) or lost (30 µs busy polling: -11 % /
-/// -15 %); see docs/failover.md, "Polling before sleeping".
+/// machine it was measured on, polling in the endpoint's reader (30 µs, `sched_yield`
+/// between polls) gained +9 % split IOPS in the medians but not beyond the run-to-run
+/// noise, at 7 % more CPU per bench run; busy polling (`spin_loop`) lost 10-26 %; see
+/// docs/failover.md, "Polling before sleeping".
 pub const DEFAULT_SPIN: Duration = Duration::ZERO;
 
 /// The poll budget of the channel readers: `REMOCA_FAILOVER_SPIN_US` (microseconds, `0`

@@ -171,8 +171,9 @@ impl Write for Stream {
 /// How long a channel reader polls for more bytes, right after a read that brought some,
 /// before it sleeps in a blocking `recv`: [`spin_budget`]'s default. Off: on the 2-core
 /// machine it was measured on, polling in the endpoint's reader (30 µs, `sched_yield`
-/// between polls) gained +9 % split IOPS in the medians but not beyond the run-to-run
-/// noise, at 7 % more CPU per bench run; busy polling (`spin_loop`) lost 10-26 %; see
+/// between polls) moved the split's medians by +5 % writes / -4 % reads over 15 runs
+/// each, within the run-to-run noise, at 7 % more CPU; busy polling (`spin_loop`) lost
+/// 10-26 %; see
 /// docs/failover.md, "Polling before sleeping".
 pub const DEFAULT_SPIN: Duration = Duration::ZERO;
 

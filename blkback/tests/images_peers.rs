@@ -108,6 +108,20 @@ fn deploy_to_vec(node: &Node, list: &ChunkList, profile: Option<&AccessProfile>)
     std::fs::read(&path).unwrap()
 }
 
+/// Deploy on every node at once; each node's disk must equal `img`.
+fn deploy_all_and_check(nodes: &[Node], list: &ChunkList, img: &[u8]) {
+    let images: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .map(|n| s.spawn(|| deploy_to_vec(n, list, None)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, got) in images.iter().enumerate() {
+        assert!(got == img, "node {i}'s image differs from the original");
+    }
+}
+
 #[test]
 fn nodes_deploy_the_same_image_despite_a_corrupting_peer_a_hung_peer_and_a_dead_one() {
     let (img, list, src) = image();
@@ -134,16 +148,7 @@ fn nodes_deploy_the_same_image_despite_a_corrupting_peer_a_hung_peer_and_a_dead_
         })
         .collect();
 
-    let images: Vec<Vec<u8>> = std::thread::scope(|s| {
-        let hs: Vec<_> = nodes
-            .iter()
-            .map(|n| s.spawn(|| deploy_to_vec(n, &list, None)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, got) in images.iter().enumerate() {
-        assert!(got == &img, "node {i}'s image differs from the original");
-    }
+    deploy_all_and_check(&nodes, &list, &img);
     let egress = origin.stats().bytes_served.load(Ordering::Relaxed);
     for (i, n) in nodes.iter().enumerate() {
         eprintln!("node {i}: {}", n.fetcher.stats.summary());
@@ -352,16 +357,7 @@ fn healthy_nodes_deploying_together_take_each_chunk_from_the_origin_once() {
             Node::start(l, c).unwrap()
         })
         .collect();
-    let images: Vec<Vec<u8>> = std::thread::scope(|s| {
-        let hs: Vec<_> = nodes
-            .iter()
-            .map(|n| s.spawn(|| deploy_to_vec(n, &list, None)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, got) in images.iter().enumerate() {
-        assert!(got == &img, "node {i}'s image differs from the original");
-    }
+    deploy_all_and_check(&nodes, &list, &img);
     // Each node streamed the chunks it is home of and the others pulled them from it: no
     // chunk left the origin twice, and the nodes did share.
     let st = origin.stats();

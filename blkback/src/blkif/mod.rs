@@ -140,6 +140,9 @@ struct Running {
     thread: JoinHandle<()>,
 }
 
+/// A device thread's last word: its device, and which thread it was.
+type Done = ((DomId, u32), std::thread::ThreadId);
+
 /// Serve every blkif device under [`BlkifConfig::root`] until `shutdown` fires (a message
 /// or the sender dropped). Blocks the calling thread; run it on a thread of its own.
 ///
@@ -183,18 +186,22 @@ fn serve_inner(
     let mut devices: BTreeMap<(DomId, u32), Running> = BTreeMap::new();
     // A device thread says here when it ends, so a device directory written again while its
     // old thread was still closing (libxl removing and re-adding a disk) is picked up then:
-    // no xenstore event would come for it afterwards.
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(DomId, u32)>();
+    // no xenstore event would come for it afterwards. The message names the thread: by the
+    // time it is read, `scan` may have reaped that thread and started a new one for the same
+    // device, which must not be taken for it (joining it would wait forever).
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     tracing::info!(%root, "blkif backend watching");
     let result = loop {
         select! {
             recv(watch.receiver()) -> ev => if ev.is_err() {
                 break Err(BlkifError::WatchLost(root.clone()));
             },
-            recv(done_rx) -> key => if let Ok(key) = key {
-                if let Some(d) = devices.remove(&key) {
-                    let _ = d.thread.join();
-                    stats.lock().remove(&format!("{}/{}", key.0, key.1));
+            recv(done_rx) -> msg => if let Ok((key, ended)) = msg {
+                if devices.get(&key).is_some_and(|d| d.thread.thread().id() == ended) {
+                    if let Some(d) = devices.remove(&key) {
+                        let _ = d.thread.join();
+                        stats.lock().remove(&format!("{}/{}", key.0, key.1));
+                    }
                 }
             },
             recv(shutdown) -> _ => break Ok(()),
@@ -232,7 +239,7 @@ fn scan(
     pool: &Arc<WorkerPool>,
     stats: &DeviceStats,
     devices: &mut BTreeMap<(DomId, u32), Running>,
-    done: &crossbeam_channel::Sender<(DomId, u32)>,
+    done: &crossbeam_channel::Sender<Done>,
     crash: &Arc<AtomicBool>,
 ) -> Result<(), BlkifError> {
     let finished: Vec<_> = devices
@@ -272,7 +279,7 @@ fn scan(
                 .name(format!("blkif-dev-{}", id.name()))
                 .spawn(move || {
                     device::run(host, id, config, pool, ring_stats, stop_rx, &crash);
-                    let _ = done.send((domid, devid));
+                    let _ = done.send(((domid, devid), std::thread::current().id()));
                 })
                 .map_err(BlkifError::Thread)?;
             devices.insert((domid, devid), Running { stop, thread });

@@ -455,23 +455,23 @@ pub fn run(mut a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on {addr}"))?;
-                println!("listening on {}", l.local_addr()?);
+                announce(format_args!("listening on {}", l.local_addr()?));
                 Listener::Tcp(l)
             }
             Bind::Unix(path) => {
                 let l = tokio::net::UnixListener::bind(path)
                     .with_context(|| format!("cannot listen on {}", path.display()))?;
-                println!("listening on {}", path.display());
+                announce(format_args!("listening on {}", path.display()));
                 Listener::Unix(l)
             }
         };
         for e in exports.iter() {
-            println!(
+            announce(format_args!(
                 "export {:?}: {} ({} bytes)",
                 e.name,
                 e.description,
                 e.disk.size()
-            );
+            ));
         }
         use std::io::Write;
         std::io::stdout().flush()?;
@@ -776,6 +776,18 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
     let report = remoca_blkback::bench::run(&cfg)?;
     print!("{report}");
     Ok(())
+}
+
+/// Print a start-up line on stdout. A reader that has gone (a closed pipe: a supervisor that
+/// read the address and closed its end) must not stop the server, so write errors are ignored
+/// where `println!` would panic.
+fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
 }
 
 #[cfg(test)]

@@ -386,10 +386,7 @@ fn serve_connection(
             }
         })?;
     let r = read_requests(
-        &mut io::BufReader::with_capacity(
-            super::READ_BUFFER,
-            super::SpinRead::new(&mut stream, super::spin_budget("DRIVER")),
-        ),
+        &mut io::BufReader::with_capacity(super::READ_BUFFER, &mut stream),
         &conn,
         jobs,
     );

@@ -591,10 +591,7 @@ impl Inner {
             .name("fo-reader".into())
             .spawn(move || {
                 let r = me.read_replies(
-                    &mut io::BufReader::with_capacity(
-                        super::READ_BUFFER,
-                        super::SpinRead::new(&mut stream, super::spin_budget("ENDPOINT")),
-                    ),
+                    &mut io::BufReader::with_capacity(super::READ_BUFFER, &mut stream),
                     &c,
                 );
                 if let Err(e) = r {

@@ -168,89 +168,6 @@ impl Write for Stream {
     }
 }
 
-/// How long a channel reader polls for more bytes, right after a read that brought some,
-/// before it sleeps in a blocking `recv`: [`spin_budget`]'s default. Off: on the 2-core
-/// machine it was measured on, polling in the endpoint's reader (30 µs, `sched_yield`
-/// between polls) moved the split's medians by +5 % writes / -4 % reads over 15 runs
-/// each, within the run-to-run noise, at 7 % more CPU; busy polling (`spin_loop`) lost
-/// 10-26 %; see
-/// docs/failover.md, "Polling before sleeping".
-pub const DEFAULT_SPIN: Duration = Duration::ZERO;
-
-/// The poll budget of the channel readers: `REMOCA_FAILOVER_SPIN_US` (microseconds, `0`
-/// turns the polling off) for both readers, or `REMOCA_FAILOVER_SPIN_<WHO>_US` (`WHO` is
-/// `ENDPOINT` or `DRIVER`) for one of them; [`DEFAULT_SPIN`] otherwise.
-pub fn spin_budget(who: &str) -> Duration {
-    let var = |n: &str| {
-        std::env::var(n)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    var(&format!("REMOCA_FAILOVER_SPIN_{who}_US"))
-        .or_else(|| var("REMOCA_FAILOVER_SPIN_US"))
-        .map_or(DEFAULT_SPIN, Duration::from_micros)
-}
-
-/// A channel stream's reading side that, right after a read brought bytes, polls the
-/// socket with `recv(MSG_DONTWAIT)` for up to `budget` before it falls back to a blocking
-/// read. At queue depth 8 the next reply or request usually arrives within tens of
-/// microseconds, and waking a sleeping thread costs about as much as that. The flag is per
-/// call: the file description, shared with the writers' handles, stays blocking. An idle
-/// reader polls once for `budget` after its last work and then sleeps; a heartbeat costs
-/// one more budget. The polling runs in the reader only, so it cannot delay the monitor:
-/// a stopped peer is detected as before.
-#[derive(Debug)]
-pub(crate) struct SpinRead<'a> {
-    stream: &'a mut Stream,
-    budget: Duration,
-    armed: bool,
-}
-
-impl<'a> SpinRead<'a> {
-    pub(crate) fn new(stream: &'a mut Stream, budget: Duration) -> Self {
-        SpinRead {
-            stream,
-            budget,
-            armed: false,
-        }
-    }
-
-    fn recv_now(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let flags = rustix::net::RecvFlags::DONTWAIT;
-        let r = match &*self.stream {
-            Stream::Unix(s) => rustix::net::recv(s, buf, flags),
-            Stream::Tcp(s) => rustix::net::recv(s, buf, flags),
-        };
-        r.map(|(n, _)| n).map_err(io::Error::from)
-    }
-}
-
-impl Read for SpinRead<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.armed && !self.budget.is_zero() && !buf.is_empty() {
-            let until = std::time::Instant::now() + self.budget;
-            loop {
-                match self.recv_now(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-                if std::time::Instant::now() >= until {
-                    break;
-                }
-                // Let another thread have the core: on a small machine the one that
-                // sends the awaited bytes may be waiting for it (busy polling measured
-                // slower).
-                std::thread::yield_now();
-            }
-        }
-        let n = self.stream.read(buf)?;
-        self.armed = n > 0;
-        Ok(n)
-    }
-}
-
 /// Write a frame (header, then data) with as few system calls as the socket allows: one
 /// `writev` when it takes everything.
 ///
@@ -291,37 +208,6 @@ mod tests {
         assert!(Addr::parse("/run/a.sock").is_err());
         assert!(Addr::parse("udp:1.2.3.4:5").is_err());
         assert_eq!(Addr::parse("unix:/x").unwrap().to_string(), "unix:/x");
-    }
-
-    /// The polling reader hands over every byte in order, whether they come while it polls
-    /// or after it went to sleep, ends at EOF, and never makes the socket non-blocking for
-    /// the handles that share it.
-    #[test]
-    fn spin_read_delivers_everything_in_order_and_leaves_the_socket_blocking() {
-        for budget in [
-            Duration::ZERO,
-            Duration::from_micros(50),
-            Duration::from_secs(2),
-        ] {
-            let (a, mut b) = UnixStream::pair().unwrap();
-            let shared = a.try_clone().unwrap();
-            let mut s = Stream::Unix(a);
-            let t = std::thread::spawn(move || {
-                for i in 0..300u32 {
-                    b.write_all(&i.to_le_bytes()).unwrap();
-                    if i % 50 == 0 {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            });
-            let mut got = Vec::new();
-            SpinRead::new(&mut s, budget).read_to_end(&mut got).unwrap();
-            t.join().unwrap();
-            let want: Vec<u8> = (0..300u32).flat_map(u32::to_le_bytes).collect();
-            assert_eq!(got, want, "budget {budget:?}");
-            let fl = rustix::fs::fcntl_getfl(&shared).unwrap();
-            assert!(!fl.contains(rustix::fs::OFlags::NONBLOCK));
-        }
     }
 
     /// A writer that takes at most 3 bytes per call: the frame still arrives whole, in order.

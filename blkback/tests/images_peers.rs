@@ -73,7 +73,8 @@ fn image() -> (Vec<u8>, ChunkList, MemSource) {
 fn origin(src: MemSource) -> RunningServer {
     let src = Arc::new(src);
     let holds = src.clone();
-    let svc = Service::new(src, move |id| holds.0.contains_key(id));
+    // Counting repeats: the tests assert that no chunk left the origin twice.
+    let svc = Service::new(src, move |id| holds.0.contains_key(id)).counting_repeats(true);
     RunningServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(svc)).unwrap()
 }
 
@@ -93,6 +94,7 @@ fn cfg(dir: &std::path::Path, peers: &[SocketAddr], origin: SocketAddr) -> NodeC
             down_for: Duration::from_secs(30),
         },
         corrupt_served_chunks: false,
+        count_repeats: false,
     }
 }
 
@@ -316,7 +318,7 @@ fn nodes_deploy_a_stored_image_from_a_store_backed_origin() {
         exported.push(out);
     }
     assert!(store_chunk_list(&store, "nonesuch").is_err());
-    let origin = serve_store(bind(), store).unwrap();
+    let origin = serve_store(bind(), store, true).unwrap();
 
     let listeners: Vec<TcpListener> = (0..2).map(|_| bind()).collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -337,6 +339,7 @@ fn nodes_deploy_a_stored_image_from_a_store_backed_origin() {
     assert!(got1 == img && got2 == img2);
     assert!(origin.stats().chunks_served.load(Ordering::Relaxed) > 0);
     assert_eq!(origin.stats().missing.load(Ordering::Relaxed), 0);
+    assert!(origin.counts_repeats());
 }
 
 #[test]
@@ -361,6 +364,7 @@ fn healthy_nodes_deploying_together_take_each_chunk_from_the_origin_once() {
     // Each node streamed the chunks it is home of and the others pulled them from it: no
     // chunk left the origin twice, and the nodes did share.
     let st = origin.stats();
+    assert!(origin.counts_repeats());
     assert_eq!(st.repeat_chunks.load(Ordering::Relaxed), 0);
     assert_eq!(st.chunks_served.load(Ordering::Relaxed), distinct);
     for (i, n) in nodes.iter().enumerate() {

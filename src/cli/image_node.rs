@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use remoca_blkback::images::chunk::ChunkSize;
 use remoca_blkback::images::fetch::FetchConfig;
 use remoca_blkback::images::peer::node::{self, Node, NodeConfig};
+use remoca_blkback::images::peer::server::ServerStats;
 use remoca_blkback::images::store::{Store, StoreOptions};
 use remoca_blkback::images::template::AccessProfile;
 
@@ -83,6 +84,11 @@ pub struct NodeArgs {
     /// Keep counters in this file (key=value lines, rewritten atomically every 200 ms).
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Count the chunks this server sends more than once (repeat_chunks, repeat_bytes in
+    /// --stats): for the origin of a deployment test. Off by default, since it keeps every
+    /// chunk id served in memory and takes a lock per chunk.
+    #[arg(long)]
+    count_repeats: bool,
     /// Test hook: serve corrupted chunks (to play a bad peer).
     #[arg(long, hide = true)]
     corrupt_served_chunks: bool,
@@ -113,8 +119,6 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
     for (k, v) in [
         ("served_bytes", g(&s.bytes_served)),
         ("served_chunks", g(&s.chunks_served)),
-        ("repeat_chunks", g(&s.repeat_chunks)),
-        ("repeat_bytes", g(&s.repeat_bytes)),
         ("pulled", g(&s.pulled)),
         ("from_cache", g(&f.from_cache)),
         ("from_peers", g(&f.from_peers)),
@@ -135,12 +139,24 @@ fn write_stats(path: &Path, n: &Node, d: &Deploy) -> std::io::Result<()> {
     ] {
         text.push_str(&format!("{k}={v}\n"));
     }
+    if n.server.counts_repeats() {
+        text.push_str(&repeat_lines(s));
+    }
     if let Some(e) = d.error.lock().as_ref() {
         text.push_str(&format!("deploy_error={}\n", e.replace('\n', " ")));
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+/// The repeat counters' --stats lines, for a server counting them (`--count-repeats`).
+fn repeat_lines(s: &ServerStats) -> String {
+    format!(
+        "repeat_chunks={}\nrepeat_bytes={}\n",
+        s.repeat_chunks.load(Ordering::Relaxed),
+        s.repeat_bytes.load(Ordering::Relaxed)
+    )
 }
 
 fn unix_ms() -> u64 {
@@ -203,7 +219,7 @@ fn store_origin(a: &NodeArgs, dir: &Path, listener: TcpListener) -> anyhow::Resu
         .as_ref()
         .context("--store needs --chunk-list")?;
     write_chunk_list(&list, out)?;
-    let server = node::serve_store(listener, store).context("serve the store")?;
+    let server = node::serve_store(listener, store, a.count_repeats).context("serve the store")?;
     println!(
         "origin listening on {} serving {v} ({} chunks) from {}",
         server.addr(),
@@ -216,14 +232,15 @@ fn store_origin(a: &NodeArgs, dir: &Path, listener: TcpListener) -> anyhow::Resu
             let (server, stop) = (&server, &stop);
             s.spawn(move || loop {
                 let st = server.stats();
-                let text = format!(
-                    "served_bytes={}\nserved_chunks={}\nmissing={}\nrepeat_chunks={}\nrepeat_bytes={}\n",
+                let mut text = format!(
+                    "served_bytes={}\nserved_chunks={}\nmissing={}\n",
                     st.bytes_served.load(Ordering::Relaxed),
                     st.chunks_served.load(Ordering::Relaxed),
                     st.missing.load(Ordering::Relaxed),
-                    st.repeat_chunks.load(Ordering::Relaxed),
-                    st.repeat_bytes.load(Ordering::Relaxed)
                 );
+                if server.counts_repeats() {
+                    text.push_str(&repeat_lines(st));
+                }
                 let tmp = path.with_extension("tmp");
                 let _ = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path));
                 if stop.load(Ordering::Relaxed) {
@@ -259,6 +276,7 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
             ..FetchConfig::default()
         },
         corrupt_served_chunks: a.corrupt_served_chunks,
+        count_repeats: a.count_repeats,
     };
     let n = Node::start(listener, cfg).context("start the node")?;
     if let Some(raw) = &a.seed_raw {

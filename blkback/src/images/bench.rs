@@ -190,6 +190,8 @@ fn one_run(cfg: &DeployBenchConfig, with_peers: bool) -> io::Result<RunResult> {
             s(&list),
             "--stats".into(),
             s(&w.join("origin.stats")),
+            // The trace reports the chunks that left the origin twice.
+            "--count-repeats".into(),
         ],
         &w.join("origin.log"),
     )?;

@@ -190,6 +190,7 @@ impl ImageNode {
                         cache_bytes: o.cache_bytes,
                         fetch,
                         corrupt_served_chunks: false,
+                        count_repeats: false,
                     },
                 )?;
                 (n.fetcher.clone(), Some(n))
@@ -455,7 +456,8 @@ mod tests {
         let (_, l) = node::store_chunk_list(&s, "os@1").unwrap();
         let list = dir.join("os@1.list");
         node::save_chunk_list(&l, &list).unwrap();
-        let server = node::serve_store(TcpListener::bind("127.0.0.1:0").unwrap(), s).unwrap();
+        let server =
+            node::serve_store(TcpListener::bind("127.0.0.1:0").unwrap(), s, false).unwrap();
         Origin {
             addr: server.addr(),
             _server: server,

@@ -32,6 +32,10 @@ pub struct NodeConfig {
     pub fetch: FetchConfig,
     /// Test hook: serve corrupted chunks (see [`Service::corrupting`]).
     pub corrupt_served_chunks: bool,
+    /// Count the chunks its server sends more than once (see
+    /// [`Service::counting_repeats`]): for a node playing the origin in a bench. Off on
+    /// ordinary nodes.
+    pub count_repeats: bool,
 }
 
 /// A running node: stops serving when dropped.
@@ -56,7 +60,8 @@ impl Node {
         let holder = cache.clone();
         let svc = Service::new(cache, move |id| holder.contains(id))
             .with_pull(Arc::new(OriginPath(fetcher.clone())))
-            .corrupting(cfg.corrupt_served_chunks);
+            .corrupting(cfg.corrupt_served_chunks)
+            .counting_repeats(cfg.count_repeats);
         let server = RunningServer::start_on(listener, Arc::new(svc))?;
         Ok(Node { fetcher, server })
     }
@@ -68,14 +73,19 @@ impl Node {
 
 /// The origin served out of the image store: a peer server over `store` (its chunks, and
 /// HAVE answers from its index), with no pull source of its own. Nodes list its address as
-/// their origin and deploy from the chunk lists of [`store_chunk_list`].
+/// their origin and deploy from the chunk lists of [`store_chunk_list`]. `count_repeats`:
+/// count the chunks sent more than once (see [`Service::counting_repeats`]).
 ///
 /// # Errors
 /// Starting the server.
-pub fn serve_store(listener: TcpListener, store: Store) -> io::Result<RunningServer> {
+pub fn serve_store(
+    listener: TcpListener,
+    store: Store,
+    count_repeats: bool,
+) -> io::Result<RunningServer> {
     let store = Arc::new(store);
     let holder = store.clone();
-    let svc = Service::new(store, move |id| holder.contains(id));
+    let svc = Service::new(store, move |id| holder.contains(id)).counting_repeats(count_repeats);
     RunningServer::start_on(listener, Arc::new(svc))
 }
 

@@ -36,8 +36,10 @@ pub struct ServerStats {
     pub pulled: AtomicU64,
     pub bad_requests: AtomicU64,
     /// Chunks sent that this server had sent before (to anyone): for the origin, the chunks
-    /// that left it more than once.
+    /// that left it more than once. Counted only on a server built with
+    /// [`Service::counting_repeats`]; always 0 otherwise.
     pub repeat_chunks: AtomicU64,
+    /// The bytes of [`ServerStats::repeat_chunks`].
     pub repeat_bytes: AtomicU64,
 }
 
@@ -47,7 +49,8 @@ pub struct Service {
     holds: Box<dyn Fn(&ChunkId) -> bool + Send + Sync>,
     pull: Option<Arc<dyn BatchSource>>,
     corrupt: bool,
-    sent: parking_lot::Mutex<std::collections::HashSet<ChunkId>>,
+    /// Every chunk id served, to count repeats: only with [`Service::counting_repeats`].
+    sent: Option<parking_lot::Mutex<std::collections::HashSet<ChunkId>>>,
     pub stats: ServerStats,
 }
 
@@ -56,6 +59,7 @@ impl std::fmt::Debug for Service {
         f.debug_struct("Service")
             .field("pull", &self.pull.is_some())
             .field("corrupt", &self.corrupt)
+            .field("counts_repeats", &self.counts_repeats())
             .field("stats", &self.stats)
             .finish()
     }
@@ -72,7 +76,7 @@ impl Service {
             holds: Box::new(holds),
             pull: None,
             corrupt: false,
-            sent: Default::default(),
+            sent: None,
             stats: ServerStats::default(),
         }
     }
@@ -81,6 +85,20 @@ impl Service {
     pub fn with_pull(mut self, pull: Arc<dyn BatchSource>) -> Service {
         self.pull = Some(pull);
         self
+    }
+
+    /// Count the chunks served more than once ([`ServerStats::repeat_chunks`]): for the
+    /// origin of a deployment test or bench, which reports the chunks that left it twice.
+    /// Off by default: it costs a lock and a set insert per chunk served, and a set entry per
+    /// distinct chunk ever served, for the life of the server.
+    pub fn counting_repeats(mut self, yes: bool) -> Service {
+        self.sent = yes.then(Default::default);
+        self
+    }
+
+    /// Whether [`ServerStats::repeat_chunks`] is counted (see [`Service::counting_repeats`]).
+    pub fn counts_repeats(&self) -> bool {
+        self.sent.is_some()
     }
 
     /// **Test hook**: flip one byte of every chunk served, to play a bad peer in the
@@ -149,7 +167,8 @@ impl Service {
         self.stats
             .bytes_served
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let again = !self.sent.lock().insert(id);
+        // Without counting: no lock, no set.
+        let again = self.sent.as_ref().is_some_and(|s| !s.lock().insert(id));
         if again {
             self.stats.repeat_chunks.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -315,6 +334,11 @@ impl RunningServer {
     pub fn stats(&self) -> &ServerStats {
         &self.svc.stats
     }
+
+    /// Whether the server counts repeated chunks (see [`Service::counting_repeats`]).
+    pub fn counts_repeats(&self) -> bool {
+        self.svc.counts_repeats()
+    }
 }
 
 impl Drop for RunningServer {
@@ -351,6 +375,51 @@ mod tests {
             std::thread::sleep(self.0);
             wants.iter().map(|_| Ok(self.1.clone())).collect()
         }
+    }
+
+    /// Holds one chunk.
+    struct One(ChunkId, Vec<u8>);
+
+    impl ChunkSource for One {
+        fn fetch(&self, id: &ChunkId, _len: usize) -> Result<Vec<u8>, ChunkError> {
+            if *id == self.0 {
+                Ok(self.1.clone())
+            } else {
+                Err(ChunkError::NotFound(*id))
+            }
+        }
+    }
+
+    #[test]
+    fn repeats_are_counted_only_on_a_server_that_asked_for_it() {
+        let data = vec![3u8; 4096];
+        let id = ChunkId::of(&data);
+        for counting in [false, true] {
+            let src = Arc::new(One(id, data.clone()));
+            let svc = Service::new(src, move |i| *i == id).counting_repeats(counting);
+            assert_eq!(svc.counts_repeats(), counting);
+            assert_eq!(
+                svc.sent.is_some(),
+                counting,
+                "the set exists only when counting"
+            );
+            let srv = RunningServer::start("127.0.0.1:0".parse().unwrap(), Arc::new(svc)).unwrap();
+            assert_eq!(srv.counts_repeats(), counting);
+            let c = PeerClient::new(srv.addr(), Duration::from_secs(5));
+            // The same chunk three times: twice again.
+            for _ in 0..3 {
+                assert_eq!(
+                    c.get(&[(id, 4096)], false).unwrap(),
+                    vec![Answer::Data(data.clone())]
+                );
+            }
+            let st = srv.stats();
+            assert_eq!(st.chunks_served.load(Ordering::Relaxed), 3);
+            let (rc, rb) = if counting { (2, 2 * 4096) } else { (0, 0) };
+            assert_eq!(st.repeat_chunks.load(Ordering::Relaxed), rc, "{counting}");
+            assert_eq!(st.repeat_bytes.load(Ordering::Relaxed), rb, "{counting}");
+        }
+        assert!(!Service::new(Arc::new(Empty), |_| false).counts_repeats());
     }
 
     #[test]

@@ -98,6 +98,36 @@ fn cfg(dir: &std::path::Path, peers: &[SocketAddr], origin: SocketAddr) -> NodeC
     }
 }
 
+/// Running nodes and their cache directories (removed after the nodes stop).
+struct Nodes {
+    nodes: Vec<Node>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// Start `n` nodes, each on a fresh cache, listing every one of them and `extra_peers` as
+/// their peers and `origin` as their origin; `tune(i, cfg)` adjusts node `i`'s config.
+fn start_nodes(
+    n: usize,
+    extra_peers: &[SocketAddr],
+    origin: SocketAddr,
+    tune: impl Fn(usize, &mut NodeConfig),
+) -> Nodes {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| bind()).collect();
+    let mut addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    addrs.extend_from_slice(extra_peers);
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut c = cfg(dirs[i].path(), &addrs, origin);
+            tune(i, &mut c);
+            Node::start(l, c).unwrap()
+        })
+        .collect();
+    Nodes { nodes, _dirs: dirs }
+}
+
 /// Deploy on `node` into a file; return the bytes written.
 fn deploy_to_vec(node: &Node, list: &ChunkList, profile: Option<&AccessProfile>) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
@@ -135,22 +165,12 @@ fn nodes_deploy_the_same_image_despite_a_corrupting_peer_a_hung_peer_and_a_dead_
     let hung_addr = hung.local_addr().unwrap();
     let dead_addr = bind().local_addr().unwrap(); // listener dropped at once: refused
 
-    let listeners: Vec<TcpListener> = (0..4).map(|_| bind()).collect();
-    let mut addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    addrs.push(hung_addr);
-    addrs.push(dead_addr);
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Node> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let mut c = cfg(dirs[i].path(), &addrs, origin.addr());
-            c.corrupt_served_chunks = i == 3;
-            Node::start(l, c).unwrap()
-        })
-        .collect();
+    let started = start_nodes(4, &[hung_addr, dead_addr], origin.addr(), |i, c| {
+        c.corrupt_served_chunks = i == 3;
+    });
+    let nodes = &started.nodes;
 
-    deploy_all_and_check(&nodes, &list, &img);
+    deploy_all_and_check(nodes, &list, &img);
     let egress = origin.stats().bytes_served.load(Ordering::Relaxed);
     for (i, n) in nodes.iter().enumerate() {
         eprintln!("node {i}: {}", n.fetcher.stats.summary());
@@ -185,16 +205,10 @@ fn nodes_deploy_the_same_image_despite_a_corrupting_peer_a_hung_peer_and_a_dead_
 fn a_peer_that_dies_mid_deployment_costs_a_retry_not_the_deployment() {
     let (img, list, src) = image();
     let origin = origin(src);
-    let listeners: Vec<TcpListener> = (0..3).map(|_| bind()).collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut nodes: Vec<Option<Node>> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| Some(Node::start(l, cfg(dirs[i].path(), &addrs, origin.addr())).unwrap()))
-        .collect();
+    let mut started = start_nodes(3, &[], origin.addr(), |_, _| {});
     // Node 2 warms up (fetches its share and more), then goes away while 0 and 1 deploy.
-    let n2 = nodes[2].take().unwrap();
+    let n2 = started.nodes.pop().unwrap();
+    let nodes = &started.nodes;
     let half = ChunkList {
         chunks: list
             .chunks
@@ -207,12 +221,9 @@ fn a_peer_that_dies_mid_deployment_costs_a_retry_not_the_deployment() {
     let progress = AtomicU64::new(0);
     deploy(&n2.fetcher, &half, None, None, 16, 2, &progress).unwrap();
     let images: Vec<Vec<u8>> = std::thread::scope(|s| {
-        let hs: Vec<_> = nodes[..2]
+        let hs: Vec<_> = nodes
             .iter()
-            .map(|n| {
-                let n = n.as_ref().unwrap();
-                s.spawn(|| deploy_to_vec(n, &list, None))
-            })
+            .map(|n| s.spawn(|| deploy_to_vec(n, &list, None)))
             .collect();
         drop(n2); // stops serving while the others are fetching
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -320,14 +331,8 @@ fn nodes_deploy_a_stored_image_from_a_store_backed_origin() {
     assert!(store_chunk_list(&store, "nonesuch").is_err());
     let origin = serve_store(bind(), store, true).unwrap();
 
-    let listeners: Vec<TcpListener> = (0..2).map(|_| bind()).collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Node> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| Node::start(l, cfg(dirs[i].path(), &addrs, origin.addr())).unwrap())
-        .collect();
+    let started = start_nodes(2, &[], origin.addr(), |_, _| {});
+    let nodes = &started.nodes;
     // Node 0 deploys version 2, node 1 version 1, at the same time.
     let (got2, got1) = std::thread::scope(|s| {
         let a = s.spawn(|| deploy_to_vec(&nodes[0], &list2, None));
@@ -347,20 +352,12 @@ fn healthy_nodes_deploying_together_take_each_chunk_from_the_origin_once() {
     let (img, list, src) = image();
     let distinct = src.0.len() as u64;
     let origin = origin(src);
-    let listeners: Vec<TcpListener> = (0..4).map(|_| bind()).collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Node> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let mut c = cfg(dirs[i].path(), &addrs, origin.addr());
-            // No failures here: a generous timeout, so a slow test machine is not one.
-            c.fetch.timeout = Duration::from_secs(10);
-            Node::start(l, c).unwrap()
-        })
-        .collect();
-    deploy_all_and_check(&nodes, &list, &img);
+    // No failures here: a generous timeout, so a slow test machine is not one.
+    let started = start_nodes(4, &[], origin.addr(), |_, c| {
+        c.fetch.timeout = Duration::from_secs(10);
+    });
+    let nodes = &started.nodes;
+    deploy_all_and_check(nodes, &list, &img);
     // Each node streamed the chunks it is home of and the others pulled them from it: no
     // chunk left the origin twice, and the nodes did share.
     let st = origin.stats();

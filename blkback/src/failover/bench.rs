@@ -6,7 +6,15 @@
 //!    a unix socket, against (a) the plain stack served in this process, as `remoca blkback`
 //!    serves it, and (b) a failover endpoint in this process forwarding to a driver process
 //!    (`remoca blkback driver`) with its monitor running. Each gets a fresh overlay on the
-//!    same template. Rows print IOPS and the split's ratio to plain.
+//!    same template. Rows print IOPS and the split's ratio to plain. Then, on the same
+//!    connection, large requests: sequential [`LARGE`] (256 KiB) writes at queue depth 8 with
+//!    a flush every [`LARGE_FLUSH_BYTES`] (64 MiB), then sequential 256 KiB reads at queue
+//!    depth 8 (`seconds` each, wrapping at the end of the disk); rows print MB/s (10^6
+//!    bytes per second) and the ratio. 4 KiB random I/O is the split's worst case (the
+//!    hand-off cost per request); 256 KiB requests show what it costs per byte. 256 KiB is
+//!    well within the maximum block size the NBD server advertises and accepts
+//!    ([`crate::nbd::wire::MAX_PAYLOAD`], 32 MiB) and the channel's
+//!    [`super::wire::MAX_DATA`] (32 MiB).
 //! 2. **Failover**: one client writes 4 KiB blocks at queue depth 1 (a flush every 64) while the active driver is
 //!    killed with SIGKILL `kills` times and hung with SIGSTOP `hangs` times, at random moments
 //!    (each failed driver is restarted and becomes the backup). For each fault it reports the
@@ -35,6 +43,12 @@ use crate::raw::RawFile;
 const BLOCK: u64 = 4096;
 const QD: usize = 8;
 const FLUSH_EVERY: u64 = 64;
+/// Request size of the large-request rows.
+const LARGE: u64 = 256 << 10;
+/// The large sequential writes flush after this many bytes.
+const LARGE_FLUSH_BYTES: u64 = 64 << 20;
+const _: () = assert!(LARGE <= crate::nbd::wire::MAX_PAYLOAD as u64);
+const _: () = assert!(LARGE <= super::wire::MAX_DATA as u64);
 const HEARTBEAT_MS: u64 = 50;
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(300);
 
@@ -194,17 +208,59 @@ fn fresh_overlay(template: &Path, overlay: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Random 4 KiB commands at queue depth [`QD`] for `seconds`; returns operations per second.
-fn drive(c: &mut Client<UnixStream>, cmd: u16, blocks: u64, seconds: f64) -> Result<f64, Error> {
+/// One throughput row's workload: `cmd` (READ or WRITE) of `len` bytes each at queue
+/// depth [`QD`], at random `len`-aligned offsets or sequential ones (wrapping at the end of
+/// the disk); WRITEs are followed by a FLUSH every `flush_every` completed writes.
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    cmd: u16,
+    len: u64,
+    sequential: bool,
+    flush_every: u64,
+}
+
+impl Workload {
+    const fn random_4k(cmd: u16) -> Self {
+        Workload {
+            cmd,
+            len: BLOCK,
+            sequential: false,
+            flush_every: FLUSH_EVERY,
+        }
+    }
+
+    const fn sequential_large(cmd: u16) -> Self {
+        Workload {
+            cmd,
+            len: LARGE,
+            sequential: true,
+            flush_every: LARGE_FLUSH_BYTES / LARGE,
+        }
+    }
+}
+
+/// Run `w` for `seconds` on a disk of `size` bytes; returns operations per second.
+fn drive(c: &mut Client<UnixStream>, w: Workload, size: u64, seconds: f64) -> Result<f64, Error> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let data = vec![0x5au8; BLOCK as usize];
+    let slots = size / w.len;
+    if slots == 0 {
+        return Err(format!("the disk is smaller than one {} B request", w.len).into());
+    }
+    let data = vec![0x5au8; w.len as usize];
+    let len = u32::try_from(w.len)?;
     let t0 = Instant::now();
-    let (mut flying, mut done, mut since_flush) = (0usize, 0u64, 0u64);
+    let (mut flying, mut done, mut since_flush, mut next) = (0usize, 0u64, 0u64, 0u64);
     while t0.elapsed().as_secs_f64() < seconds || flying > 0 {
         while flying < QD && t0.elapsed().as_secs_f64() < seconds {
-            let off = (rng.next() % blocks) * BLOCK;
-            let payload: &[u8] = if cmd == CMD_WRITE { &data } else { &[] };
-            c.send(cmd, 0, off, BLOCK as u32, payload)?;
+            let slot = if w.sequential {
+                let s = next;
+                next = (next + 1) % slots;
+                s
+            } else {
+                rng.next() % slots
+            };
+            let payload: &[u8] = if w.cmd == CMD_WRITE { &data } else { &[] };
+            c.send(w.cmd, 0, slot * w.len, len, payload)?;
             flying += 1;
         }
         let r = c.recv()?;
@@ -214,7 +270,7 @@ fn drive(c: &mut Client<UnixStream>, cmd: u16, blocks: u64, seconds: f64) -> Res
         flying -= 1;
         done += 1;
         since_flush += 1;
-        if cmd == CMD_WRITE && since_flush >= FLUSH_EVERY {
+        if w.cmd == CMD_WRITE && since_flush >= w.flush_every {
             since_flush = 0;
             c.send(CMD_FLUSH, 0, 0, 0, &[])?;
             flying += 1;
@@ -245,6 +301,13 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     std::fs::write(&template, vec![0u8; cfg.size as usize])?;
     let overlay = d.join("vm.ovl");
     let blocks = cfg.size / BLOCK;
+    if cfg.size < LARGE {
+        return Err(format!(
+            "the disk must hold at least one {} KiB request",
+            LARGE >> 10
+        )
+        .into());
+    }
     let export = format!(
         "name=vm,template={},overlay={}",
         template.display(),
@@ -296,33 +359,71 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
         };
         let srv = NbdServer::start(disk.clone(), d.join("nbd.sock"))?;
         let mut c = srv.client()?;
-        let w = drive(&mut c, CMD_WRITE, blocks, cfg.seconds)?;
-        let r = drive(&mut c, CMD_READ, blocks, cfg.seconds)?;
+        let mut row = [0.0; 4];
+        for (i, w) in [
+            Workload::random_4k(CMD_WRITE),
+            Workload::random_4k(CMD_READ),
+            Workload::sequential_large(CMD_WRITE),
+            Workload::sequential_large(CMD_READ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // Operations per second; the large rows in MB/s.
+            let ops = drive(&mut c, w, cfg.size, cfg.seconds)?;
+            row[i] = if w.len == BLOCK {
+                ops
+            } else {
+                ops * w.len as f64 / 1e6
+            };
+        }
         drop(c);
         drop(srv);
         if let Some(e) = endpoint {
             e.close();
         }
         let _ = std::fs::remove_file(d.join("nbd.sock"));
-        rows.push((w, r));
+        rows.push(row);
     }
     let (plain, split) = (rows[0], rows[1]);
     writeln!(out, "\n[throughput]          4K write IOPS   4K read IOPS")?;
     writeln!(
         out,
         "  plain backend        {:>12.0}   {:>12.0}",
-        plain.0, plain.1
+        plain[0], plain[1]
     )?;
     writeln!(
         out,
         "  endpoint + driver    {:>12.0}   {:>12.0}",
-        split.0, split.1
+        split[0], split[1]
     )?;
     writeln!(
         out,
         "  ratio                {:>12.2}   {:>12.2}   (goal: overhead under 5 %, ratio >= 0.95)",
-        split.0 / plain.0,
-        split.1 / plain.1
+        split[0] / plain[0],
+        split[1] / plain[1]
+    )?;
+    writeln!(
+        out,
+        "\n[large requests]      {0}K seq write MB/s   {0}K seq read MB/s   (QD {QD}, a flush every {1} MiB written)",
+        LARGE >> 10,
+        LARGE_FLUSH_BYTES >> 20
+    )?;
+    writeln!(
+        out,
+        "  plain backend        {:>19.1}   {:>18.1}",
+        plain[2], plain[3]
+    )?;
+    writeln!(
+        out,
+        "  endpoint + driver    {:>19.1}   {:>18.1}",
+        split[2], split[3]
+    )?;
+    writeln!(
+        out,
+        "  ratio                {:>19.2}   {:>18.2}   (goal: overhead under 5 %, ratio >= 0.95)",
+        split[2] / plain[2],
+        split[3] / plain[3]
     )?;
 
     // 2. Failover under faults.

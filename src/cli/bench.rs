@@ -109,7 +109,7 @@ fn paging(a: PagingBenchArgs) -> anyhow::Result<()> {
         ..PagingBenchConfig::standard(a.dir)
     };
     let report = paging_bench::run(&cfg)?;
-    print!("{}", report.text);
+    out!("{}", report.text)?;
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use remoca_blkback::images::export::{
 };
 use remoca_blkback::nbd::{self, Listener};
 use remoca_blkback::raw::RawFile;
+
+use super::announce;
 use remoca_blkback::{Disk, ExportConfig, Exports};
 use serde::Deserialize;
 
@@ -598,18 +600,19 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
     let opened = Exports::open(&configs).context("cannot open exports")?;
     let listener = failover::driver::DriverListener::bind(&channel_addr(&a.listen)?)
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    println!("driver listening on {}", listener.local_addr()?);
+    announce(format_args!(
+        "driver listening on {}",
+        listener.local_addr()?
+    ));
     for e in opened.iter() {
-        println!(
+        announce(format_args!(
             "export {:?}: {} ({} bytes)",
             e.name,
             e.description,
             e.disk.size()
-        );
+        ));
     }
     drop(opened);
-    use std::io::Write;
-    std::io::stdout().flush()?;
     failover::driver::run(
         listener,
         failover::driver::DriverConfig {
@@ -658,25 +661,23 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
                 let l = tokio::net::TcpListener::bind(addr.as_str())
                     .await
                     .with_context(|| format!("cannot listen on {addr}"))?;
-                println!("listening on {}", l.local_addr()?);
+                announce(format_args!("listening on {}", l.local_addr()?));
                 Listener::Tcp(l)
             }
             failover::Addr::Unix(path) => {
                 let l = tokio::net::UnixListener::bind(path)
                     .with_context(|| format!("cannot listen on {}", path.display()))?;
-                println!("listening on {}", path.display());
+                announce(format_args!("listening on {}", path.display()));
                 Listener::Unix(l)
             }
         };
         let st = endpoint.status();
-        println!(
+        announce(format_args!(
             "export {:?}: {} bytes, active driver {}",
             a.export,
             endpoint.size(),
             st.active.as_deref().unwrap_or("-")
-        );
-        use std::io::Write;
-        std::io::stdout().flush()?;
+        ));
         let shutdown = sigint_or_sigterm();
         nbd::run(listener, exports, shutdown).await?;
         if let failover::Addr::Unix(path) = &nbd_addr {
@@ -714,13 +715,13 @@ fn run_status(a: &StatusArgs) -> anyhow::Result<()> {
     let entries =
         status::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
     if entries.is_empty() {
-        println!(
+        outln!(
             "no failover endpoint is running (no status file in {})",
             dir.display()
-        );
+        )?;
         return Ok(());
     }
-    println!("{}", status::COLUMNS.join("\t"));
+    outln!("{}", status::COLUMNS.join("\t"))?;
     for (path, fields) in entries {
         match fields {
             Ok(f) => {
@@ -731,7 +732,7 @@ fn run_status(a: &StatusArgs) -> anyhow::Result<()> {
                 if !status::writer_alive(&f) {
                     row.push("(stale: its endpoint is not running)");
                 }
-                println!("{}", row.join("\t"));
+                outln!("{}", row.join("\t"))?;
             }
             Err(e) => eprintln!("warning: {}: {e}", path.display()),
         }
@@ -756,7 +757,9 @@ fn start_blkif(mode: &str, g: &Global, exports: &Exports) -> anyhow::Result<Opti
         },
     )
     .context("starting the blkif backend")?;
-    println!("serving Xen vbd3 disks (backend/vbd3 in xenstore)");
+    announce(format_args!(
+        "serving Xen vbd3 disks (backend/vbd3 in xenstore)"
+    ));
     Ok(Some(server))
 }
 
@@ -774,20 +777,8 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         reps: a.reps,
     };
     let report = remoca_blkback::bench::run(&cfg)?;
-    print!("{report}");
+    out!("{report}")?;
     Ok(())
-}
-
-/// Print a start-up line on stdout. A reader that has gone (a closed pipe: a supervisor that
-/// read the address and closed its end) must not stop the server, so write errors are ignored
-/// where `println!` would panic.
-fn announce(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = out
-        .write_fmt(line)
-        .and_then(|()| out.write_all(b"\n"))
-        .and_then(|()| out.flush());
 }
 
 #[cfg(test)]

@@ -255,14 +255,14 @@ pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
                 cluster_size.trailing_zeros(),
                 &hint.to_string_lossy(),
             )?;
-            println!(
+            outln!(
                 "created {} over {} ({} bytes, {} clusters of {} bytes)",
                 path.display(),
                 hint.display(),
                 h.virtual_size,
                 h.cluster_count,
                 h.cluster_size()
-            );
+            )?;
         }
         ImageCmd::Inspect {
             overlay: path,
@@ -270,32 +270,32 @@ pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
         } => {
             let i = overlay::inspect(&path)?;
             let h = &i.header;
-            println!("overlay:        {}", path.display());
-            println!("format:         remoca overlay v{}", header::VERSION);
-            println!("virtual size:   {} bytes", h.virtual_size);
-            println!("cluster size:   {} bytes", h.cluster_size());
-            println!("clusters:       {}", h.cluster_count);
-            println!(
+            outln!("overlay:        {}", path.display())?;
+            outln!("format:         remoca overlay v{}", header::VERSION)?;
+            outln!("virtual size:   {} bytes", h.virtual_size)?;
+            outln!("cluster size:   {} bytes", h.cluster_size())?;
+            outln!("clusters:       {}", h.cluster_count)?;
+            outln!(
                 "  in overlay:   {} ({} bytes)",
                 i.data_clusters,
                 i.data_clusters * h.cluster_size()
-            );
-            println!("  zeroed:       {}", i.zero_clusters);
-            println!("  from template:{}", i.template_clusters);
-            println!("template:       {}", h.template_path);
-            println!(
+            )?;
+            outln!("  zeroed:       {}", i.zero_clusters)?;
+            outln!("  from template:{}", i.template_clusters)?;
+            outln!("template:       {}", h.template_path)?;
+            outln!(
                 "fingerprint:    {}",
                 overlay::short_hex(&h.template_fingerprint)
-            );
+            )?;
             let tpath = template.unwrap_or_else(|| PathBuf::from(&h.template_path));
             match RawFile::open_read_only(&tpath) {
                 Ok(t) => {
                     let fp = overlay::fingerprint(&t)?;
                     let ok = fp == h.template_fingerprint && t.size() == h.virtual_size;
-                    println!(
+                    outln!(
                         "template check: {}",
                         if ok { "matches" } else { "DOES NOT MATCH" }
-                    );
+                    )?;
                     if !ok {
                         bail!(
                             "{} is not the template this overlay was made for",
@@ -303,7 +303,7 @@ pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
                         );
                     }
                 }
-                Err(e) => println!("template check: cannot open ({e})"),
+                Err(e) => outln!("template check: cannot open ({e})")?,
             }
         }
         ImageCmd::Commit {
@@ -320,10 +320,10 @@ pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
             let note = format!("commit of overlay {}", path.display());
             let r = s.commit_overlay(&path, &base, &image, &note, &mut |n| bar.set(n))?;
             bar.finish();
-            println!(
+            outln!(
                 "{}: layer on {base} with {} changed pieces ({} zeroed), {} new chunks, {} new bytes",
                 r.version, r.chunks, r.zero_chunks, r.new_chunks, r.new_bytes
-            );
+            )?;
         }
         ImageCmd::Commit {
             overlay: path,
@@ -336,13 +336,13 @@ pub fn image(a: ImageArgs, g: &Global) -> anyhow::Result<()> {
             let base = open_template(&tpath)?;
             let ov = Overlay::open(&path, base, true)?;
             let written = remoca_blkback::commit::commit(&ov, &to)?;
-            println!(
+            outln!(
                 "committed {} over {} into {} ({} bytes of data)",
                 path.display(),
                 tpath.display(),
                 to.display(),
                 written
-            );
+            )?;
         }
         cmd => store_cmd(cmd)?,
     }
@@ -383,7 +383,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
                 }
                 (r?, t.elapsed().as_secs_f64())
             };
-            println!(
+            outln!(
                 "{}: {} bytes, {} chunks of {} ({} zero pieces elided), {} new chunks, {} new bytes, {:.1} MiB/s",
                 r.version,
                 r.size,
@@ -393,7 +393,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
                 r.new_chunks,
                 r.new_bytes,
                 r.size as f64 / (1 << 20) as f64 / secs.max(1e-9)
-            );
+            )?;
         }
         ImageCmd::Export {
             version,
@@ -411,27 +411,30 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             } else {
                 s.export_file(&v, &dest, &mut |n| bar.set(n))?;
                 bar.finish();
-                println!("{v}: {size} bytes written to {}", dest.display());
+                outln!("{v}: {size} bytes written to {}", dest.display())?;
             }
         }
         ImageCmd::Ls { store } => {
             let s = store.open(false, Compression::None)?;
-            println!(
+            outln!(
                 "{:<24} {:>8} {:>7} {:>16}  created",
-                "IMAGE", "VERSIONS", "NEWEST", "SIZE"
-            );
+                "IMAGE",
+                "VERSIONS",
+                "NEWEST",
+                "SIZE"
+            )?;
             for name in s.images()? {
                 let vs = s.versions(&name)?;
                 let Some(last) = vs.last() else { continue };
                 let m = s.manifest(last)?;
-                println!(
+                outln!(
                     "{:<24} {:>8} {:>7} {:>16}  {}",
                     name,
                     vs.len(),
                     last.version,
                     m.size,
                     when(m.created)
-                );
+                )?;
             }
         }
         ImageCmd::Log { name, store } => {
@@ -442,31 +445,31 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             }
             for v in vs.iter().rev() {
                 let i = s.version_info(v)?;
-                println!("version {}", i.version);
-                println!("  created:    {}", when(i.created));
+                outln!("version {}", i.version)?;
+                outln!("  created:    {}", when(i.created))?;
                 match &i.parent {
-                    Some(p) => println!(
+                    Some(p) => outln!(
                         "  parent:     {p} (layer of {} changed pieces)",
                         i.own_chunks
-                    ),
-                    None => println!("  parent:     none"),
+                    )?,
+                    None => outln!("  parent:     none")?,
                 }
-                println!(
+                outln!(
                     "  size:       {} bytes ({}), chunk size {}",
                     i.size,
                     human(i.size),
                     i.chunk_size
-                );
-                println!("  data:       {} bytes", i.data_bytes);
-                println!("  new bytes:  {} ({})", i.new_bytes, human(i.new_bytes));
-                println!("  from:       {}", i.note);
+                )?;
+                outln!("  data:       {} bytes", i.data_bytes)?;
+                outln!("  new bytes:  {} ({})", i.new_bytes, human(i.new_bytes))?;
+                outln!("  from:       {}", i.note)?;
             }
         }
         ImageCmd::Rm { version, store } => {
             let mut s = store.open(true, Compression::default())?;
             let v = version.parse()?;
             s.remove(&v)?;
-            println!("removed {v}; `remoca image gc` frees its chunks");
+            outln!("removed {v}; `remoca image gc` frees its chunks")?;
         }
         ImageCmd::Verify { store } => {
             let s = store.open(false, Compression::None)?;
@@ -475,11 +478,11 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             let r = s.verify(&mut |n| bar.set(n))?;
             bar.finish();
             for n in &r.notes {
-                println!("note: {n}");
+                outln!("note: {n}")?;
             }
             for b in &r.bad_chunks {
                 let users: Vec<String> = b.used_by.iter().map(ToString::to_string).collect();
-                println!(
+                outln!(
                     "BAD chunk {} (arena {} offset {}): {}; used by: {}",
                     b.id,
                     b.arena,
@@ -490,18 +493,18 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
                     } else {
                         users.join(", ")
                     }
-                );
+                )?;
             }
             for (v, id) in &r.missing {
-                println!("MISSING chunk {id} needed by {v}");
+                outln!("MISSING chunk {id} needed by {v}")?;
             }
             for (v, why) in &r.bad_versions {
-                println!("BAD version {v}: {why}");
+                outln!("BAD version {v}: {why}")?;
             }
-            println!(
+            outln!(
                 "checked {} chunks ({} bytes) and {} versions; {} unreferenced chunks ({} bytes) for gc",
                 r.chunks_checked, r.bytes_checked, r.versions_checked, r.unreferenced_chunks, r.unreferenced_bytes
-            );
+            )?;
             if !r.is_clean() {
                 bail!(
                     "store {} has {} corrupt chunks, {} missing chunks, {} bad versions",
@@ -511,7 +514,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
                     r.bad_versions.len()
                 );
             }
-            println!("store is consistent");
+            outln!("store is consistent")?;
         }
         ImageCmd::Gc {
             keep,
@@ -528,9 +531,9 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             bar.finish();
             let verb = if dry_run { "would remove" } else { "removed" };
             for v in &r.versions_removed {
-                println!("{verb} {v}");
+                outln!("{verb} {v}")?;
             }
-            println!(
+            outln!(
                 "{} {} chunks; chunks {} -> {}; stored bytes {} -> {}; arena bytes {} -> {}; {} arenas rewritten, {} bytes copied",
                 if dry_run { "would free" } else { "freed" },
                 r.chunks_freed,
@@ -542,47 +545,55 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
                 r.arena_bytes_after,
                 r.arenas_rewritten.len(),
                 r.bytes_copied
-            );
+            )?;
         }
         ImageCmd::Du { store } => {
             let s = store.open(false, Compression::None)?;
             let u = s.usage()?;
-            println!("store:          {}", s.location());
-            println!("chunks:         {}", u.chunks);
-            println!(
+            outln!("store:          {}", s.location())?;
+            outln!("chunks:         {}", u.chunks)?;
+            outln!(
                 "logical bytes:  {} ({})",
                 u.logical_bytes,
                 human(u.logical_bytes)
-            );
-            println!(
+            )?;
+            outln!(
                 "unique bytes:   {} ({})",
                 u.unique_bytes,
                 human(u.unique_bytes)
-            );
-            println!(
+            )?;
+            outln!(
                 "stored bytes:   {} ({})",
                 u.stored_bytes,
                 human(u.stored_bytes)
-            );
-            println!(
+            )?;
+            outln!(
                 "arena bytes:    {} ({})",
                 u.arena_bytes,
                 human(u.arena_bytes)
-            );
-            println!(
+            )?;
+            outln!(
                 "unreferenced:   {} bytes (gc frees them)",
                 u.unreferenced_bytes
-            );
-            println!("dedup ratio:    {:.2}", u.dedup_ratio());
-            println!(
+            )?;
+            outln!("dedup ratio:    {:.2}", u.dedup_ratio())?;
+            outln!(
                 "{:<24} {:>8} {:>16} {:>16} {:>16}",
-                "IMAGE", "VERSIONS", "LOGICAL", "UNIQUE", "EXCLUSIVE"
-            );
+                "IMAGE",
+                "VERSIONS",
+                "LOGICAL",
+                "UNIQUE",
+                "EXCLUSIVE"
+            )?;
             for i in &u.images {
-                println!(
+                outln!(
                     "{:<24} {:>8} {:>16} {:>16} {:>16}",
-                    i.name, i.versions, i.logical_bytes, i.unique_bytes, i.exclusive_bytes
-                );
+                    i.name,
+                    i.versions,
+                    i.logical_bytes,
+                    i.unique_bytes,
+                    i.exclusive_bytes
+                )?;
             }
         }
         ImageCmd::Create { .. } | ImageCmd::Inspect { .. } | ImageCmd::Commit { .. } => {

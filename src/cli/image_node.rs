@@ -23,7 +23,7 @@ use remoca_blkback::images::store::{Store, StoreOptions};
 use remoca_blkback::images::template::AccessProfile;
 
 use super::blkback::parse_size;
-use super::Global;
+use super::{announce, Global};
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
@@ -220,12 +220,12 @@ fn store_origin(a: &NodeArgs, dir: &Path, listener: TcpListener) -> anyhow::Resu
         .context("--store needs --chunk-list")?;
     write_chunk_list(&list, out)?;
     let server = node::serve_store(listener, store, a.count_repeats).context("serve the store")?;
-    println!(
+    announce(format_args!(
         "origin listening on {} serving {v} ({} chunks) from {}",
         server.addr(),
         list.chunks.iter().flatten().count(),
         dir.display()
-    );
+    ));
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         if let Some(path) = &a.stats {
@@ -289,7 +289,7 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
             .context("--seed-raw needs --chunk-list")?;
         write_chunk_list(&list, out)?;
     }
-    println!("node listening on {me}");
+    announce(format_args!("node listening on {me}"));
     let d = Arc::new(Deploy::default());
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| -> anyhow::Result<()> {
@@ -332,12 +332,13 @@ pub fn image_node(a: NodeArgs, g: &Global) -> anyhow::Result<()> {
                     d.home_ms
                         .store(r.home_stream.as_millis() as u64, Ordering::Relaxed);
                     d.done.store(true, Ordering::Relaxed);
-                    println!(
+                    // The node serves on: a closed stdout must not stop it.
+                    announce(format_args!(
                         "deployed {} bytes in {:.3} s: {}",
                         r.bytes,
                         r.elapsed.as_secs_f64(),
                         n.fetcher.stats.summary()
-                    );
+                    ));
                 }
                 Err(e) => {
                     *d.error.lock() = Some(e.to_string());
@@ -403,8 +404,8 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
     };
     let load = load_average();
     let r = remoca_blkback::images::bench::deployment(&cfg)?;
-    print!("{}", r.table(&cfg));
-    println!("load average before: {load}");
+    out!("{}", r.table(&cfg))?;
+    outln!("load average before: {load}")?;
     Ok(())
 }
 
@@ -429,7 +430,7 @@ fn bench_dedup(a: BenchArgs) -> anyhow::Result<()> {
     };
     let load = load_average();
     let r = remoca_blkback::images::bench::dedup(&cfg)?;
-    print!("{}", r.table());
-    println!("load average before: {load}, after: {}", load_average());
+    out!("{}", r.table())?;
+    outln!("load average before: {load}, after: {}", load_average())?;
     Ok(())
 }

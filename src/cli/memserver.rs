@@ -122,10 +122,10 @@ pub fn run(args: MemserverArgs, _g: &Global) -> anyhow::Result<()> {
                 Duration::from_secs(5),
             ))
             .with_context(|| format!("asking {addr} for stats"))?;
-        print!(
+        out!(
             "{}",
             remoca_memserver::stats_table::render(&addr.to_string(), &st)
-        );
+        )?;
         return Ok(());
     }
     let listen = args.listen.context("--listen ADDR is required")?;
@@ -142,7 +142,7 @@ pub fn run(args: MemserverArgs, _g: &Global) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let bound = listener.local_addr()?;
-        println!("memserver listening on {bound}");
+        super::announce(format_args!("memserver listening on {bound}"));
         tracing::info!(%bound, capacity = %format_size(capacity), headroom = %format_size(args.headroom), "memory server started");
         server::run(listener, config, terminated()).await?;
         tracing::info!("memory server stopped");
@@ -162,6 +162,6 @@ pub fn bench(args: BenchArgs, _g: &Global) -> anyhow::Result<()> {
         rounds: args.rounds,
     };
     let report = bench::run(&cfg).context("memserver benchmark")?;
-    print!("{report}");
+    out!("{report}")?;
     Ok(())
 }

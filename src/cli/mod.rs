@@ -1,4 +1,26 @@
 //! Command-line surface: one module per subcommand group, each a thin wrapper over a library.
+//!
+//! Output on stdout goes through [`write_stdout`]: `outln!`/`out!` (like `println!`/`print!`,
+//! but returning a `Result` to `?`) for a command's output, [`announce`] for a daemon's
+//! start-up lines. `println!` would panic on a closed pipe (`remoca image ls | head -1`).
+
+/// `println!` for a command's output on stdout: `outln!("{x}")?;`. A closed stdout ends the
+/// command quietly with status 0 (see [`write_stdout`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` for a command's output on stdout: `out!("{report}")?;` (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*), false)
+    };
+}
 
 mod bench;
 mod blkback;
@@ -79,6 +101,51 @@ pub enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// The reader of our stdout has gone (a closed pipe, `remoca xen store ls | head -1`): the
+/// normal end of a command's output, as for `cat | head`. [`dispatch`] turns it into success.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Write `args` (and a newline with `newline`) to stdout and flush: the one writer behind
+/// `outln!`, `out!` and [`announce`].
+///
+/// # Errors
+/// [`StdoutClosed`] when the reader has gone (EPIPE), which [`dispatch`] turns into a quiet
+/// exit 0 where `println!` would panic; any other write error as such.
+pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let r = out
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
+}
+
+/// Print a daemon's start-up line on stdout. A reader that has gone (a supervisor that read
+/// the address and closed its pipe) must not stop the daemon, so write errors are ignored.
+pub fn announce(line: std::fmt::Arguments<'_>) {
+    let _ = write_stdout(line, true);
+}
+
 pub fn init_tracing(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -96,7 +163,7 @@ pub fn init_tracing(verbose: u8) {
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global;
-    match cli.command {
+    let r = match cli.command {
         Command::Up(a) => up::run(a, &g),
         Command::Xen(a) => xen::run(a, &g),
         Command::Memserver(a) => memserver::run(a, &g),
@@ -110,5 +177,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Image(a) => image::image(a, &g),
         Command::ImageNode(a) => image_node::image_node(a, &g),
         Command::Bench(a) => bench::run(a, &g),
+    };
+    match r {
+        // Our reader went away: the output ends there, like `cat` under `head`.
+        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => Ok(()),
+        r => r,
     }
 }

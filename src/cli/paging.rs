@@ -110,8 +110,11 @@ pub fn pager(a: PagerArgs, g: &Global) -> anyhow::Result<()> {
             });
             flag.store(true, Ordering::Relaxed);
         })?;
-    let report = service::run_pager(&host, cfg, &stop, |stats| println!("{stats}"))?;
-    println!("pager stopped; {} pages paged back", report.paged_back);
+    // Live counters: a closed stdout must not stop the pager (guest pages are out).
+    let report = service::run_pager(&host, cfg, &stop, |stats| {
+        super::announce(format_args!("{stats}"))
+    })?;
+    outln!("pager stopped; {} pages paged back", report.paged_back)?;
     Ok(())
 }
 

@@ -23,7 +23,7 @@ pub struct UpArgs {
 
 pub fn run(a: UpArgs, g: &Global) -> anyhow::Result<()> {
     if a.print_config {
-        print!("{}", up::config::DEFAULT);
+        out!("{}", up::config::DEFAULT)?;
         return Ok(());
     }
     let config = match &a.config {

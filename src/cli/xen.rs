@@ -100,10 +100,11 @@ pub fn run(a: XenArgs, g: &Global) -> anyhow::Result<()> {
             let dom = host.find_domain(&domain)?;
             let frame = contract::find_marker(&host, dom.domid, marker.as_bytes(), frames)
                 .with_context(|| format!("scanning {frames} frames of domain {}", dom.domid))?;
-            println!(
+            outln!(
                 "marker found at frame {frame:#x} of domain {} ({})",
-                dom.domid, dom.name
-            );
+                dom.domid,
+                dom.name
+            )?;
             Ok(())
         }
     }
@@ -111,31 +112,36 @@ pub fn run(a: XenArgs, g: &Global) -> anyhow::Result<()> {
 
 fn info(host: &Host) -> anyhow::Result<()> {
     let hv = host.domains.hypervisor()?;
-    println!("backend            : {}", host.kind());
+    outln!("backend            : {}", host.kind())?;
     if let Some(why) = host.fallback_reason() {
-        println!("why not real       : {why}");
+        outln!("why not real       : {why}")?;
     }
     if let Some(sock) = host.attached_to() {
-        println!(
+        outln!(
             "attached to        : {} (a running `remoca up`)",
             sock.display()
-        );
+        )?;
     }
-    println!("xen_version        : {}.{}{}", hv.major, hv.minor, hv.extra);
-    println!("xen_caps           : {}", hv.capabilities);
-    println!("vm_event_version   : {}", hv.vm_event_version);
+    outln!("xen_version        : {}.{}{}", hv.major, hv.minor, hv.extra)?;
+    outln!("xen_caps           : {}", hv.capabilities)?;
+    outln!("vm_event_version   : {}", hv.vm_event_version)?;
     let doms = host.domains()?;
-    println!("domains            : {}", doms.len());
+    outln!("domains            : {}", doms.len())?;
     Ok(())
 }
 
 fn list(host: &Host) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "{:<32} {:>5} {:>8} {:>5} {:>6} {:>10}",
-        "Name", "ID", "Mem", "VCPUs", "State", "Time(s)"
-    );
+        "Name",
+        "ID",
+        "Mem",
+        "VCPUs",
+        "State",
+        "Time(s)"
+    )?;
     for d in host.domains()? {
-        println!(
+        outln!(
             "{:<32} {:>5} {:>8} {:>5} {:>6} {:>10.1}",
             d.name,
             d.domid,
@@ -143,7 +149,7 @@ fn list(host: &Host) -> anyhow::Result<()> {
             d.online_vcpus,
             d.flags.xl_state(),
             d.cpu_time_ns as f64 / 1e9
-        );
+        )?;
     }
     Ok(())
 }
@@ -154,13 +160,12 @@ fn store(host: &Host, cmd: StoreCommand) -> anyhow::Result<()> {
         StoreCommand::Ls { path } => {
             // The path itself must exist: a typo is an error, not an empty listing.
             xs.read(Tx::NONE, &path)?;
-            let mut out = std::io::stdout().lock();
-            ls(xs, &path, 0, &mut out)?;
+            ls(xs, &path, 0)?;
         }
         StoreCommand::Read { paths } => {
             for p in paths {
                 let v = xs.read(Tx::NONE, &p)?;
-                println!("{}", String::from_utf8_lossy(&v));
+                outln!("{}", String::from_utf8_lossy(&v))?;
             }
         }
         StoreCommand::Write { pairs } => {
@@ -185,7 +190,7 @@ fn store(host: &Host, cmd: StoreCommand) -> anyhow::Result<()> {
             None => {
                 let perms = xs.get_perms(Tx::NONE, &path)?;
                 let text: Vec<String> = perms.iter().map(Perm::to_string).collect();
-                println!("{}", text.join(" "));
+                outln!("{}", text.join(" "))?;
             }
         },
         StoreCommand::Watch {
@@ -204,7 +209,7 @@ fn store(host: &Host, cmd: StoreCommand) -> anyhow::Result<()> {
                     },
                     None => w.next().context("xenstore connection closed")?,
                 };
-                println!("{} {}", ev.path, ev.token);
+                outln!("{} {}", ev.path, ev.token)?;
                 seen += 1;
             }
         }
@@ -212,12 +217,7 @@ fn store(host: &Host, cmd: StoreCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ls(
-    xs: &dyn remoca_xen::XenStore,
-    path: &str,
-    depth: usize,
-    out: &mut impl std::io::Write,
-) -> anyhow::Result<()> {
+fn ls(xs: &dyn remoca_xen::XenStore, path: &str, depth: usize) -> anyhow::Result<()> {
     let mut names = match xs.directory(Tx::NONE, path) {
         Ok(n) => n,
         // A node removed while we walk, or one we may not list, is skipped as xenstore-ls does.
@@ -232,28 +232,27 @@ fn ls(
             format!("{path}/{name}")
         };
         let value = xenstore::read_string(xs, Tx::NONE, &child).unwrap_or_default();
-        writeln!(
-            out,
+        outln!(
             "{:indent$}{name} = \"{}\"",
             "",
             value.escape_default(),
             indent = depth
         )?;
-        ls(xs, &child, depth + 1, out)?;
+        ls(xs, &child, depth + 1)?;
     }
     Ok(())
 }
 
 fn selftest(host: &Host, scratch: &str) -> anyhow::Result<()> {
-    println!("# Xen seam contract checks on the {} backend", host.kind());
+    outln!("# Xen seam contract checks on the {} backend", host.kind())?;
     let outcomes = contract::run_all(host, scratch);
     let mut failed = 0;
     for o in &outcomes {
         match &o.result {
-            Ok(()) => println!("@@RESULT xen-{} PASS", o.name),
+            Ok(()) => outln!("@@RESULT xen-{} PASS", o.name)?,
             Err(why) => {
                 failed += 1;
-                println!("@@RESULT xen-{} FAIL {why}", o.name);
+                outln!("@@RESULT xen-{} FAIL {why}", o.name)?;
             }
         }
     }

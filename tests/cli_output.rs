@@ -1,10 +1,10 @@
-//! Command output into a pipe whose reader goes away, as in `remoca image log NAME | head -1`:
-//! the command must end quietly with status 0 (like `cat | head`), not panic with "failed
-//! printing to stdout: Broken pipe".
+//! Command output into a pipe whose reader goes away, as in `remoca image log NAME | head -1`
+//! or `remoca image export NAME - | head -c 10`: the command must end quietly with status 0
+//! (like `cat | head`), not panic with "failed printing to stdout: Broken pipe".
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use remoca_blkback::images::chunk::ChunkSize;
@@ -72,6 +72,14 @@ fn a_listing_into_a_pipe_closed_after_one_line_ends_quietly_with_status_0() {
         format!("version demo@{VERSIONS}"),
         "the newest version comes first"
     );
+    let (status, err) = finish(child);
+    assert!(!err.contains("panicked"), "stderr: {err}");
+    assert!(err.is_empty(), "not quiet: {err}");
+    assert!(status.success(), "{status}, stderr: {err}");
+}
+
+/// Wait (at most 60 s) for `child`, whose reader has gone; its status and stderr.
+fn finish(mut child: Child) -> (ExitStatus, String) {
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -79,7 +87,7 @@ fn a_listing_into_a_pipe_closed_after_one_line_ends_quietly_with_status_0() {
         }
         if start.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("remoca image log still running 60 s after its reader went away");
+            panic!("remoca still running 60 s after its reader went away");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -90,7 +98,39 @@ fn a_listing_into_a_pipe_closed_after_one_line_ends_quietly_with_status_0() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert!(!err.contains("panicked"), "stderr: {err}");
+    (status, err)
+}
+
+#[test]
+fn an_export_to_stdout_whose_reader_goes_away_ends_quietly_with_status_0() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    // 1 MiB of a 64 KiB chunk's bytes, more than a pipe holds.
+    let big = vec![9u8; 1 << 20];
+    {
+        let opts = StoreOptions {
+            write: true,
+            ..StoreOptions::default()
+        };
+        let mut st = Store::open(&store, opts).unwrap();
+        let cs = ChunkSize::new(64 * 1024).unwrap();
+        st.import("big", &mut &big[..], cs, "", &mut |_| {})
+            .unwrap();
+    }
+    let mut child = Command::new(BIN)
+        .args(["image", "export", "big", "-", "--store"])
+        .arg(&store)
+        .env_remove("REMOCA_STORE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut head = [0u8; 10];
+    out.read_exact(&mut head).unwrap();
+    drop(out);
+    assert_eq!(head, [9u8; 10]);
+    let (status, err) = finish(child);
     assert!(err.is_empty(), "not quiet: {err}");
     assert!(status.success(), "{status}, stderr: {err}");
 }

@@ -405,7 +405,7 @@ fn store_cmd(cmd: ImageCmd) -> anyhow::Result<()> {
             let size = s.manifest(&v)?.size;
             let bar = Progress::new("export", Some(size), dest.as_os_str() != "-");
             if dest.as_os_str() == "-" {
-                let out = std::io::stdout().lock();
+                let out = super::StdoutStream::lock();
                 let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
                 s.export_to(&v, &mut out, &mut |n| bar.set(n))?;
             } else {

@@ -140,6 +140,45 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>, newline: bool) -> anyhow::Res
     }
 }
 
+/// Stdout as a byte stream, for a command that copies data to it (`image export NAME -`): a
+/// closed pipe comes back as an `io::Error` carrying [`StdoutClosed`], which [`dispatch`]
+/// takes for the end of the output as it does for `outln!`.
+pub struct StdoutStream(std::io::StdoutLock<'static>);
+
+impl StdoutStream {
+    pub fn lock() -> StdoutStream {
+        StdoutStream(std::io::stdout().lock())
+    }
+}
+
+fn mark_closed(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        e
+    }
+}
+
+impl std::io::Write for StdoutStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(mark_closed)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(mark_closed)
+    }
+}
+
+/// Whether `e` is, or was caused by, our stdout's reader going away.
+fn is_stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<StdoutClosed>()
+            || c.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|i| i.is::<StdoutClosed>())
+    })
+}
+
 /// Print a daemon's start-up line on stdout. A reader that has gone (a supervisor that read
 /// the address and closed its pipe) must not stop the daemon, so write errors are ignored.
 pub fn announce(line: std::fmt::Arguments<'_>) {
@@ -180,7 +219,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     match r {
         // Our reader went away: the output ends there, like `cat` under `head`.
-        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => Ok(()),
+        Err(e) if is_stdout_closed(&e) => Ok(()),
         r => r,
     }
 }

@@ -262,13 +262,22 @@ pub fn create_sink(loc: &Location) -> Result<Box<dyn Sink>, DestError> {
     })
 }
 
-/// Opens an image for random access.
+/// Opens an image for random access: a local regular file is mapped.
 ///
 /// # Errors
 /// The file cannot be opened, stdin was named, or the NFS server cannot be reached.
 pub fn open_source(loc: &Location) -> Result<Box<dyn ReadAt + Send + Sync>, DestError> {
     Ok(match loc {
-        Location::Path(p) => Box::new(File::open(p).map_err(|e| DestError::Open(p.clone(), e))?),
+        Location::Path(p) => {
+            let open = |e| DestError::Open(p.clone(), e);
+            let file = File::open(p).map_err(open)?;
+            // A regular file is mapped, so restore decodes blocks where they lie (see
+            // `crate::mapped` for a file changed meanwhile); anything else is read.
+            match crate::MappedFile::map(file.try_clone().map_err(open)?).map_err(open)? {
+                Some(mapped) => Box::new(mapped),
+                None => Box::new(file),
+            }
+        }
         Location::Std => return Err(DestError::StdinNotSeekable),
         Location::Nfs(u) => Box::new(crate::nfs::NfsFile::open(u)?),
     })

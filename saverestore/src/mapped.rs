@@ -23,6 +23,12 @@
 //!   (SIGBUS, the process stops): a crash, not wrong data.
 //!
 //! Pipes, FIFOs (`--domain`) and stdin keep the copying reader.
+//!
+//! Restore, extract and inspect map a local image file the same way
+//! ([`crate::dest::open_source`]): its frames are checksummed and decoded where they lie.
+//! An image changed during a restore gives a frame checksum or stream CRC error, or decodes
+//! to bytes that the stream CRC then rejects (the codecs are safe against any input); an
+//! image truncated meanwhile faults as above.
 
 use std::fs::File;
 use std::io;

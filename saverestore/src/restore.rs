@@ -6,6 +6,7 @@
 //! are served from a cache that keeps a first copy only until its last duplicate is written.
 //! The whole regenerated stream is checked against the length and CRC32C saved in the index.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -100,7 +101,7 @@ where
         // A reader thread walks the frames (positioned reads, frame checksums) while this
         // thread regenerates the previous window, so reading never waits for decompression.
         let (fr_tx, fr_rx) =
-            sync_channel::<Result<(FrameHeader, u64, Vec<u8>), ImageError>>(FRAMES_AHEAD);
+            sync_channel::<Result<(FrameHeader, u64, Cow<'_, [u8]>), ImageError>>(FRAMES_AHEAD);
         let reader = {
             let budget = &budget;
             s.spawn(move || {
@@ -246,10 +247,10 @@ struct Restorer<'a, R> {
     /// For every page that has duplicates: the entry of its last duplicate.
     dup_last: &'a HashMap<u64, u64>,
     /// The current window's block frames, blocks `first_pending..`.
-    pending: Vec<(FrameHeader, Vec<u8>)>,
+    pending: Vec<(FrameHeader, Cow<'a, [u8]>)>,
     first_pending: u64,
     /// The current window's other frames, in stream order.
-    frames: Vec<(FrameHeader, u64, Vec<u8>)>,
+    frames: Vec<(FrameHeader, u64, Cow<'a, [u8]>)>,
     frames_bytes: usize,
     /// Frames other than blocks arrived since the last block frame.
     after_records: bool,
@@ -319,7 +320,7 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
         let win_first = self.entry;
         for (fh, off, payload) in frames {
             match fh.kind {
-                FrameKind::Verbatim => bufs.push(payload),
+                FrameKind::Verbatim => bufs.push(payload.into_owned()),
                 _ => {
                     let count = fh.aux as usize;
                     if payload.len() != 8 + 8 * count || count == 0 {
@@ -528,8 +529,12 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
             .enumerate()
             .flat_map(|(b, buf)| buf.chunks(CRC_PIECE).map(move |c| (b, c)))
             .collect();
-        let piece_crcs: Vec<u32> =
-            pool.install(|| pieces.par_iter().map(|(_, c)| crc32c::crc32c(c)).collect());
+        let piece_crcs: Vec<u32> = pool.install(|| {
+            pieces
+                .par_iter()
+                .map(|(_, c)| crate::crc::crc32c(c))
+                .collect()
+        });
         let mut crcs = vec![0u32; bufs.len()];
         for (&(b, c), &pc) in pieces.iter().zip(&piece_crcs) {
             crcs[b] = crate::crc::combine(crcs[b], pc, c.len());

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::classify::{classify, Content};
 use crate::codec::{Codec, CodecChoice, FAST_LZ4_ACCEL, RATIO_ZSTD_LEVEL};
+use crate::crc::Crc32c;
 use crate::image::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
 use crate::image::index::{BlockEntry, ClassCounts, Index, PageClass, PageEntry};
 use crate::image::{ImageError, DEFAULT_BLOCK_PAGES};
@@ -30,9 +31,7 @@ use crate::stream::{Event, StreamError, StreamParser};
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
     pub codec: CodecChoice,
-    /// Pages per compressed block (1..=256); 0 = the codec's default: 16 (64 KiB) for LZ4
-    /// and snappy, [`ZSTD_BLOCK_PAGES`] for zstd, whose decoding is slower, so that one
-    /// extracted page costs about the same.
+    /// Pages per compressed block (1..=256); 0 = [`DEFAULT_BLOCK_PAGES`] (16, 64 KiB).
     pub block_pages: usize,
     /// Data pages gathered before a parallel step; blocks never span windows.
     pub window_pages: usize,
@@ -159,12 +158,10 @@ where
     W: Write + Send + ?Sized,
 {
     let start = Instant::now();
-    let fixed_bp = (opts.block_pages != 0).then(|| opts.block_pages.clamp(1, 256));
-    // The header's block size is the largest any block of this image may have.
-    let bp = fixed_bp.unwrap_or(match opts.codec {
-        CodecChoice::Fixed(Codec::Zstd(_)) => ZSTD_BLOCK_PAGES,
-        _ => DEFAULT_BLOCK_PAGES,
-    });
+    let bp = match opts.block_pages {
+        0 => DEFAULT_BLOCK_PAGES,
+        n => n.clamp(1, 256),
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
@@ -223,7 +220,6 @@ where
         let writer = s.spawn(|| write_loop(out, out_rx, written_tx, &writer_wait));
 
         let mut st = SaveState {
-            fixed_bp,
             bp,
             codec: match opts.codec {
                 CodecChoice::Fixed(c) => c,
@@ -384,10 +380,6 @@ impl Hasher for HashIsKey {
     }
 }
 
-/// Pages per zstd block by default: 8 (32 KiB). On ram-work, zstd level 1 keeps a ratio of
-/// 3.26 (16 pages: 3.29) and one page is extracted by decoding half as much.
-pub const ZSTD_BLOCK_PAGES: usize = 8;
-
 /// Pages per parallel classification / CRC piece (1 MiB): few enough pieces that combining
 /// their CRCs in order costs nothing measurable, enough for the workers to share a window.
 const PIECE_PAGES: usize = 256;
@@ -396,9 +388,7 @@ const PIECE_PAGES: usize = 256;
 const MAX_SPARE_BYTES: usize = 48 << 20;
 
 struct SaveState {
-    /// `--block-pages` if given; else each window's blocks follow its codec's default.
-    fixed_bp: Option<usize>,
-    /// Pages per block of the current window.
+    /// Pages per block (the last block of a window may have fewer).
     bp: usize,
     codec: Codec,
     auto: bool,
@@ -457,10 +447,6 @@ impl SaveState {
                 }
             }
         }
-        self.bp = self.fixed_bp.unwrap_or(match self.codec {
-            Codec::Zstd(_) => ZSTD_BLOCK_PAGES,
-            _ => DEFAULT_BLOCK_PAGES,
-        });
         // (the record's page bytes, the page, its index in the record)
         let pages: Vec<(&[u8], &[u8], usize)> = held
             .iter()
@@ -490,12 +476,12 @@ impl SaveState {
                 jobs.push((piece, mine, crc));
             }
             jobs.into_par_iter().for_each(|(piece, mine, crc)| {
-                let mut c = 0;
+                let mut c = Crc32c::new();
                 for (page, class) in piece.chunks_exact(PAGE_SIZE).zip(mine) {
                     *class = classify(page);
-                    c = crc32c::crc32c_append(c, page);
+                    c.update(page);
                 }
-                *crc = c;
+                *crc = c.value();
             });
         }
         let mut crc = self.stream_crc;
@@ -503,7 +489,7 @@ impl SaveState {
         for h in held {
             match &h.ev {
                 Event::Verbatim { bytes, .. } => {
-                    crc = crc32c::crc32c_append(crc, bytes);
+                    crc = crate::crc::append(crc, bytes);
                     self.stream_len += bytes.len() as u64;
                 }
                 Event::Pages(rec) => {
@@ -518,7 +504,7 @@ impl SaveState {
                     for w in &rec.words {
                         self.head.extend_from_slice(&w.to_le_bytes());
                     }
-                    crc = crc32c::crc32c_append(crc, &self.head);
+                    crc = crate::crc::append(crc, &self.head);
                     for _ in 0..data.div_ceil(PIECE_PAGES * PAGE_SIZE) {
                         crc = crate::crc::combine(crc, crcs[k], pieces[k].len());
                         k += 1;

@@ -1,5 +1,7 @@
 //! Save → restore round trips and single-page extraction on synthetic guests of both shapes.
 
+use std::io::Write;
+
 use remoca_saverestore::image::ImageReader;
 use remoca_saverestore::stream::builder::builder_page_type;
 use remoca_saverestore::stream::{
@@ -96,16 +98,19 @@ fn both_shapes_all_codecs_round_trip_byte_for_byte() {
     }
 }
 
-/// Without `--block-pages`, zstd blocks hold 8 pages and LZ4 / snappy blocks 16; the
-/// header's block size is the largest a block of the image may have.
+/// Without `--block-pages`, blocks of every codec hold 16 pages (64 KiB); the header's
+/// block size is the largest a block of the image may have.
 #[test]
-fn block_size_follows_the_codec_by_default() {
+fn blocks_hold_16_pages_by_default() {
     let ram = ram(1200);
     let s = stream(GuestShape::Pv, &ram);
-    for (codec, want) in [
-        (CodecChoice::Fixed(Codec::Zstd(1)), 8u16),
-        (CodecChoice::Fixed(Codec::Lz4(3)), 16),
-        (CodecChoice::Fixed(Codec::Snap), 16),
+    let want = 16u16;
+    for codec in [
+        CodecChoice::Fixed(Codec::Zstd(-1)),
+        CodecChoice::Fixed(Codec::Zstd(1)),
+        CodecChoice::Fixed(Codec::Lz4(3)),
+        CodecChoice::Fixed(Codec::Snap),
+        CodecChoice::Auto,
     ] {
         let img = save(&s, codec, 0, 4096);
         let r = ImageReader::open(img.clone()).unwrap();
@@ -172,16 +177,40 @@ fn extracts_every_page_and_names_pages_without_data() {
     }
 }
 
+/// The error of opening and restoring `img` with one byte flipped. Checked to be the same
+/// whether the reader borrows frames from memory or reads them from a file.
 fn corrupt_check(img: &[u8], at: usize) -> ImageError {
     let mut bad = img.to_vec();
     bad[at] ^= 0x55;
-    match ImageReader::open(bad) {
-        Err(e) => e,
-        Ok(r) => {
-            let mut out = Vec::new();
-            restore_stream(&r, &mut out, 1, &|_| {}).unwrap_err()
-        }
-    }
+    let in_memory = open_and_restore(bad.clone()).unwrap_err();
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&bad).unwrap();
+    let from_file = open_and_restore(file).unwrap_err();
+    assert_eq!(
+        in_memory.to_string(),
+        from_file.to_string(),
+        "flipped byte {at}"
+    );
+    in_memory
+}
+
+fn open_and_restore<R: remoca_saverestore::ReadAt + Sync>(
+    storage: R,
+) -> Result<Vec<u8>, ImageError> {
+    let r = ImageReader::open(storage)?;
+    let mut out = Vec::new();
+    restore_stream(&r, &mut out, 1, &|_| {})?;
+    Ok(out)
+}
+
+#[test]
+fn restoring_from_a_file_or_from_memory_gives_the_stream() {
+    let s = stream(GuestShape::Hvm, &ram(900));
+    let img = save(&s, CodecChoice::Fixed(Codec::Lz4(3)), 0, 256);
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&img).unwrap();
+    assert!(open_and_restore(file).unwrap() == s, "from a file");
+    assert!(open_and_restore(img).unwrap() == s, "from memory");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! File header, frame header and trailer of the image (layout in [`super`]).
 
+use crate::crc::Crc32c;
+
 use super::{ImageError, MAGIC, MAX_FRAME_PAYLOAD, MIN_VERSION, TRAILER_MAGIC, VERSION};
 
 /// The 32-byte file header.
@@ -99,10 +101,12 @@ impl FrameHeader {
         h[1] = sub;
         h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         h[8..12].copy_from_slice(&aux.to_le_bytes());
-        let mut crc = crc32c::crc32c(&h[..12]);
+        let mut crc = Crc32c::new();
+        crc.update(&h[..12]);
         for p in parts {
-            crc = crc32c::crc32c_append(crc, p);
+            crc.update(p);
         }
+        let crc = crc.value();
         h[12..16].copy_from_slice(&crc.to_le_bytes());
         out.reserve(Self::LEN + len);
         out.extend_from_slice(&h);
@@ -120,7 +124,7 @@ impl FrameHeader {
         buf[1] = sub;
         buf[4..8].copy_from_slice(&len.to_le_bytes());
         buf[8..12].copy_from_slice(&aux.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..12]), &buf[Self::LEN..]);
+        let crc = header_and_payload_crc(&buf[..12], &buf[Self::LEN..]);
         buf[12..16].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -159,7 +163,7 @@ impl FrameHeader {
 
     /// Whether `payload` matches the checksum (which also covers this header).
     pub fn check(&self, raw_header: &[u8; Self::LEN], payload: &[u8]) -> bool {
-        crc32c::crc32c_append(crc32c::crc32c(&raw_header[..12]), payload) == self.crc
+        header_and_payload_crc(&raw_header[..12], payload) == self.crc
     }
 }
 
@@ -178,7 +182,7 @@ impl Trailer {
         b[0..8].copy_from_slice(TRAILER_MAGIC);
         b[8..16].copy_from_slice(&self.index_offset.to_le_bytes());
         b[16..24].copy_from_slice(&self.trailer_offset.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..24]);
+        let crc = crate::crc::crc32c(&b[..24]);
         b[24..28].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -191,7 +195,7 @@ impl Trailer {
             return Err(ImageError::Truncated("no index trailer at the end".into()));
         }
         let crc = u32::from_le_bytes(b[24..28].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&b[..24]) != crc {
+        if crate::crc::crc32c(&b[..24]) != crc {
             return Err(ImageError::Corrupt {
                 offset: at,
                 what: "trailer checksum mismatch".into(),
@@ -211,6 +215,14 @@ impl Trailer {
         }
         Ok(t)
     }
+}
+
+/// A frame's checksum: CRC32C over its header's first 12 bytes and its payload.
+fn header_and_payload_crc(head12: &[u8], payload: &[u8]) -> u32 {
+    let mut crc = Crc32c::new();
+    crc.update(head12);
+    crc.update(payload);
+    crc.value()
 }
 
 #[cfg(test)]

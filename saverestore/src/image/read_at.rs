@@ -1,5 +1,5 @@
 //! Positioned reads, the one thing the random-access reader needs from its storage
-//! (a local file, an NFS file, or memory in tests).
+//! (a local file, an NFS file, a mapped file, or memory).
 
 use std::fs::File;
 use std::io;
@@ -17,6 +17,11 @@ pub trait ReadAt {
     /// # Errors
     /// The storage's error.
     fn size(&self) -> io::Result<u64>;
+    /// The whole storage as one slice, where it already is in memory (a buffer, a mapped
+    /// file): readers then borrow frames instead of copying them.
+    fn as_bytes(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl ReadAt for File {
@@ -29,6 +34,9 @@ impl ReadAt for File {
 }
 
 impl ReadAt for [u8] {
+    fn as_bytes(&self) -> Option<&[u8]> {
+        Some(self)
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
         let end = start
@@ -44,6 +52,9 @@ impl ReadAt for [u8] {
 }
 
 impl ReadAt for Vec<u8> {
+    fn as_bytes(&self) -> Option<&[u8]> {
+        Some(self)
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.as_slice().read_exact_at(buf, offset)
     }
@@ -53,6 +64,9 @@ impl ReadAt for Vec<u8> {
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn as_bytes(&self) -> Option<&[u8]> {
+        (**self).as_bytes()
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_exact_at(buf, offset)
     }
@@ -62,10 +76,25 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
 }
 
 impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
+    fn as_bytes(&self) -> Option<&[u8]> {
+        (**self).as_bytes()
+    }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_exact_at(buf, offset)
     }
     fn size(&self) -> io::Result<u64> {
         (**self).size()
+    }
+}
+
+impl ReadAt for crate::MappedFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.bytes().read_exact_at(buf, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.bytes().len() as u64)
+    }
+    fn as_bytes(&self) -> Option<&[u8]> {
+        Some(self.bytes())
     }
 }

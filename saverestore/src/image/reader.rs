@@ -1,6 +1,8 @@
 //! Random-access reader of an image: opens header, trailer and index, extracts single pages
 //! by decompressing one block, and walks the frames in order for restore and inspect.
 
+use std::borrow::Cow;
+
 use super::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
 use super::index::{Index, PageClass};
 use super::{ImageError, ReadAt, MAX_INDEX_RAW};
@@ -198,45 +200,82 @@ impl<R: ReadAt> ImageReader<R> {
     }
 
     /// Walks the frames in order, calling `f` with each header, its offset and payload.
-    /// Reads sequentially in large chunks.
+    /// Storage already in memory ([`ReadAt::as_bytes`]) lends its payloads; other storage is
+    /// read sequentially in large chunks.
     ///
     /// # Errors
     /// A damaged frame, or the error `f` returns.
-    pub fn walk_frames<F>(&self, mut f: F) -> Result<(), ImageError>
+    pub fn walk_frames<'s, F>(&'s self, mut f: F) -> Result<(), ImageError>
     where
-        F: FnMut(&FrameHeader, u64, Vec<u8>) -> Result<(), ImageError>,
+        F: FnMut(&FrameHeader, u64, Cow<'s, [u8]>) -> Result<(), ImageError>,
     {
-        let mut seq = SeqReader::new(
-            &self.storage,
-            FileHeader::LEN as u64,
-            self.trailer.index_offset,
-        );
-        while seq.pos < self.trailer.index_offset {
+        let end = self.trailer.index_offset;
+        if let Some(all) = self.storage.as_bytes() {
+            let into_index = |offset| ImageError::Corrupt {
+                offset,
+                what: "frame runs into the index".into(),
+            };
+            let frames = usize::try_from(end)
+                .ok()
+                .and_then(|e| all.get(..e))
+                .ok_or_else(|| into_index(end))?;
+            let mut pos = FileHeader::LEN;
+            while pos < frames.len() {
+                let off = pos as u64;
+                let hb: &[u8; FrameHeader::LEN] = frames
+                    .get(pos..pos + FrameHeader::LEN)
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or_else(|| into_index(off))?;
+                let fh = FrameHeader::decode(hb, off)?;
+                let start = pos + FrameHeader::LEN;
+                let payload = frames
+                    .get(start..start + fh.len as usize)
+                    .ok_or_else(|| into_index(start as u64))?;
+                self.check_frame(&fh, hb, payload, off)?;
+                pos = start + payload.len();
+                f(&fh, off, Cow::Borrowed(payload))?;
+            }
+            return Ok(());
+        }
+        let mut seq = SeqReader::new(&self.storage, FileHeader::LEN as u64, end);
+        while seq.pos < end {
             let off = seq.pos;
             let mut hb = [0u8; FrameHeader::LEN];
             seq.read(&mut hb)?;
             let fh = FrameHeader::decode(&hb, off)?;
             let payload = seq.read_vec(fh.len as usize)?;
-            if !fh.check(&hb, &payload) {
-                return Err(match fh.kind {
-                    FrameKind::Block => ImageError::BlockChecksum {
-                        block: self
-                            .index
-                            .blocks
-                            .iter()
-                            .position(|b| b.offset == off)
-                            .unwrap_or(usize::MAX) as u64,
-                        offset: off,
-                    },
-                    k => ImageError::Corrupt {
-                        offset: off,
-                        what: format!("{k:?} frame checksum mismatch"),
-                    },
-                });
-            }
-            f(&fh, off, payload)?;
+            self.check_frame(&fh, &hb, &payload, off)?;
+            f(&fh, off, Cow::Owned(payload))?;
         }
         Ok(())
+    }
+
+    /// Checks a frame's checksum; a bad block names its block number.
+    fn check_frame(
+        &self,
+        fh: &FrameHeader,
+        hb: &[u8; FrameHeader::LEN],
+        payload: &[u8],
+        off: u64,
+    ) -> Result<(), ImageError> {
+        if fh.check(hb, payload) {
+            return Ok(());
+        }
+        Err(match fh.kind {
+            FrameKind::Block => ImageError::BlockChecksum {
+                block: self
+                    .index
+                    .blocks
+                    .iter()
+                    .position(|b| b.offset == off)
+                    .unwrap_or(usize::MAX) as u64,
+                offset: off,
+            },
+            k => ImageError::Corrupt {
+                offset: off,
+                what: format!("{k:?} frame checksum mismatch"),
+            },
+        })
     }
 }
 

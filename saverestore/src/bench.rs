@@ -203,6 +203,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
         let mut images = Vec::new();
         let fast_label = format!("remoca fast (lz4:{FAST_LZ4_ACCEL})");
         let lz4c_label = format!("lz4 (C, accel {FAST_LZ4_ACCEL})");
+        let ratio_label = format!("remoca ratio (zstd:{RATIO_ZSTD_LEVEL})");
         // One output buffer, faulted in once, for every save: the baselines do not pay for
         // fresh output memory either.
         let mut img: Vec<u8> = vec![1; stream.len() / 2];
@@ -213,10 +214,10 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
             ),
             ("remoca snap", CodecChoice::Fixed(Codec::Snap)),
             (
-                "remoca ratio (zstd:1)",
+                ratio_label.as_str(),
                 CodecChoice::Fixed(Codec::Zstd(RATIO_ZSTD_LEVEL)),
             ),
-            ("remoca zstd:-1", CodecChoice::Fixed(Codec::Zstd(-1))),
+            ("remoca zstd:1", CodecChoice::Fixed(Codec::Zstd(1))),
             ("remoca auto (to memory)", CodecChoice::Auto),
         ] {
             let mut runs = Vec::new();

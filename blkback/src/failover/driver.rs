@@ -452,8 +452,7 @@ fn read_requests<R: Read>(
             Err(e) => return Err(e),
         }
         let h = wire::parse_request(&hb).map_err(bad)?;
-        let mut data = vec![0u8; h.data_len()];
-        stream.read_exact(&mut data)?;
+        let data = super::read_data(stream, 0, h.data_len())?;
         let inline = matches!(h.op, wire::OP_READ | wire::OP_WRITE) && h.length <= INLINE_MAX;
         if inline {
             if h.op == wire::OP_WRITE && section.is_none() && conn.disk().is_ok() {

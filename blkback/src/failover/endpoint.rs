@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
@@ -129,7 +130,7 @@ struct Req {
     flags: u8,
     offset: u64,
     length: u32,
-    data: Arc<[u8]>,
+    data: Bytes,
 }
 
 fn mutates(op: u8) -> bool {
@@ -143,19 +144,28 @@ type Outcome = Result<Vec<u8>, i32>;
 
 /// Who waits for a request's outcome: a blocked caller (the `Disk` calls, the endpoint's own
 /// requests) or a callback run by the connection's reader (requests taken by
-/// [`Disk::submit`], answered with no thread parked on them).
+/// [`Disk::submit`], answered with no thread parked on them). A callback's reply data comes
+/// after its `usize` bytes of headroom (the frontend's reply header goes there), read so by
+/// the reader: no copy of the data to make room.
 enum Waiter {
     Chan(Sender<Outcome>),
-    Call(Box<dyn FnOnce(Outcome) + Send>),
+    Call(Box<dyn FnOnce(Outcome) + Send>, usize),
 }
 
 impl Waiter {
+    fn headroom(&self) -> usize {
+        match self {
+            Waiter::Chan(_) => 0,
+            Waiter::Call(_, h) => *h,
+        }
+    }
+
     fn finish(self, o: Outcome) {
         match self {
             Waiter::Chan(tx) => {
                 let _ = tx.send(o);
             }
-            Waiter::Call(f) => f(o),
+            Waiter::Call(f, _) => f(o),
         }
     }
 }
@@ -164,7 +174,7 @@ impl std::fmt::Debug for Waiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Waiter::Chan(_) => "Waiter::Chan",
-            Waiter::Call(_) => "Waiter::Call",
+            Waiter::Call(..) => "Waiter::Call",
         })
     }
 }
@@ -241,27 +251,33 @@ impl Conn {
         let head = self.header(id, r);
         let mut w = self.writer.lock();
         let (stream, queued) = &mut *w;
-        let res = if queued.is_empty() {
-            super::write_frame(stream, &head, &r.data)
-        } else {
-            queued.extend_from_slice(&head);
-            queued.extend_from_slice(&r.data);
-            let res = stream.write_all(queued);
-            queued.clear();
-            res
-        };
+        let res = super::write_parts(stream, &[queued, &head, &r.data]);
+        queued.clear();
         drop(w);
         if res.is_err() {
             self.on_write_error();
         }
     }
 
-    /// Queue a request, sent by the next [`Conn::send`] or [`Conn::send_queued`].
+    /// Queue a request, sent by the next [`Conn::send`] or [`Conn::send_queued`]. One with
+    /// [`super::DIRECT_DATA`] bytes of data or more is sent now, after what is queued,
+    /// straight from its buffer (copying it into the queue would cost more than the
+    /// system call the queue saves).
     fn queue(&self, id: u64, r: &Req) {
         let head = self.header(id, r);
         let mut w = self.writer.lock();
-        w.1.extend_from_slice(&head);
-        w.1.extend_from_slice(&r.data);
+        if r.data.len() < super::DIRECT_DATA {
+            w.1.extend_from_slice(&head);
+            w.1.extend_from_slice(&r.data);
+            return;
+        }
+        let (stream, queued) = &mut *w;
+        let res = super::write_parts(stream, &[queued, &head, &r.data]);
+        queued.clear();
+        drop(w);
+        if res.is_err() {
+            self.on_write_error();
+        }
     }
 
     /// Send the queued requests in one write.
@@ -531,7 +547,7 @@ impl Endpoint {
                 flags,
                 offset: offset + done,
                 length: n as u32,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             })?;
             done += n;
             if len == 0 {
@@ -629,8 +645,11 @@ impl Inner {
                 conn.monitor.lock().on_heartbeat(Instant::now());
                 continue;
             }
-            let mut data = vec![0u8; h.data_len as usize];
-            s.read_exact(&mut data)?;
+            let headroom = {
+                let st = self.state.lock();
+                st.pending.get(&h.id).map_or(0, |p| p.done.headroom())
+            };
+            let data = super::read_data(s, headroom, h.data_len as usize)?;
             let now = Instant::now();
             let latency = self.complete(h.id, h.error, data, now);
             if let Some(l) = latency {
@@ -717,7 +736,7 @@ impl Inner {
                     flags: 0,
                     offset: 0,
                     length: 0,
-                    data: Arc::from(Vec::new()),
+                    data: Bytes::new(),
                 };
                 let (id, active) = self.submit(req.clone(), Waiter::Chan(tx), true);
                 if let Some(c) = active {
@@ -986,7 +1005,7 @@ impl Disk for Endpoint {
                 flags: 0,
                 offset: off,
                 length: chunk.len() as u32,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             })?;
             if data.len() != chunk.len() {
                 return Err(DiskError::Io(io::Error::other("driver sent a short read")));
@@ -1004,7 +1023,7 @@ impl Disk for Endpoint {
                 flags: if flags.fua { wire::FLAG_FUA } else { 0 },
                 offset: off,
                 length: chunk.len() as u32,
-                data: Arc::from(chunk),
+                data: Bytes::copy_from_slice(chunk),
             })?;
         }
         Ok(())
@@ -1039,7 +1058,7 @@ impl Disk for Endpoint {
                 flags: 0,
                 offset: offset + done,
                 length: n as u32,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             })?;
             let ext = wire::parse_extents(&data)
                 .map_err(|e| DiskError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
@@ -1061,29 +1080,29 @@ impl Disk for Endpoint {
     /// reader through `done`: no thread waits for them.
     /// Block status, a discard with FUA and requests larger than one channel request take
     /// the blocking path (the default: the frontend runs them on a worker).
-    fn submit(&self, op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
+    fn submit(&self, mut op: Op, headroom: usize, done: Done) -> Result<(), (Op, Done)> {
         const MAX_SIMPLE: u64 = 1 << 30;
-        let req = match &op {
+        let mut req = match &op {
             Op::Read { offset, len } if *len <= wire::MAX_DATA => Req {
                 op: wire::OP_READ,
                 flags: 0,
                 offset: *offset,
                 length: *len,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             },
             Op::Write { offset, data, fua } if data.len() <= wire::MAX_DATA as usize => Req {
                 op: wire::OP_WRITE,
                 flags: if *fua { wire::FLAG_FUA } else { 0 },
                 offset: *offset,
                 length: data.len() as u32,
-                data: Arc::from(&data[..]),
+                data: Bytes::new(), // taken from the op below, once it is valid
             },
             Op::Flush => Req {
                 op: wire::OP_FLUSH,
                 flags: 0,
                 offset: 0,
                 length: 0,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             },
             Op::Discard {
                 offset,
@@ -1094,7 +1113,7 @@ impl Disk for Endpoint {
                 flags: 0,
                 offset: *offset,
                 length: *len as u32,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             },
             Op::WriteZeroes {
                 offset,
@@ -1107,7 +1126,7 @@ impl Disk for Endpoint {
                     | if *fast_only { wire::FLAG_FAST_ZERO } else { 0 },
                 offset: *offset,
                 length: *len as u32,
-                data: Arc::from(Vec::new()),
+                data: Bytes::new(),
             },
             _ => return Err((op, done)),
         };
@@ -1120,25 +1139,40 @@ impl Disk for Endpoint {
             done(Err(RequestError { op, error }));
             return Ok(());
         }
-        let waiter = Waiter::Call(Box::new(move |o: Outcome| {
-            let r = match (o, &op) {
-                (Ok(data), Op::Read { len, .. }) if data.len() != *len as usize => {
-                    let error = DiskError::Io(io::Error::other("driver sent a short read"));
-                    Err(RequestError { op, error })
-                }
-                (Ok(data), Op::Read { .. }) => {
-                    let mut buf = vec![0u8; headroom + data.len()];
-                    buf[headroom..].copy_from_slice(&data);
-                    Ok(Completion::Read { buf, headroom })
-                }
-                (Ok(_), _) => Ok(Completion::Done),
-                (Err(errno), _) => Err(RequestError {
-                    op,
-                    error: disk_error(errno),
-                }),
-            };
-            done(r);
-        }));
+        // A write's data moves into the request without a copy; the op keeps it only for
+        // an error report, which gets it back from the request.
+        if let Op::Write { data, .. } = &mut op {
+            req.data = Bytes::from(std::mem::take(data));
+        }
+        let written = req.data.clone();
+        let headroom = if matches!(op, Op::Read { .. }) {
+            headroom
+        } else {
+            0
+        };
+        let waiter = Waiter::Call(
+            Box::new(move |o: Outcome| {
+                let r = match (o, &mut op) {
+                    (Ok(buf), Op::Read { len, .. }) if buf.len() != headroom + *len as usize => {
+                        let error = DiskError::Io(io::Error::other("driver sent a short read"));
+                        Err(RequestError { op, error })
+                    }
+                    (Ok(buf), Op::Read { .. }) => Ok(Completion::Read { buf, headroom }),
+                    (Ok(_), _) => Ok(Completion::Done),
+                    (Err(errno), op_ref) => {
+                        if let Op::Write { data, .. } = op_ref {
+                            *data = written.to_vec();
+                        }
+                        Err(RequestError {
+                            op,
+                            error: disk_error(errno),
+                        })
+                    }
+                };
+                done(r);
+            }),
+            headroom,
+        );
         let (id, active) = self.inner.submit(req.clone(), waiter, false);
         if let Some(c) = active {
             c.queue(id, &req);

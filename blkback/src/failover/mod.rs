@@ -23,7 +23,7 @@ pub mod monitor;
 pub mod status;
 pub mod wire;
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufRead, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -174,7 +174,16 @@ impl Write for Stream {
 /// # Errors
 /// The socket's errors; `WriteZero` when it takes nothing.
 pub(crate) fn write_frame(w: &mut impl Write, head: &[u8], data: &[u8]) -> io::Result<()> {
-    let mut bufs = [IoSlice::new(head), IoSlice::new(data)];
+    write_parts(w, &[&[], head, data])
+}
+
+/// Write `parts` in order with as few system calls as the socket allows (`writev`), without
+/// copying them into one buffer first.
+///
+/// # Errors
+/// The socket's errors; `WriteZero` when it takes nothing.
+pub(crate) fn write_parts(w: &mut impl Write, parts: &[&[u8]; 3]) -> io::Result<()> {
+    let mut bufs = parts.map(IoSlice::new);
     let mut slices: &mut [IoSlice<'_>] = &mut bufs;
     while !slices.is_empty() {
         match w.write_vectored(slices) {
@@ -189,6 +198,37 @@ pub(crate) fn write_frame(w: &mut impl Write, head: &[u8], data: &[u8]) -> io::R
 
 /// Read buffer of a channel reader: frames queued together cost one `read`.
 pub(crate) const READ_BUFFER: usize = 256 << 10;
+
+/// Frame data from this size on is read from the socket straight into its own vector, and
+/// written with `writev` straight from where it lies, instead of through the channel
+/// buffers: one copy of every byte less for large requests.
+pub(crate) const DIRECT_DATA: usize = 64 << 10;
+
+/// Read a frame's `n` data bytes from `r` into a new vector, after `headroom` zero bytes
+/// (room for the frontend's reply header, so the data need not be copied again). From
+/// [`DIRECT_DATA`] bytes on, what `r` has buffered is taken and the rest read from the
+/// socket directly, not through `r`'s buffer.
+///
+/// # Errors
+/// The socket's errors; `UnexpectedEof` when it ends first.
+pub(crate) fn read_data<R: Read>(
+    r: &mut io::BufReader<R>,
+    headroom: usize,
+    n: usize,
+) -> io::Result<Vec<u8>> {
+    let mut v = vec![0u8; headroom + n];
+    let dst = &mut v[headroom..];
+    if n >= DIRECT_DATA {
+        let k = r.buffer().len().min(n);
+        dst[..k].copy_from_slice(&r.buffer()[..k]);
+        r.consume(k);
+        // Either everything came from the buffer, or the buffer is empty now.
+        r.get_mut().read_exact(&mut dst[k..])?;
+    } else {
+        r.read_exact(dst)?;
+    }
+    Ok(v)
+}
 
 #[cfg(test)]
 mod tests {
@@ -208,6 +248,51 @@ mod tests {
         assert!(Addr::parse("/run/a.sock").is_err());
         assert!(Addr::parse("udp:1.2.3.4:5").is_err());
         assert_eq!(Addr::parse("unix:/x").unwrap().to_string(), "unix:/x");
+    }
+
+    /// Frame data read with [`read_data`] comes out whole and in order, with the frames
+    /// around it intact, whatever its size and however the socket delivers it.
+    #[test]
+    fn read_data_keeps_frames_in_order_for_small_and_large_data() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let sizes = [
+            0usize,
+            5,
+            DIRECT_DATA - 1,
+            DIRECT_DATA,
+            3 * READ_BUFFER + 7,
+            17,
+        ];
+        let t = std::thread::spawn(move || {
+            for (i, &n) in sizes.iter().enumerate() {
+                let data: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8).collect();
+                b.write_all(&(n as u32).to_le_bytes()).unwrap();
+                for c in data.chunks(10_000) {
+                    b.write_all(c).unwrap();
+                }
+            }
+        });
+        let mut s = Stream::Unix(a);
+        let mut r = io::BufReader::with_capacity(READ_BUFFER, &mut s);
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut len = [0u8; 4];
+            r.read_exact(&mut len).unwrap();
+            assert_eq!(u32::from_le_bytes(len) as usize, n);
+            let headroom = i % 3 * 8;
+            let v = read_data(&mut r, headroom, n).unwrap();
+            assert_eq!(v.len(), headroom + n);
+            assert!(v[..headroom].iter().all(|&x| x == 0));
+            let want: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8).collect();
+            assert!(v[headroom..] == want[..], "frame {i} ({n} bytes)");
+        }
+        t.join().unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(
+            read_data(&mut r, 0, 1).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     /// A writer that takes at most 3 bytes per call: the frame still arrives whole, in order.

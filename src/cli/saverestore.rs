@@ -253,11 +253,8 @@ pub fn extract(a: ExtractArgs, g: &Global) -> anyhow::Result<()> {
 pub fn inspect(a: InspectArgs, g: &Global) -> anyhow::Result<()> {
     super::init_tracing(g.verbose);
     let img = open_image(&a.image)?;
-    print!(
-        "{}",
-        inspect::describe(&img).with_context(|| format!("reading image {}", a.image))?
-    );
-    Ok(())
+    let text = inspect::describe(&img).with_context(|| format!("reading image {}", a.image))?;
+    out!("{text}")
 }
 
 pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {

@@ -158,12 +158,12 @@ pub(super) async fn start(
         opened.exports = Exports::from_disks(all).context("blkback exports")?;
     }
     for e in opened.exports.iter() {
-        println!(
+        crate::cli::announce(format_args!(
             "  export {:?}: {} ({})",
             e.name,
             e.description,
             format_size(e.disk.size())
-        );
+        ));
     }
     let listener = tokio::net::TcpListener::bind(b.listen)
         .await

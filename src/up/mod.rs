@@ -74,14 +74,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         None => cfg.host.backend.parse()?,
     };
     let (host, _store_server) = open_host(choice, cfg, &state_dir)?;
-    println!("remoca up: {} Xen host", describe(&host));
+    crate::cli::announce(format_args!("remoca up: {} Xen host", describe(&host)));
     for d in host.domains()? {
-        println!(
+        crate::cli::announce(format_args!(
             "  domain {:>4} {:<24} {:>6} MiB",
             d.domid,
             d.name,
             d.tot_pages * 4 / 1024
-        );
+        ));
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -148,10 +148,10 @@ fn open_host(
             socket.display()
         )
     })?;
-    println!(
+    crate::cli::announce(format_args!(
         "simulated xenstore at {} (remoca xen store ... reaches it)",
         socket.display()
-    );
+    ));
     let mut host = Host::from_sim(sim);
     if let Some(reason) = fallback {
         host = host.with_fallback_reason(reason);
@@ -182,7 +182,7 @@ async fn serve(
     if cfg.memserver.enabled {
         let (addr, status) = start_memserver(cfg, &mut tasks, stop_rx.clone()).await?;
         publish(host, "memserver", &addr.to_string())?;
-        println!("memserver listening on {addr}");
+        crate::cli::announce(format_args!("memserver listening on {addr}"));
         columns.push(status);
         memserver = Some(addr);
     }
@@ -214,11 +214,13 @@ async fn serve(
             disk: exports.get("demo").map(|e| e.disk.clone()),
         };
         publish(host, "blkback/nbd", &addr.to_string())?;
-        println!("blkback NBD listening on {addr}");
+        crate::cli::announce(format_args!("blkback NBD listening on {addr}"));
         columns.extend(status);
         if cfg.blkback.blkif {
             let (server, status) = blkback::start_blkif(host, exports)?;
-            println!("blkback serving Xen vbd3 disks (backend/vbd3 in xenstore)");
+            crate::cli::announce(format_args!(
+                "blkback serving Xen vbd3 disks (backend/vbd3 in xenstore)"
+            ));
             blkif = Some(server);
             columns.push(status);
         }
@@ -240,7 +242,7 @@ async fn serve(
         }
         None => None,
     };
-    println!("running; Ctrl-C stops");
+    crate::cli::announce(format_args!("running; Ctrl-C stops"));
 
     let started = Instant::now();
     let interval = Duration::from_secs_f64(cfg.host.status_interval);
@@ -275,7 +277,7 @@ async fn serve(
             }
         }
     };
-    println!("stopping ({reason})");
+    crate::cli::announce(format_args!("stopping ({reason})"));
     // Pagers first: they page everything back from the memory server before it stops.
     tokio::task::block_in_place(|| pagers.stop());
     // Removes the estimates it published.
@@ -293,7 +295,7 @@ async fn serve(
     status_line(host, started, &columns);
     // After the NBD server flushed them: endpoints, status files, driver processes.
     tokio::task::block_in_place(|| failover.stop());
-    println!("stopped");
+    crate::cli::announce(format_args!("stopped"));
     Ok(())
 }
 
@@ -336,7 +338,7 @@ fn status_line(host: &Host, started: Instant, columns: &[StatusFn]) {
         line.push_str(" | ");
         line.push_str(&c());
     }
-    println!("{line}");
+    crate::cli::announce(format_args!("{line}"));
 }
 
 pub(crate) async fn stopped(mut rx: watch::Receiver<bool>) {

@@ -63,8 +63,9 @@ fn save(s: &[u8], codec: CodecChoice, block_pages: usize, window_pages: usize) -
     img
 }
 
-fn restore(img: Vec<u8>) -> Result<Vec<u8>, ImageError> {
-    let r = ImageReader::open(img)?;
+/// Opens and restores an image held in memory or in a file.
+fn restore<R: remoca_saverestore::ReadAt + Sync>(storage: R) -> Result<Vec<u8>, ImageError> {
+    let r = ImageReader::open(storage)?;
     let mut out = Vec::new();
     restore_stream(&r, &mut out, 2, &|_| {})?;
     Ok(out)
@@ -182,10 +183,10 @@ fn extracts_every_page_and_names_pages_without_data() {
 fn corrupt_check(img: &[u8], at: usize) -> ImageError {
     let mut bad = img.to_vec();
     bad[at] ^= 0x55;
-    let in_memory = open_and_restore(bad.clone()).unwrap_err();
+    let in_memory = restore(bad.clone()).unwrap_err();
     let mut file = tempfile::tempfile().unwrap();
     file.write_all(&bad).unwrap();
-    let from_file = open_and_restore(file).unwrap_err();
+    let from_file = restore(file).unwrap_err();
     assert_eq!(
         in_memory.to_string(),
         from_file.to_string(),
@@ -194,23 +195,14 @@ fn corrupt_check(img: &[u8], at: usize) -> ImageError {
     in_memory
 }
 
-fn open_and_restore<R: remoca_saverestore::ReadAt + Sync>(
-    storage: R,
-) -> Result<Vec<u8>, ImageError> {
-    let r = ImageReader::open(storage)?;
-    let mut out = Vec::new();
-    restore_stream(&r, &mut out, 1, &|_| {})?;
-    Ok(out)
-}
-
 #[test]
 fn restoring_from_a_file_or_from_memory_gives_the_stream() {
     let s = stream(GuestShape::Hvm, &ram(900));
     let img = save(&s, CodecChoice::Fixed(Codec::Lz4(3)), 0, 256);
     let mut file = tempfile::tempfile().unwrap();
     file.write_all(&img).unwrap();
-    assert!(open_and_restore(file).unwrap() == s, "from a file");
-    assert!(open_and_restore(img).unwrap() == s, "from memory");
+    assert!(restore(file).unwrap() == s, "from a file");
+    assert!(restore(img).unwrap() == s, "from memory");
 }
 
 #[test]

@@ -12,16 +12,9 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     cli::init_tracing(cli.global.verbose);
     match cli::dispatch(cli) {
+        // A closed stdout (`remoca xen store ls | head`) already ended as success in
+        // dispatch; any other broken pipe (a socket, a child's stdin) is an error to report.
         Ok(()) => std::process::ExitCode::SUCCESS,
-        // The reader of our output went away (`remoca xen store ls | head`): nothing to say.
-        Err(err)
-            if err.chain().any(|e| {
-                e.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            std::process::ExitCode::FAILURE
-        }
         Err(err) => {
             eprintln!("remoca: {err:#}");
             std::process::ExitCode::FAILURE

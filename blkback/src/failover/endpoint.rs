@@ -1268,9 +1268,6 @@ mod tests {
         assert!(e.to_string().contains("refused"), "{e}");
     }
 
-    /// `Disk::submit` answers through the callback from the connection's reader: data with
-    /// the asked headroom, range errors at once, block status handed back, and requests
-    /// submitted across a failover answered by the backup.
     /// Large and small requests in flight together through `submit` (the NBD path): large
     /// data goes around the channel buffers, yet every write lands and every read returns
     /// what was written, after the headroom asked for.
@@ -1353,6 +1350,9 @@ mod tests {
         ep.close();
     }
 
+    /// `Disk::submit` answers through the callback from the connection's reader: data with
+    /// the asked headroom, range errors at once, block status handed back, and requests
+    /// submitted across a failover answered by the backup.
     #[test]
     fn submitted_requests_are_answered_through_the_callback_and_across_failover() {
         use crate::request::{Completion, Op, RequestError};

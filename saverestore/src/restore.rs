@@ -1,10 +1,12 @@
 //! The restore pipeline: image in, the original `xl save` stream out, byte for byte.
 //!
-//! The frames are read in order. Each window's blocks come before its records, so the
-//! blocks are decompressed in parallel (rayon) as soon as the first record after them
-//! arrives; the records are then regenerated and handed to a writer thread. Duplicate pages
-//! are served from a cache that keeps a first copy only until its last duplicate is written.
-//! The whole regenerated stream is checked against the length and CRC32C saved in the index.
+//! The frames are read in order. Each window's blocks come before its records, so once a
+//! window's frames are in, its records are regenerated in one parallel (rayon) pass: every
+//! block decompressed once into its place, zero and one-word pages filled, duplicates copied
+//! (from their first copy's block in the same window, or from a cache that keeps a first copy
+//! of an earlier window only until its last duplicate is written), and each run's CRC32C
+//! taken while it is hot; then handed to a writer thread. The whole regenerated stream is
+//! checked against the length and CRC32C saved in the index.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -50,13 +52,7 @@ where
         .build()
         .map_err(ImageError::ThreadPool)?;
     let index = img.index();
-    // For every page that has duplicates: the entry of its last duplicate.
-    let mut dup_last: HashMap<u64, u64> = HashMap::new();
-    for (i, e) in index.pages.iter().enumerate() {
-        if let PageClass::Dup(src) = e.class {
-            dup_last.insert(src, i as u64);
-        }
-    }
+    let dup_last = DupLast::new(&index.pages);
     let (tx, rx) = sync_channel::<(Vec<u8>, u32)>(4);
     // Record buffers come back from the writer for reuse: no fresh (zeroed, faulted-in)
     // memory per record.
@@ -226,9 +222,6 @@ impl ReadBudget {
     }
 }
 
-/// Bytes per parallel CRC32C piece of the regenerated stream.
-const CRC_PIECE: usize = 1 << 20;
-
 /// Largest written buffer handed back for reuse (a PAGE_DATA record from Xen is at most
 /// 1024 pages, about 4 MiB).
 const MAX_RECYCLED: usize = 8 << 20;
@@ -245,7 +238,7 @@ thread_local! {
 struct Restorer<'a, R> {
     img: &'a ImageReader<R>,
     /// For every page that has duplicates: the entry of its last duplicate.
-    dup_last: &'a HashMap<u64, u64>,
+    dup_last: &'a DupLast,
     /// The current window's block frames, blocks `first_pending..`.
     pending: Vec<(FrameHeader, Cow<'a, [u8]>)>,
     first_pending: u64,
@@ -270,8 +263,55 @@ enum Fill {
     Word(u64),
     /// From this block, starting at this slot.
     Block(u64, usize),
-    /// A duplicate, copied once the first copies are in place.
-    Later,
+    /// A duplicate of a page of an earlier window, copied from the cache.
+    Cached(u64),
+}
+
+/// For every page that has duplicates, the entry of its last duplicate: (page, last),
+/// sorted by page.
+struct DupLast(Vec<(u64, u64)>);
+
+impl DupLast {
+    fn new(pages: &[crate::image::index::PageEntry]) -> Self {
+        let mut v: Vec<(u64, u64)> = pages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e.class {
+                PageClass::Dup(src) => Some((src, i as u64)),
+                _ => None,
+            })
+            .collect();
+        // Entries are in order: the last pair of each page after a stable sort is its last.
+        v.sort_by_key(|&(src, _)| src);
+        v.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                earlier.1 = later.1;
+            }
+            same
+        });
+        DupLast(v)
+    }
+
+    fn get(&self, src: u64) -> Option<u64> {
+        let k = self.0.partition_point(|&(s, _)| s < src);
+        self.0.get(k).filter(|&&(s, _)| s == src).map(|&(_, l)| l)
+    }
+
+    /// The pages in `from..to` that have duplicates, with their last duplicate.
+    fn range(&self, from: u64, to: u64) -> &[(u64, u64)] {
+        let a = self.0.partition_point(|&(s, _)| s < from);
+        let b = self.0.partition_point(|&(s, _)| s < to);
+        &self.0[a..b]
+    }
+}
+
+/// One piece of a window's parallel fill; each writes its pages and the CRC32C of them.
+enum Task<'b> {
+    Word(u64, &'b mut [u8], &'b mut u32),
+    Cached(&'b [u8], &'b mut [u8], &'b mut u32),
+    /// Pending block `b` of the window and its runs: (first slot, pages, CRC).
+    Block(usize, Vec<(usize, &'b mut [u8], &'b mut u32)>),
 }
 
 /// Copies the pages of `raw` (a decoded block) from `slot` on into `run`.
@@ -315,12 +355,21 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
         let frames = std::mem::take(&mut self.frames);
         self.frames_bytes = 0;
         let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(frames.len());
+        // Per buffer: the bytes before its pages (all of a verbatim record's).
+        let mut heads: Vec<usize> = Vec::with_capacity(frames.len());
+        // Per buffer: its length; per page record: its buffer, length and frame payload.
+        let mut lens: Vec<usize> = Vec::with_capacity(frames.len());
+        let mut records = Vec::with_capacity(frames.len());
         // Per data page of the window: its entry and where it goes.
         let mut locs: Vec<(u64, Loc)> = Vec::new();
         let win_first = self.entry;
         for (fh, off, payload) in frames {
             match fh.kind {
-                FrameKind::Verbatim => bufs.push(payload.into_owned()),
+                FrameKind::Verbatim => {
+                    heads.push(payload.len());
+                    lens.push(payload.len());
+                    bufs.push(payload.into_owned());
+                }
                 _ => {
                     let count = fh.aux as usize;
                     if payload.len() != 8 + 8 * count || count == 0 {
@@ -344,15 +393,7 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                         .filter(|e| e.class != PageClass::NoData)
                         .count();
                     let len = 8 + 8 * count + data * PAGE_SIZE;
-                    // A recycled buffer keeps its initialised length: resizing it zero-fills
-                    // only growth, and every byte is overwritten below.
-                    let mut buf = self.spare.try_recv().unwrap_or_default();
-                    buf.resize(8 + len, 0);
-                    buf[0..4].copy_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
-                    buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-                    buf[8..12].copy_from_slice(&(count as u32).to_le_bytes());
-                    buf[12..16].copy_from_slice(&payload[..4]);
-                    buf[16..16 + words.len()].copy_from_slice(words);
+                    lens.push(8 + len);
                     let mut at = 16 + words.len();
                     for (k, e) in entries.iter().enumerate() {
                         let w = u64::from_le_bytes(
@@ -369,19 +410,41 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                             at += PAGE_SIZE;
                         }
                     }
-                    bufs.push(buf);
+                    heads.push(16 + words.len());
+                    // A recycled buffer keeps its initialised length: resizing it below
+                    // zero-fills only growth, and every byte is overwritten.
+                    bufs.push(self.spare.try_recv().unwrap_or_default());
+                    records.push((bufs.len() - 1, len, payload));
                     self.entry += count;
                 }
             }
         }
+        // Sized in parallel: zeroing and faulting in fresh memory is most of a window's
+        // set-up until the writer gives buffers back.
+        pool.install(|| {
+            bufs.par_iter_mut()
+                .zip(&lens)
+                .for_each(|(b, &n)| b.resize(n, 0))
+        });
+        for (bi, len, payload) in records {
+            let buf = &mut bufs[bi];
+            let words = &payload[8..];
+            buf[0..4].copy_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
+            buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+            buf[8..12].copy_from_slice(&((words.len() / 8) as u32).to_le_bytes());
+            buf[12..16].copy_from_slice(&payload[..4]);
+            buf[16..16 + words.len()].copy_from_slice(words);
+        }
 
         // Runs of data pages filled the same way: a block's consecutive slots that sit next
         // to each other in one record are one run (usually the whole block, which is then
-        // decompressed straight into the record).
+        // decompressed straight into the record). A duplicate of a page of this window is
+        // filled from that page's block slot like the page itself, one of an earlier window
+        // from the cache.
         let first = self.first_pending;
         let nblocks = self.pending.len();
         let mut runs: Vec<(Fill, usize, usize)> = Vec::new(); // (fill, buffer, pages)
-        let mut dups: Vec<(u64, u64, Loc)> = Vec::new();
+        let mut cached_used: Vec<u64> = Vec::new();
         for &(i, loc) in &locs {
             let fill = match index.pages[i as usize].class {
                 PageClass::NoData => unreachable!("pages without data have no place"),
@@ -389,8 +452,22 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                 PageClass::Word(v) => Fill::Word(v),
                 PageClass::Block { block, slot } => Fill::Block(block, slot as usize),
                 PageClass::Dup(src) => {
-                    dups.push((i, src, loc));
-                    Fill::Later
+                    let missing = || {
+                        ImageError::BadIndex(format!(
+                            "entry {i} duplicates {src}, not yet restored"
+                        ))
+                    };
+                    if self.dup_cache.contains_key(&src) {
+                        cached_used.push(src);
+                        Fill::Cached(src)
+                    } else if src >= i || (src as usize) < win_first {
+                        return Err(missing());
+                    } else {
+                        match index.pages[src as usize].class {
+                            PageClass::Block { block, slot } => Fill::Block(block, slot as usize),
+                            _ => return Err(missing()),
+                        }
+                    }
                 }
             };
             if let Some((Fill::Block(b, s0), buf, n)) = runs.last_mut() {
@@ -403,23 +480,23 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
             }
             runs.push((fill, loc.0, 1));
         }
-        // Carve the buffers into the runs' slices, in order.
-        let mut per_block: Vec<Vec<(usize, &mut [u8])>> =
+        // Carve the buffers into the runs' slices, in order, each with its CRC's place.
+        let mut run_crcs = vec![0u32; runs.len()];
+        let mut per_block: Vec<Vec<(usize, &mut [u8], &mut u32)>> =
             (0..nblocks).map(|_| Vec::new()).collect();
-        let mut elsewhere: Vec<(u64, usize, &mut [u8])> = Vec::new();
-        // Zero and one-word runs, filled by the workers along with the blocks.
-        let mut word_runs: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut tasks: Vec<Task<'_>> = Vec::new();
+        let mut elsewhere: Vec<(u64, usize, &mut [u8], &mut u32)> = Vec::new();
         {
             let mut ri = 0;
-            let mut li = 0;
+            let mut crc_slots = run_crcs.iter_mut();
             for (bi, buf) in bufs.iter_mut().enumerate() {
-                let Some(&(_, (b0, start))) = locs.get(li) else {
+                let Some(&(_, rb, _)) = runs.get(ri) else {
                     break;
                 };
-                if b0 != bi {
+                if rb != bi {
                     continue;
                 }
-                let mut rest = &mut buf[start..];
+                let mut rest = &mut buf[heads[bi]..];
                 while let Some(&(fill, rb, n)) = runs.get(ri) {
                     if rb != bi {
                         break;
@@ -427,117 +504,123 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                     let (run, tail) = rest.split_at_mut(n * PAGE_SIZE);
                     rest = tail;
                     ri += 1;
-                    li += n;
+                    let crc = crc_slots.next().expect("one CRC per run");
                     match fill {
-                        Fill::Word(v) => word_runs.push((v, run)),
+                        Fill::Word(v) => tasks.push(Task::Word(v, run, crc)),
+                        Fill::Cached(src) => {
+                            let page = &self.dup_cache[&src];
+                            tasks.push(Task::Cached(page, run, crc));
+                        }
                         Fill::Block(block, slot) => {
                             let b = block.wrapping_sub(first);
                             if b < nblocks as u64 {
-                                per_block[b as usize].push((slot, run));
+                                per_block[b as usize].push((slot, run, crc));
                             } else {
-                                elsewhere.push((block, slot, run));
+                                elsewhere.push((block, slot, run, crc));
                             }
                         }
-                        Fill::Later => {}
                     }
                 }
             }
         }
+        tasks.extend(
+            per_block
+                .into_iter()
+                .enumerate()
+                .filter(|(_, runs)| !runs.is_empty())
+                .map(|(b, runs)| Task::Block(b, runs)),
+        );
         let pending = &self.pending;
         pool.install(|| {
-            word_runs.into_par_iter().for_each(|(v, run)| {
-                if v == 0 {
-                    run.fill(0);
-                } else {
-                    for c in run.chunks_exact_mut(8) {
-                        c.copy_from_slice(&v.to_le_bytes());
-                    }
-                }
-            });
-            per_block
+            tasks
                 .into_par_iter()
-                .enumerate()
-                .try_for_each(|(b, runs)| {
-                    let block = first + b as u64;
-                    let (fh, payload) = &pending[b];
-                    let pages = index.blocks[block as usize].pages;
-                    let whole =
-                        matches!(&runs[..], [(0, run)] if run.len() == pages as usize * PAGE_SIZE);
-                    if whole {
-                        let (_, run) = runs.into_iter().next().expect("one run");
-                        return decode_block_into(block, fh, payload, pages, run);
-                    }
-                    if runs.is_empty() {
-                        return Ok(());
-                    }
-                    BLOCK_SCRATCH.with(|raw| {
-                        let mut raw = raw.borrow_mut();
-                        decode_block_payload(block, fh, payload, pages, &mut raw)?;
-                        for (slot, run) in runs {
-                            copy_slots(block, &raw, slot, run)?;
+                .try_for_each(|task| -> Result<(), ImageError> {
+                    match task {
+                        Task::Word(v, run, crc) => {
+                            if v == 0 {
+                                run.fill(0);
+                            } else {
+                                for c in run.chunks_exact_mut(8) {
+                                    c.copy_from_slice(&v.to_le_bytes());
+                                }
+                            }
+                            *crc = crate::crc::crc32c(run);
+                            Ok(())
                         }
-                        Ok(())
-                    })
+                        Task::Cached(page, run, crc) => {
+                            run.copy_from_slice(page);
+                            *crc = crate::crc::crc32c(run);
+                            Ok(())
+                        }
+                        Task::Block(b, mut runs) => {
+                            let block = first + b as u64;
+                            let (fh, payload) = &pending[b];
+                            let pages = index.blocks[block as usize].pages;
+                            let raw = pages as usize * PAGE_SIZE;
+                            // The whole block in one run: decompressed in place, the other runs
+                            // (duplicates of its pages) copied from there.
+                            if let Some(w) =
+                                runs.iter().position(|(s, r, _)| *s == 0 && r.len() == raw)
+                            {
+                                let (_, whole, crc) = runs.swap_remove(w);
+                                decode_block_into(block, fh, payload, pages, whole)?;
+                                *crc = crate::crc::crc32c(whole);
+                                for (slot, run, crc) in runs {
+                                    copy_slots(block, whole, slot, run)?;
+                                    *crc = crate::crc::crc32c(run);
+                                }
+                                return Ok(());
+                            }
+                            BLOCK_SCRATCH.with(|scratch| {
+                                let mut scratch = scratch.borrow_mut();
+                                decode_block_payload(block, fh, payload, pages, &mut scratch)?;
+                                for (slot, run, crc) in runs {
+                                    copy_slots(block, &scratch, slot, run)?;
+                                    *crc = crate::crc::crc32c(run);
+                                }
+                                Ok(())
+                            })
+                        }
+                    }
                 })
         })?;
-        for (block, slot, run) in elsewhere {
+        for (block, slot, run, crc) in elsewhere {
             let mut raw = Vec::new();
             self.img.read_block(block, &mut raw)?;
             copy_slots(block, &raw, slot, run)?;
+            *crc = crate::crc::crc32c(run);
         }
 
-        // Duplicates, from a first copy in this window or from the cache.
-        let loc_of = |e: u64| -> Option<Loc> {
-            let k = locs.partition_point(|&(i, _)| i < e);
-            locs.get(k).filter(|&&(i, _)| i == e).map(|&(_, l)| l)
-        };
-        for (i, src, (bd, od)) in dups {
-            let missing =
-                || ImageError::BadIndex(format!("entry {i} duplicates {src}, not yet restored"));
-            let mut tmp = [0u8; PAGE_SIZE];
-            match self.dup_cache.get(&src) {
-                Some(p) => tmp.copy_from_slice(p),
-                None => {
-                    if src >= i || (src as usize) < win_first {
-                        return Err(missing());
-                    }
-                    let (bs, os) = loc_of(src).ok_or_else(missing)?;
-                    if !matches!(index.pages[src as usize].class, PageClass::Block { .. }) {
-                        return Err(missing());
-                    }
-                    tmp.copy_from_slice(&bufs[bs][os..os + PAGE_SIZE]);
-                }
-            }
-            bufs[bd][od..od + PAGE_SIZE].copy_from_slice(&tmp);
-            if self.dup_last.get(&src) == Some(&i) {
+        // Cached first copies whose last duplicate has been written are dropped; first
+        // copies of this window whose duplicates come in later windows are kept.
+        let last = self.entry as u64;
+        for src in cached_used {
+            if self.dup_last.get(src).is_none_or(|l| l < last) {
                 self.dup_cache.remove(&src);
             }
         }
-        // First copies whose duplicates come in later windows.
-        let last = self.entry as u64;
-        for &(i, (b, o)) in &locs {
-            if let Some(&l) = self.dup_last.get(&i) {
-                if l >= last && matches!(index.pages[i as usize].class, PageClass::Block { .. }) {
+        for &(i, l) in self.dup_last.range(win_first as u64, last) {
+            if l >= last && matches!(index.pages[i as usize].class, PageClass::Block { .. }) {
+                let k = locs.partition_point(|&(e, _)| e < i);
+                if let Some(&(_, (b, o))) = locs.get(k).filter(|&&(e, _)| e == i) {
                     self.dup_cache.insert(i, bufs[b][o..o + PAGE_SIZE].to_vec());
                 }
             }
         }
-        // The stream CRC32C of the window's buffers, in parallel pieces of at most 1 MiB,
-        // combined per buffer here and across buffers by the writer.
-        let pieces: Vec<(usize, &[u8])> = bufs
-            .iter()
-            .enumerate()
-            .flat_map(|(b, buf)| buf.chunks(CRC_PIECE).map(move |c| (b, c)))
-            .collect();
-        let piece_crcs: Vec<u32> = pool.install(|| {
-            pieces
-                .par_iter()
-                .map(|(_, c)| crate::crc::crc32c(c))
-                .collect()
-        });
-        let mut crcs = vec![0u32; bufs.len()];
-        for (&(b, c), &pc) in pieces.iter().zip(&piece_crcs) {
-            crcs[b] = crate::crc::combine(crcs[b], pc, c.len());
+        // Each buffer's CRC32C: its head (or all of it) then its runs' CRCs, in order; the
+        // writer combines the buffers'.
+        let mut crcs = Vec::with_capacity(bufs.len());
+        let mut runs_crcs = runs.iter().zip(&run_crcs).peekable();
+        for (bi, buf) in bufs.iter().enumerate() {
+            let mut crc = crate::crc::crc32c(&buf[..heads[bi]]);
+            while let Some(&(&(_, rb, n), &rc)) = runs_crcs.peek() {
+                if rb != bi {
+                    break;
+                }
+                crc = crate::crc::combine(crc, rc, n * PAGE_SIZE);
+                runs_crcs.next();
+            }
+            crcs.push(crc);
         }
         for (buf, crc) in bufs.into_iter().zip(crcs) {
             send((buf, crc))?;

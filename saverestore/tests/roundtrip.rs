@@ -99,6 +99,52 @@ fn both_shapes_all_codecs_round_trip_byte_for_byte() {
     }
 }
 
+/// Pages copied several times over, in their own window and in later ones: restore fills
+/// each copy from its first (kept across windows until its last copy is written).
+#[test]
+fn duplicates_within_and_across_windows_restore() {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut random_page = || -> Vec<u8> {
+        (0..PAGE_SIZE / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect()
+    };
+    let firsts: Vec<Vec<u8>> = (0..150).map(|_| random_page()).collect();
+    let mut ram = Vec::new();
+    for p in 0..3000usize {
+        if p < firsts.len() {
+            ram.extend_from_slice(&firsts[p]);
+        } else if p % 3 == 0 {
+            ram.extend_from_slice(&firsts[p * 7 % firsts.len()]);
+        } else {
+            ram.extend_from_slice(&random_page());
+        }
+    }
+    let s = stream(GuestShape::Hvm, &ram);
+    for (codec, bp, win) in [
+        (CodecChoice::Fixed(Codec::Lz4(3)), 16, 1),
+        (CodecChoice::Fixed(Codec::Zstd(-1)), 5, 1),
+        (CodecChoice::Fixed(Codec::Snap), 16, 4096),
+    ] {
+        let img = save(&s, codec, bp, win);
+        let r = ImageReader::open(img.clone()).unwrap();
+        assert!(r.index().counts().dup >= 900, "{:?}", r.index().counts());
+        assert!(
+            restore(img).unwrap() == s,
+            "{codec} window {win}: restore differs"
+        );
+        for pfn in [0u64, 3, 1500, 2997] {
+            let want = &ram[pfn as usize * PAGE_SIZE..][..PAGE_SIZE];
+            assert!(r.extract(pfn).unwrap() == want, "{codec}: pfn {pfn}");
+        }
+    }
+}
+
 /// Without `--block-pages`, blocks of every codec hold 16 pages (64 KiB); the header's
 /// block size is the largest a block of the image may have.
 #[test]

@@ -3,7 +3,8 @@
 //! ```text
 //!  parser thread ──events (≤4 records)──▶ main: windows of pages ──frames (≤2 windows)──▶ writer thread
 //!                                          │ rayon: classify + hash pages
-//!                                          │ sequential: dedup, assign block slots
+//!                                          │ rayon: dedup, one task per table shard
+//!                                          │ sequential: assign block slots
 //!                                          │ rayon: compress blocks into frames
 //! ```
 //! Memory is bounded by the channel depths and the window size, never by the image size
@@ -228,7 +229,7 @@ where
             auto: opts.codec == CodecChoice::Auto,
             offset: 0,
             index: Index::default(),
-            dedup: HashMap::default(),
+            dedup: (0..DEDUP_SHARDS).map(|_| HashMap::default()).collect(),
             spare: Vec::new(),
             spare_bytes: 0,
             spare_rx: written_rx,
@@ -292,7 +293,7 @@ where
         let result = result.and_then(|()| {
             st.index.stream_crc = st.stream_crc;
             st.index.stream_len = len;
-            st.finish(&out_tx, &writer_wait)
+            pool.install(|| st.finish(&out_tx, &writer_wait))
         });
         drop(out_tx);
         let written = writer.join().expect("writer thread panicked");
@@ -380,6 +381,18 @@ impl Hasher for HashIsKey {
     }
 }
 
+/// Shards of the duplicate table. Each is searched by one task that goes through the
+/// window's pages in stream order, so every page finds the same first copy as with one
+/// table; its bits of the hash (64..) are not the ones the table's buckets use.
+const DEDUP_SHARDS: usize = 16;
+
+fn dedup_shard(h: u128) -> usize {
+    (h >> 64) as usize % DEDUP_SHARDS
+}
+
+/// Bytes of the encoded index per zstd frame (compressed in parallel at the end of a save).
+const INDEX_PIECE: usize = 512 << 10;
+
 /// Pages per parallel classification / CRC piece (1 MiB): few enough pieces that combining
 /// their CRCs in order costs nothing measurable, enough for the workers to share a window.
 const PIECE_PAGES: usize = 256;
@@ -394,7 +407,8 @@ struct SaveState {
     auto: bool,
     offset: u64,
     index: Index,
-    dedup: HashMap<u128, u64, BuildHasherDefault<HashIsKey>>,
+    /// The first entry of every distinct page content, in [`DEDUP_SHARDS`] shards by hash.
+    dedup: Vec<HashMap<u128, u64, BuildHasherDefault<HashIsKey>>>,
     /// Frame buffers the writer has written, reused for the next blocks (fresh ones cost
     /// page faults: about 4 % of a fast save).
     spare: Vec<Vec<u8>>,
@@ -516,6 +530,47 @@ impl SaveState {
         debug_assert_eq!(k, pieces.len());
         self.stream_crc = crc;
 
+        // Duplicates, found in parallel (a task per shard of the table): for each data page
+        // of the window that repeats an earlier one, that one's entry.
+        let mut entries = Vec::with_capacity(contents.len());
+        let mut e = self.index.pages.len() as u64;
+        for h in held {
+            if let Event::Pages(rec) = &h.ev {
+                for &word in &rec.words {
+                    if page_has_data(page_type(word)) {
+                        entries.push(e);
+                    }
+                    e += 1;
+                }
+            }
+        }
+        debug_assert_eq!(entries.len(), contents.len());
+        let found: Vec<Vec<(usize, u64)>> = self
+            .dedup
+            .par_iter_mut()
+            .enumerate()
+            .map(|(shard, table)| {
+                let mut dups = Vec::new();
+                for (ci, c) in contents.iter().enumerate() {
+                    let Content::Hashed(h) = *c else { continue };
+                    if dedup_shard(h) != shard {
+                        continue;
+                    }
+                    match table.entry(h) {
+                        std::collections::hash_map::Entry::Occupied(o) => dups.push((ci, *o.get())),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(entries[ci]);
+                        }
+                    }
+                }
+                dups
+            })
+            .collect();
+        let mut dup_of = vec![u64::MAX; contents.len()];
+        for (ci, src) in found.into_iter().flatten() {
+            dup_of[ci] = src;
+        }
+
         let first_block = self.index.blocks.len() as u64;
         let mut unique: Vec<(&[u8], &[u8], usize)> = Vec::new();
         let mut ci = 0usize;
@@ -526,27 +581,18 @@ impl SaveState {
                 let class = if !page_has_data(page_type(word)) {
                     PageClass::NoData
                 } else {
-                    let c = contents[ci];
-                    let page = pages[ci];
+                    let (c, page, dup) = (contents[ci], pages[ci], dup_of[ci]);
                     ci += 1;
                     match c {
                         Content::Zero => PageClass::Zero,
                         Content::Word(w) => PageClass::Word(w),
-                        Content::Hashed(h) => {
-                            let me = self.index.pages.len() as u64;
-                            match self.dedup.entry(h) {
-                                std::collections::hash_map::Entry::Occupied(o) => {
-                                    PageClass::Dup(*o.get())
-                                }
-                                std::collections::hash_map::Entry::Vacant(v) => {
-                                    v.insert(me);
-                                    unique.push(page);
-                                    let n = unique.len() - 1;
-                                    PageClass::Block {
-                                        block: first_block + (n / self.bp) as u64,
-                                        slot: (n % self.bp) as u16,
-                                    }
-                                }
+                        Content::Hashed(_) if dup != u64::MAX => PageClass::Dup(dup),
+                        Content::Hashed(_) => {
+                            unique.push(page);
+                            let n = unique.len() - 1;
+                            PageClass::Block {
+                                block: first_block + (n / self.bp) as u64,
+                                slot: (n % self.bp) as u16,
                             }
                         }
                     }
@@ -650,9 +696,15 @@ impl SaveState {
         tx: &std::sync::mpsc::SyncSender<Vec<OutFrame>>,
         writer_wait: &AtomicU64,
     ) -> Result<(), ImageError> {
+        // The index (about 24 B per page) in pieces compressed in parallel: concatenated
+        // zstd frames decompress as one.
         let raw = self.index.encode();
-        let z = zstd::bulk::compress(&raw, 3)
+        let pieces: Vec<Vec<u8>> = raw
+            .par_chunks(INDEX_PIECE)
+            .map(|piece| zstd::bulk::compress(piece, 3))
+            .collect::<Result<_, _>>()
             .map_err(|e| ImageError::Compress(crate::codec::CodecError::Zstd(e)))?;
+        let z = pieces.concat();
         let mut f = Vec::new();
         FrameHeader::write_frame(&mut f, FrameKind::Index, 0, raw.len() as u32, &z);
         let index_offset = self.offset;

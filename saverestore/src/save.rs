@@ -229,7 +229,13 @@ where
             auto: opts.codec == CodecChoice::Auto,
             offset: 0,
             index: Index::default(),
-            dedup: (0..DEDUP_SHARDS).map(|_| HashMap::default()).collect(),
+            // One table when one thread works (no shard scans to pay for).
+            dedup: (0..match pool.current_num_threads() {
+                1 => 1,
+                n => n * SHARDS_PER_THREAD,
+            })
+                .map(|_| HashMap::default())
+                .collect(),
             spare: Vec::new(),
             spare_bytes: 0,
             spare_rx: written_rx,
@@ -381,13 +387,13 @@ impl Hasher for HashIsKey {
     }
 }
 
-/// Shards of the duplicate table. Each is searched by one task that goes through the
-/// window's pages in stream order, so every page finds the same first copy as with one
-/// table; its bits of the hash (64..) are not the ones the table's buckets use.
-const DEDUP_SHARDS: usize = 16;
+/// Shards of the duplicate table per worker thread. Each shard is searched by one task that
+/// goes through the window's pages in stream order, so every page finds the same first copy
+/// as with one table; its bits of the hash (64..) are not the ones the table's buckets use.
+const SHARDS_PER_THREAD: usize = 4;
 
-fn dedup_shard(h: u128) -> usize {
-    (h >> 64) as usize % DEDUP_SHARDS
+fn dedup_shard(h: u128, shards: usize) -> usize {
+    (h >> 64) as usize % shards
 }
 
 /// Bytes of the encoded index per zstd frame (compressed in parallel at the end of a save).
@@ -407,7 +413,7 @@ struct SaveState {
     auto: bool,
     offset: u64,
     index: Index,
-    /// The first entry of every distinct page content, in [`DEDUP_SHARDS`] shards by hash.
+    /// The first entry of every distinct page content, in shards by hash ([`SHARDS_PER_THREAD`]).
     dedup: Vec<HashMap<u128, u64, BuildHasherDefault<HashIsKey>>>,
     /// Frame buffers the writer has written, reused for the next blocks (fresh ones cost
     /// page faults: about 4 % of a fast save).
@@ -545,6 +551,7 @@ impl SaveState {
             }
         }
         debug_assert_eq!(entries.len(), contents.len());
+        let shards = self.dedup.len();
         let found: Vec<Vec<(usize, u64)>> = self
             .dedup
             .par_iter_mut()
@@ -553,7 +560,7 @@ impl SaveState {
                 let mut dups = Vec::new();
                 for (ci, c) in contents.iter().enumerate() {
                     let Content::Hashed(h) = *c else { continue };
-                    if dedup_shard(h) != shard {
+                    if dedup_shard(h, shards) != shard {
                         continue;
                     }
                     match table.entry(h) {

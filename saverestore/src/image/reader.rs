@@ -9,6 +9,13 @@ use super::{ImageError, ReadAt, MAX_INDEX_RAW};
 use crate::codec;
 use crate::stream::format::{page_pfn, page_type, page_type_name, PAGE_SIZE};
 
+thread_local! {
+    /// Per-thread frame and block buffers of [`ImageReader::extract`]: a page costs no
+    /// fresh (zeroed) memory.
+    static EXTRACT_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// An open image.
 #[derive(Debug)]
 pub struct ImageReader<R> {
@@ -119,16 +126,40 @@ impl<R: ReadAt> ImageReader<R> {
     /// # Errors
     /// Checksum mismatch or a block that does not decompress.
     pub fn read_block(&self, block: u64, out: &mut Vec<u8>) -> Result<(), ImageError> {
+        let mut frame = Vec::new();
+        self.read_block_with(block, &mut frame, out)
+    }
+
+    /// [`read_block`](Self::read_block) with a buffer for the frame, where it must be read
+    /// (storage in memory lends it).
+    fn read_block_with(
+        &self,
+        block: u64,
+        frame: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ImageError> {
         let e = self
             .index
             .blocks
             .get(block as usize)
             .ok_or_else(|| ImageError::BadIndex(format!("no block {block}")))?;
-        let mut buf = vec![0u8; e.frame_len as usize];
-        self.storage
-            .read_exact_at(&mut buf, e.offset)
-            .map_err(|err| io_err(err, "a block"))?;
-        decode_block(block, e.offset, e.pages, &buf, out)
+        let len = e.frame_len as usize;
+        let lent = self.storage.as_bytes().and_then(|b| {
+            let at = usize::try_from(e.offset).ok()?;
+            b.get(at..at.checked_add(len)?)
+        });
+        let bytes = match lent {
+            Some(b) => b,
+            None => {
+                // A reused buffer keeps its initialised length: only growth is zero-filled.
+                frame.resize(len, 0);
+                self.storage
+                    .read_exact_at(frame, e.offset)
+                    .map_err(|err| io_err(err, "a block"))?;
+                &frame[..]
+            }
+        };
+        decode_block(block, e.offset, e.pages, bytes, out)
     }
 
     /// Entry index holding `pfn` (the last one if the stream sent it more than once).
@@ -157,12 +188,16 @@ impl<R: ReadAt> ImageReader<R> {
             }),
             PageClass::Zero => Ok(vec![0u8; PAGE_SIZE]),
             PageClass::Word(w) => Ok(w.to_le_bytes().repeat(PAGE_SIZE / 8)),
-            PageClass::Block { block, slot } => {
-                let mut raw = Vec::new();
-                self.read_block(block, &mut raw)?;
+            PageClass::Block { block, slot } => EXTRACT_SCRATCH.with(|scratch| {
+                let (frame, raw) = &mut *scratch.borrow_mut();
+                self.read_block_with(block, frame, raw)?;
                 let s = slot as usize * PAGE_SIZE;
-                Ok(raw[s..s + PAGE_SIZE].to_vec())
-            }
+                raw.get(s..s + PAGE_SIZE)
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(|| {
+                        ImageError::BadIndex(format!("block {block} has no slot {slot}"))
+                    })
+            }),
             PageClass::Dup(_) => Err(ImageError::BadIndex(format!(
                 "entry {i} is a duplicate of a duplicate"
             ))),

@@ -27,6 +27,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::fence::{self, Fence, FencedDisk};
+use super::shm;
 use super::wire::{self, ChannelKey, HelloReply, ReplyHeader, RequestHeader};
 use super::{Addr, Stream};
 use crate::disk::{check_range, Disk, DiskError, WriteFlags, ZeroFlags};
@@ -210,6 +211,8 @@ struct Conn {
     fencer: Option<Fencer>,
     fence: OnceLock<Arc<Fence>>,
     disk: OnceLock<Result<Arc<dyn Disk>, String>>,
+    /// The endpoint's shared data area, when it offered one.
+    area: Option<shm::Area>,
 }
 
 impl Drop for Conn {
@@ -290,7 +293,9 @@ impl Conn {
     }
 }
 
-fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<(u64, String)>> {
+type Accepted = (u64, String, Option<shm::Area>);
+
+fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<Accepted>> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut fixed = [0u8; wire::HELLO_FIXED_LEN];
     s.read_exact(&mut fixed)?;
@@ -315,8 +320,10 @@ fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<(u64, Stri
         Some(k) => k.driver_mac(&h.nonce, &nonce, h.generation),
         None => [0; 32],
     };
+    let take_shm = h.shm && status == 0 && matches!(s, Stream::Unix(_));
     let reply = HelloReply {
         keyed: cfg.key.is_some(),
+        shm: take_shm,
         status,
         pid: std::process::id(),
         size,
@@ -344,8 +351,12 @@ fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<(u64, Stri
         tracing::warn!("endpoint failed authentication");
         return Ok(None);
     }
+    let area = match s {
+        Stream::Unix(u) if take_shm => Some(shm::recv_offer(&*u)?),
+        _ => None,
+    };
     s.set_read_timeout(None)?;
-    Ok(Some((h.generation, export)))
+    Ok(Some((h.generation, export, area)))
 }
 
 fn serve_connection(
@@ -353,7 +364,7 @@ fn serve_connection(
     cfg: &DriverConfig,
     jobs: &crossbeam_channel::Sender<Job>,
 ) -> io::Result<()> {
-    let Some((generation, export)) = handshake(&mut stream, cfg)? else {
+    let Some((generation, export, area)) = handshake(&mut stream, cfg)? else {
         return Ok(());
     };
     tracing::info!(export = %export, generation, "endpoint connected");
@@ -366,6 +377,7 @@ fn serve_connection(
         fencer: cfg.fencer.clone(),
         fence: OnceLock::new(),
         disk: OnceLock::new(),
+        area,
     });
     let hb = conn.clone();
     let interval = cfg.heartbeat_interval;
@@ -411,6 +423,39 @@ fn whole_request(buf: &[u8]) -> bool {
     wire::parse_request(head).is_ok_and(|h| buf.len() - head.len() >= h.data_len())
 }
 
+/// Run a READ or WRITE whose data is in area slot `h.slot` (checked by the caller): a READ
+/// reads straight into the slot. The reply header to send (no data on the socket).
+fn run_slot(conn: &Conn, area: &shm::Area, h: &RequestHeader) -> ReplyHeader {
+    let reply = |kind, error, data_len| ReplyHeader {
+        kind,
+        error,
+        id: h.id,
+        data_len,
+    };
+    if h.generation != conn.generation {
+        return reply(wire::KIND_REPLY, libc::ESTALE as u32, 0);
+    }
+    let Ok(d) = conn.disk() else {
+        return reply(wire::KIND_REPLY, libc::EIO as u32, 0);
+    };
+    let Ok(buf) = area.slot_mut(h.slot.into(), h.length as usize) else {
+        return reply(wire::KIND_REPLY, libc::EINVAL as u32, 0);
+    };
+    let r = check_range(h.offset, h.length.into(), d.size()).and_then(|()| {
+        if h.op == wire::OP_READ {
+            d.read_at(buf, h.offset)
+        } else {
+            let fua = h.flags & wire::FLAG_FUA != 0;
+            d.write_at(buf, h.offset, WriteFlags { fua })
+        }
+    });
+    match r {
+        Ok(()) if h.op == wire::OP_READ => reply(wire::KIND_REPLY_SLOT, 0, h.length),
+        Ok(()) => reply(wire::KIND_REPLY, 0, 0),
+        Err(e) => reply(wire::KIND_REPLY, e.errno() as u32, 0),
+    }
+}
+
 fn run_request(conn: &Conn, h: &RequestHeader, data: &[u8]) -> (u32, Vec<u8>) {
     if h.generation != conn.generation {
         return (libc::ESTALE as u32, Vec::new());
@@ -452,11 +497,24 @@ fn read_requests<R: Read>(
             Err(e) => return Err(e),
         }
         let h = wire::parse_request(&hb).map_err(bad)?;
+        let in_slot = h.flags & wire::FLAG_SLOT != 0;
+        if in_slot {
+            // The slot and length come from the endpoint: check them before any use.
+            let area = conn.area.as_ref().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "a slot request without an area")
+            })?;
+            area.slot_mut(h.slot.into(), h.length as usize)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
         let data = super::read_data(stream, 0, h.data_len())?;
         let inline = matches!(h.op, wire::OP_READ | wire::OP_WRITE) && h.length <= INLINE_MAX;
         if inline {
             if h.op == wire::OP_WRITE && section.is_none() && conn.disk().is_ok() {
                 section = conn.fence.get().and_then(|f| f.hold());
+            }
+            if let (true, Some(area)) = (in_slot, &conn.area) {
+                batch.extend_from_slice(&wire::encode_reply(&run_slot(conn, area, &h)));
+                continue;
             }
             let (error, out) = run_request(conn, &h, &data);
             let r = ReplyHeader {
@@ -471,6 +529,10 @@ fn read_requests<R: Read>(
         }
         let conn = conn.clone();
         let job: Job = Box::new(move || {
+            if let (true, Some(area)) = (in_slot, &conn.area) {
+                conn.send(&run_slot(&conn, area, &h), &[]);
+                return;
+            }
             let (error, out) = run_request(&conn, &h, &data);
             let r = ReplyHeader {
                 kind: wire::KIND_REPLY,

@@ -41,6 +41,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
 use super::monitor::{Monitor, MonitorConfig, Outstanding};
+use super::shm;
 use super::wire::{self, ChannelKey, RequestHeader};
 use super::{Addr, Stream};
 use crate::disk::{push_extent, Disk, DiskError, Done, Extent, WriteFlags, ZeroFlags};
@@ -67,6 +68,8 @@ pub struct EndpointConfig {
     pub kill_local: bool,
     /// Bytes of acknowledged writes kept for replay before the endpoint flushes on its own.
     pub unflushed_limit: u64,
+    /// Offer drivers on Unix sockets a shared-memory data area ([`super::shm`]).
+    pub shm: bool,
 }
 
 impl EndpointConfig {
@@ -82,6 +85,7 @@ impl EndpointConfig {
             handshake_timeout: Duration::from_secs(2),
             kill_local: true,
             unflushed_limit: 256 << 20,
+            shm: true,
         }
     }
 }
@@ -232,26 +236,53 @@ struct Conn {
     monitor: Mutex<Monitor>,
     broken: AtomicBool,
     reader_exit: Receiver<()>,
+    /// The shared data area, when the driver took it.
+    shm: Option<shm::Slots>,
 }
 
 impl Conn {
-    fn header(&self, id: u64, r: &Req) -> [u8; wire::REQUEST_HEADER_LEN] {
-        wire::encode_request(&RequestHeader {
+    /// A request's header and the data to send after it: none when the data goes through
+    /// a free area slot (a READ's slot is filled by the driver).
+    fn header<'a>(&self, id: u64, r: &'a Req) -> ([u8; wire::REQUEST_HEADER_LEN], &'a [u8]) {
+        let mut h = RequestHeader {
             op: r.op,
             flags: r.flags,
             id,
             generation: self.generation,
             offset: r.offset,
             length: r.length,
-        })
+            slot: 0,
+        };
+        let mut data: &[u8] = &r.data;
+        if let Some(s) = &self.shm {
+            if matches!(r.op, wire::OP_READ | wire::OP_WRITE) {
+                if let Some(slot) = s.assign(id, r.length as usize) {
+                    let put = match r.op {
+                        wire::OP_WRITE if r.data.len() == r.length as usize => {
+                            s.area.put(slot.into(), &r.data).is_ok()
+                        }
+                        wire::OP_WRITE => false,
+                        _ => true,
+                    };
+                    if put {
+                        h.flags |= wire::FLAG_SLOT;
+                        h.slot = slot as u16; // parse_offer: at most 65536 slots
+                        data = &[];
+                    } else {
+                        s.release(id);
+                    }
+                }
+            }
+        }
+        (wire::encode_request(&h), data)
     }
 
     /// Send a request now (after whatever is queued).
     fn send(&self, id: u64, r: &Req) {
-        let head = self.header(id, r);
+        let (head, data) = self.header(id, r);
         let mut w = self.writer.lock();
         let (stream, queued) = &mut *w;
-        let res = super::write_parts(stream, &[queued, &head, &r.data]);
+        let res = super::write_parts(stream, &[queued, &head, data]);
         queued.clear();
         drop(w);
         if res.is_err() {
@@ -264,15 +295,15 @@ impl Conn {
     /// straight from its buffer (copying it into the queue would cost more than the
     /// system call the queue saves).
     fn queue(&self, id: u64, r: &Req) {
-        let head = self.header(id, r);
+        let (head, data) = self.header(id, r);
         let mut w = self.writer.lock();
-        if r.data.len() < super::DIRECT_DATA {
+        if data.len() < super::DIRECT_DATA {
             w.1.extend_from_slice(&head);
-            w.1.extend_from_slice(&r.data);
+            w.1.extend_from_slice(data);
             return;
         }
         let (stream, queued) = &mut *w;
-        let res = super::write_parts(stream, &[queued, &head, &r.data]);
+        let res = super::write_parts(stream, &[queued, &head, data]);
         queued.clear();
         drop(w);
         if res.is_err() {
@@ -332,7 +363,7 @@ fn whole_reply(buf: &[u8]) -> bool {
             .try_into()
             .ok()
             .and_then(|b| wire::parse_reply(b).ok())
-            .is_some_and(|h| buf.len() - wire::REPLY_HEADER_LEN >= h.data_len as usize)
+            .is_some_and(|h| buf.len() - wire::REPLY_HEADER_LEN >= h.socket_data_len())
 }
 
 /// A process's state letter and start time from `/proc/PID/stat`.
@@ -370,6 +401,7 @@ pub struct Endpoint {
 
 struct Handshaken {
     stream: Stream,
+    area: Option<shm::Area>,
     generation: u64,
     pid: u32,
     size: u64,
@@ -386,8 +418,10 @@ fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Hands
     s.set_write_timeout(Some(cfg.handshake_timeout))
         .map_err(io)?;
     let nonce = wire::fresh_nonce();
+    let offer_shm = cfg.shm && matches!(s, Stream::Unix(_));
     let hello = wire::Hello {
         keyed: cfg.key.is_some(),
+        shm: offer_shm,
         generation,
         nonce,
         export: cfg.export.clone(),
@@ -419,10 +453,19 @@ fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Hands
     if status != 0 {
         return Err(format!("{addr}: driver refused our authentication"));
     }
+    let area = match &s {
+        Stream::Unix(u) if offer_shm && r.shm => {
+            let a = shm::Area::create(shm::DEFAULT_SLOTS, shm::DEFAULT_SLOT_SIZE).map_err(io)?;
+            shm::send_offer(u, &a).map_err(io)?;
+            Some(a)
+        }
+        _ => None,
+    };
     s.set_read_timeout(None).map_err(io)?;
     s.set_write_timeout(None).map_err(io)?;
     Ok(Handshaken {
         stream: s,
+        area,
         generation,
         pid: r.pid,
         size: r.size,
@@ -600,6 +643,7 @@ impl Inner {
             monitor: Mutex::new(Monitor::new(self.cfg.monitor, Instant::now())),
             broken: AtomicBool::new(false),
             reader_exit: exit_rx,
+            shm: h.area.map(shm::Slots::new),
         });
         let (me, c) = (self.clone(), conn.clone());
         let mut stream = h.stream;
@@ -649,7 +693,23 @@ impl Inner {
                 let st = self.state.lock();
                 st.pending.get(&h.id).map_or(0, |p| p.done.headroom())
             };
-            let data = super::read_data(s, headroom, h.data_len as usize)?;
+            // The slot this connection gave request `id`, from our own table (a driver's
+            // reply names none); free again once its data is copied out.
+            let slot = conn.shm.as_ref().and_then(|s| s.release(h.id));
+            let data = if h.kind == wire::KIND_REPLY_SLOT {
+                let (Some(area), Some(slot)) = (conn.shm.as_ref().map(|s| &s.area), slot) else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a slot reply for a request without a slot",
+                    ));
+                };
+                let mut v = vec![0u8; headroom + h.data_len as usize];
+                area.take(slot.into(), &mut v[headroom..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                v
+            } else {
+                super::read_data(s, headroom, h.data_len as usize)?
+            };
             let now = Instant::now();
             let latency = self.complete(h.id, h.error, data, now);
             if let Some(l) = latency {
@@ -1480,5 +1540,182 @@ mod tests {
         ep.flush().unwrap();
         assert_eq!(ep.status().unflushed_writes, 0);
         ep.close();
+    }
+
+    /// Unix drivers take the shared area by default; requests that fit a slot go through
+    /// it, larger ones through socket frames, and both give back what was written, as the
+    /// socket-only channel does.
+    #[test]
+    fn shared_area_and_socket_frames_carry_the_same_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(8 << 20));
+        let a = start_driver(dir.path(), "a", disk.clone(), None);
+        for shm in [true, false] {
+            let mut c = cfg(vec![a.clone()]);
+            c.shm = shm;
+            let ep = Endpoint::start(c).unwrap();
+            let active = ep.inner.state.lock().active.clone().unwrap();
+            assert_eq!(active.shm.is_some(), shm);
+            let slot_size = shm::DEFAULT_SLOT_SIZE as usize;
+            for (len, at) in [
+                (4096usize, 0u64),
+                (slot_size, 1 << 20),
+                (slot_size + 4096, 3 << 20),
+            ] {
+                let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8 ^ u8::from(shm)).collect();
+                ep.write_at(&data, at, WriteFlags::default()).unwrap();
+                let mut back = vec![0u8; len];
+                ep.read_at(&mut back, at).unwrap();
+                assert_eq!(back, data, "{len} bytes, shm {shm}");
+                assert_eq!(&disk.contents()[at as usize..at as usize + len], &data[..]);
+            }
+            // Every slot is free again once its request is answered.
+            if let Some(s) = &active.shm {
+                for id in 0..u64::from(shm::DEFAULT_SLOTS) {
+                    assert!(s.assign(1 << 40 | id, 1).is_some(), "slot leaked");
+                }
+            }
+            ep.close();
+        }
+    }
+
+    /// A driver that answers with a slot reply the endpoint cannot accept (longer than a
+    /// slot, or for a request it gave no slot) breaks only its own connection: the caller
+    /// gets an error once no driver answers, and nothing panics.
+    #[test]
+    fn a_hostile_slot_reply_breaks_the_connection_cleanly() {
+        use std::os::unix::net::UnixListener;
+        for case in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("evil");
+            let l = UnixListener::bind(&path).unwrap();
+            let fake = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut fixed = [0u8; wire::HELLO_FIXED_LEN];
+                s.read_exact(&mut fixed).unwrap();
+                let h = wire::parse_hello_header(&fixed).unwrap();
+                assert!(h.shm, "a unix endpoint offers the area");
+                let mut name = vec![0u8; h.name_len];
+                s.read_exact(&mut name).unwrap();
+                let reply = wire::HelloReply {
+                    keyed: false,
+                    shm: true,
+                    status: 0,
+                    pid: 0,
+                    size: 1 << 20,
+                    read_only: false,
+                    nonce: [0; 32],
+                    mac: [0; 32],
+                };
+                s.write_all(&wire::encode_hello_reply(&reply)).unwrap();
+                let mut auth = [0u8; wire::AUTH_LEN];
+                s.read_exact(&mut auth).unwrap();
+                s.write_all(&wire::encode_ready(0)).unwrap();
+                let area = shm::recv_offer(&s).unwrap();
+                let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
+                s.read_exact(&mut hb).unwrap();
+                let req = wire::parse_request(&hb).unwrap();
+                assert_ne!(
+                    req.flags & wire::FLAG_SLOT,
+                    0,
+                    "a 4 KiB read goes in a slot"
+                );
+                let (id, data_len) = match case {
+                    0 => (req.id, area.slot_size() + 1),
+                    _ => (req.id + 1000, 4096),
+                };
+                let bad = wire::ReplyHeader {
+                    kind: wire::KIND_REPLY_SLOT,
+                    error: 0,
+                    id,
+                    data_len,
+                };
+                let _ = s.write_all(&wire::encode_reply(&bad));
+                // Hold the socket until the endpoint drops it.
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+            });
+            let mut c = cfg(vec![Addr::Unix(path)]);
+            c.kill_local = false;
+            c.connect_timeout = Duration::from_millis(300);
+            c.handshake_timeout = Duration::from_millis(100);
+            let ep = Endpoint::start(c).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let e = ep.read_at(&mut buf, 0).unwrap_err();
+            assert_eq!(e.errno(), libc::EIO, "case {case}");
+            ep.close();
+            fake.join().unwrap();
+        }
+    }
+
+    /// A driver refuses slot requests it cannot honour (a slot past the area, a length over
+    /// a slot) by closing the connection, and answers a good one from the slot.
+    #[test]
+    fn the_driver_checks_slot_numbers_and_lengths_from_the_endpoint() {
+        use std::os::unix::net::UnixStream;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(1 << 20));
+        disk.write_at(&[9; 4096], 8192, WriteFlags::default())
+            .unwrap();
+        let Addr::Unix(path) = start_driver(dir.path(), "a", disk, None) else {
+            unreachable!()
+        };
+        // (slot, length, accepted)
+        for (slot, length, ok) in [(1u16, 4096u32, true), (2, 4096, false), (0, 4097, false)] {
+            let mut s = UnixStream::connect(&path).unwrap();
+            let hello = wire::Hello {
+                keyed: false,
+                shm: true,
+                generation: 5,
+                nonce: [0; 32],
+                export: "vm".into(),
+            };
+            s.write_all(&wire::encode_hello(&hello)).unwrap();
+            let mut b = [0u8; wire::HELLO_REPLY_LEN];
+            s.read_exact(&mut b).unwrap();
+            assert!(wire::parse_hello_reply(&b).unwrap().shm);
+            s.write_all(&wire::encode_auth(&[0; 32])).unwrap();
+            let mut rd = [0u8; wire::READY_LEN];
+            s.read_exact(&mut rd).unwrap();
+            assert_eq!(wire::parse_ready(&rd).unwrap(), 0);
+            let area = shm::Area::create(2, 4096).unwrap();
+            shm::send_offer(&s, &area).unwrap();
+            let req = RequestHeader {
+                op: wire::OP_READ,
+                flags: wire::FLAG_SLOT,
+                id: 1,
+                generation: 5,
+                offset: 8192,
+                length,
+                slot,
+            };
+            s.write_all(&wire::encode_request(&req)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let answer = loop {
+                let mut hb = [0u8; wire::REPLY_HEADER_LEN];
+                if s.read_exact(&mut hb).is_err() {
+                    break None;
+                }
+                let h = wire::parse_reply(&hb).unwrap();
+                if h.kind != wire::KIND_HEARTBEAT {
+                    break Some(h);
+                }
+            };
+            if ok {
+                let h = answer.expect("a reply");
+                assert_eq!(
+                    (h.kind, h.error, h.id, h.data_len),
+                    (wire::KIND_REPLY_SLOT, 0, 1, 4096)
+                );
+                let mut out = vec![0u8; 4096];
+                area.take(slot.into(), &mut out).unwrap();
+                assert!(out.iter().all(|&x| x == 9));
+            } else {
+                assert_eq!(
+                    answer, None,
+                    "slot {slot} length {length} must close the connection"
+                );
+            }
+        }
     }
 }

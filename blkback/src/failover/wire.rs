@@ -59,6 +59,10 @@ pub const REPLY_MAGIC: u32 = 0x5246_4f52; // "RFOR"
 pub const VERSION: u16 = 1;
 /// Hello / hello-reply flag: the sender holds a pre-shared key and its mac is real.
 pub const HELLO_KEYED: u16 = 1 << 0;
+/// Hello / hello-reply flag (Unix sockets only): the endpoint offers, and the driver takes,
+/// a shared-memory data area ([`super::shm`]), passed after READY.
+pub const HELLO_SHM: u16 = 1 << 1;
+const HELLO_FLAGS: u16 = HELLO_KEYED | HELLO_SHM;
 
 /// Longest export name in a hello.
 pub const MAX_NAME_LEN: usize = 4096;
@@ -85,10 +89,15 @@ pub const OP_BLOCK_STATUS: u8 = 6;
 pub const FLAG_FUA: u8 = 1 << 0;
 /// Request flag: WRITE_ZEROES only if fast.
 pub const FLAG_FAST_ZERO: u8 = 1 << 1;
-const KNOWN_FLAGS: u8 = FLAG_FUA | FLAG_FAST_ZERO;
+/// Request flag (READ, WRITE on a channel with a shared area): the data is in area slot
+/// `slot` (the u16 after the flags), not on the socket.
+pub const FLAG_SLOT: u8 = 1 << 2;
+const KNOWN_FLAGS: u8 = FLAG_FUA | FLAG_FAST_ZERO | FLAG_SLOT;
 
 pub const KIND_REPLY: u8 = 0;
 pub const KIND_HEARTBEAT: u8 = 1;
+/// A reply whose `data_len` bytes are in the request's area slot, not on the socket.
+pub const KIND_REPLY_SLOT: u8 = 2;
 
 const EXTENT_HOLE: u32 = 1 << 0;
 const EXTENT_ZERO: u32 = 1 << 1;
@@ -239,6 +248,8 @@ fn arr32(b: &[u8], at: usize) -> [u8; 32] {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub keyed: bool,
+    /// The endpoint offers a shared-memory data area ([`HELLO_SHM`]).
+    pub shm: bool,
     pub generation: u64,
     pub nonce: [u8; 32],
     pub export: String,
@@ -248,6 +259,7 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloHeader {
     pub keyed: bool,
+    pub shm: bool,
     pub generation: u64,
     pub nonce: [u8; 32],
     pub name_len: usize,
@@ -257,7 +269,8 @@ pub fn encode_hello(h: &Hello) -> Vec<u8> {
     let mut b = Vec::with_capacity(HELLO_FIXED_LEN + h.export.len());
     b.extend_from_slice(&HELLO_MAGIC.to_be_bytes());
     b.extend_from_slice(&VERSION.to_be_bytes());
-    b.extend_from_slice(&(if h.keyed { HELLO_KEYED } else { 0 }).to_be_bytes());
+    let flags = if h.keyed { HELLO_KEYED } else { 0 } | if h.shm { HELLO_SHM } else { 0 };
+    b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&h.generation.to_be_bytes());
     b.extend_from_slice(&h.nonce);
     b.extend_from_slice(&(h.export.len() as u16).to_be_bytes());
@@ -279,7 +292,7 @@ pub fn parse_hello_header(b: &[u8; HELLO_FIXED_LEN]) -> Result<HelloHeader, Wire
         return Err(WireError::BadVersion(version));
     }
     let flags = be16(b, 6);
-    if flags & !HELLO_KEYED != 0 {
+    if flags & !HELLO_FLAGS != 0 {
         return Err(WireError::BadFlags(flags.into()));
     }
     let name_len = usize::from(be16(b, 48));
@@ -288,6 +301,7 @@ pub fn parse_hello_header(b: &[u8; HELLO_FIXED_LEN]) -> Result<HelloHeader, Wire
     }
     Ok(HelloHeader {
         keyed: flags & HELLO_KEYED != 0,
+        shm: flags & HELLO_SHM != 0,
         generation: be64(b, 8),
         nonce: arr32(b, 16),
         name_len,
@@ -313,6 +327,7 @@ pub fn parse_hello(b: &[u8]) -> Result<Hello, WireError> {
     let export = std::str::from_utf8(name).map_err(|_| WireError::BadName)?;
     Ok(Hello {
         keyed: h.keyed,
+        shm: h.shm,
         generation: h.generation,
         nonce: h.nonce,
         export: export.to_owned(),
@@ -323,6 +338,8 @@ pub fn parse_hello(b: &[u8]) -> Result<Hello, WireError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloReply {
     pub keyed: bool,
+    /// The driver takes the offered shared-memory area.
+    pub shm: bool,
     /// 0 = the export is served; else an errno (ENOENT: no such export, EACCES: key).
     pub status: u32,
     pub pid: u32,
@@ -336,7 +353,8 @@ pub fn encode_hello_reply(r: &HelloReply) -> [u8; HELLO_REPLY_LEN] {
     let mut b = [0u8; HELLO_REPLY_LEN];
     b[0..4].copy_from_slice(&HELLO_REPLY_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&VERSION.to_be_bytes());
-    b[6..8].copy_from_slice(&(if r.keyed { HELLO_KEYED } else { 0 }).to_be_bytes());
+    let flags = if r.keyed { HELLO_KEYED } else { 0 } | if r.shm { HELLO_SHM } else { 0 };
+    b[6..8].copy_from_slice(&flags.to_be_bytes());
     b[8..12].copy_from_slice(&r.status.to_be_bytes());
     b[12..16].copy_from_slice(&r.pid.to_be_bytes());
     b[16..24].copy_from_slice(&r.size.to_be_bytes());
@@ -358,7 +376,7 @@ pub fn parse_hello_reply(b: &[u8; HELLO_REPLY_LEN]) -> Result<HelloReply, WireEr
         return Err(WireError::BadVersion(version));
     }
     let flags = be16(b, 6);
-    if flags & !HELLO_KEYED != 0 {
+    if flags & !HELLO_FLAGS != 0 {
         return Err(WireError::BadFlags(flags.into()));
     }
     if b[24] > 1 || b[25..28] != [0, 0, 0] {
@@ -366,6 +384,7 @@ pub fn parse_hello_reply(b: &[u8; HELLO_REPLY_LEN]) -> Result<HelloReply, WireEr
     }
     Ok(HelloReply {
         keyed: flags & HELLO_KEYED != 0,
+        shm: flags & HELLO_SHM != 0,
         status: be32(b, 8),
         pid: be32(b, 12),
         size: be64(b, 16),
@@ -418,12 +437,14 @@ pub struct RequestHeader {
     pub generation: u64,
     pub offset: u64,
     pub length: u32,
+    /// The area slot holding the data (with [`FLAG_SLOT`]; else 0).
+    pub slot: u16,
 }
 
 impl RequestHeader {
     /// Bytes of data that follow this header on the wire.
     pub fn data_len(&self) -> usize {
-        if self.op == OP_WRITE {
+        if self.op == OP_WRITE && self.flags & FLAG_SLOT == 0 {
             self.length as usize
         } else {
             0
@@ -436,6 +457,7 @@ pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_HEADER_LEN] {
     b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     b[4] = h.op;
     b[5] = h.flags;
+    b[6..8].copy_from_slice(&h.slot.to_be_bytes());
     b[8..16].copy_from_slice(&h.id.to_be_bytes());
     b[16..24].copy_from_slice(&h.generation.to_be_bytes());
     b[24..32].copy_from_slice(&h.offset.to_be_bytes());
@@ -462,8 +484,12 @@ pub fn parse_request(b: &[u8; REQUEST_HEADER_LEN]) -> Result<RequestHeader, Wire
     if flags & !KNOWN_FLAGS != 0 {
         return Err(WireError::BadFlags(flags.into()));
     }
-    if b[6..8] != [0, 0] {
+    let slot = be16(b, 6);
+    if flags & FLAG_SLOT == 0 && slot != 0 {
         return Err(WireError::Reserved);
+    }
+    if flags & FLAG_SLOT != 0 && !matches!(op, OP_READ | OP_WRITE) {
+        return Err(WireError::BadFlags(flags.into()));
     }
     let h = RequestHeader {
         op,
@@ -472,6 +498,7 @@ pub fn parse_request(b: &[u8; REQUEST_HEADER_LEN]) -> Result<RequestHeader, Wire
         generation: be64(b, 16),
         offset: be64(b, 24),
         length: be32(b, 32),
+        slot,
     };
     // DISCARD and WRITE_ZEROES carry no data, so their length is not limited by MAX_DATA;
     // everything that moves data (or allocates an answer) is.
@@ -492,6 +519,17 @@ pub struct ReplyHeader {
     pub error: u32,
     pub id: u64,
     pub data_len: u32,
+}
+
+impl ReplyHeader {
+    /// Bytes of data that follow this header on the socket (a slot reply's are in the area).
+    pub fn socket_data_len(&self) -> usize {
+        if self.kind == KIND_REPLY_SLOT {
+            0
+        } else {
+            self.data_len as usize
+        }
+    }
 }
 
 pub fn encode_reply(h: &ReplyHeader) -> [u8; REPLY_HEADER_LEN] {
@@ -515,7 +553,7 @@ pub fn parse_reply(b: &[u8; REPLY_HEADER_LEN]) -> Result<ReplyHeader, WireError>
         return Err(WireError::BadMagic(magic));
     }
     let kind = b[4];
-    if kind != KIND_REPLY && kind != KIND_HEARTBEAT {
+    if !matches!(kind, KIND_REPLY | KIND_HEARTBEAT | KIND_REPLY_SLOT) {
         return Err(WireError::BadKind(kind));
     }
     if b[5..8] != [0, 0, 0] {
@@ -593,7 +631,36 @@ mod tests {
             generation: 3,
             offset: 4096,
             length: 512,
+            slot: 0,
         }
+    }
+
+    #[test]
+    fn slot_requests_carry_no_socket_data_and_only_read_or_write_may_use_a_slot() {
+        let h = RequestHeader {
+            flags: FLAG_SLOT,
+            slot: 513,
+            ..req()
+        };
+        let b = encode_request(&h);
+        assert_eq!(parse_request(&b).unwrap(), h);
+        assert_eq!(h.data_len(), 0);
+        let flush = RequestHeader {
+            op: OP_FLUSH,
+            length: 0,
+            ..h
+        };
+        assert!(matches!(
+            parse_request(&encode_request(&flush)),
+            Err(WireError::BadFlags(_))
+        ));
+        let r = ReplyHeader {
+            kind: KIND_REPLY_SLOT,
+            error: 0,
+            id: 1,
+            data_len: 4096,
+        };
+        assert_eq!(parse_reply(&encode_reply(&r)).unwrap(), r);
     }
 
     #[test]
@@ -666,8 +733,8 @@ mod tests {
         b[3] ^= 1;
         assert!(matches!(parse_reply(&b), Err(WireError::BadMagic(_))));
         let mut b = good;
-        b[4] = 2;
-        assert_eq!(parse_reply(&b), Err(WireError::BadKind(2)));
+        b[4] = 3;
+        assert_eq!(parse_reply(&b), Err(WireError::BadKind(3)));
         let mut b = good;
         b[6] = 1;
         assert_eq!(parse_reply(&b), Err(WireError::Reserved));
@@ -701,6 +768,7 @@ mod tests {
     fn hello_round_trips_and_malformed_ones_are_refused() {
         let h = Hello {
             keyed: true,
+            shm: true,
             generation: 42,
             nonce: [9; 32],
             export: "vm1".into(),
@@ -737,6 +805,7 @@ mod tests {
     fn hello_reply_auth_ready_round_trip_and_refuse_garbage() {
         let r = HelloReply {
             keyed: false,
+            shm: true,
             status: 0,
             pid: 1234,
             size: 1 << 30,
@@ -753,7 +822,7 @@ mod tests {
         b[5] = 2;
         assert_eq!(parse_hello_reply(&b), Err(WireError::BadVersion(2)));
         let mut b = good;
-        b[7] = 2;
+        b[7] = 4;
         assert!(matches!(parse_hello_reply(&b), Err(WireError::BadFlags(_))));
         let mut b = good;
         b[24] = 2;

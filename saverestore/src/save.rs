@@ -1,12 +1,15 @@
 //! The save pipeline: `xl save` stream in, image out, in one streaming pass.
 //!
 //! ```text
-//!  parser thread ──events (≤4 records)──▶ main: windows of pages ──frames (≤2 windows)──▶ writer thread
-//!                                          │ rayon: classify + hash pages
-//!                                          │ rayon: dedup, one task per table shard
-//!                                          │ sequential: assign block slots
-//!                                          │ rayon: compress blocks into frames
+//!  parser thread ──events (≤8 records)──▶ main: windows of pages ──frames (≤2 windows)──▶ writer thread
+//!                                          │ window N+1: rayon: classify + hash pages
+//!                                          │             rayon: dedup, one task per table shard
+//!                                          │             sequential: assign block slots
+//!                                          │ window N, meanwhile (a rayon task):
+//!                                          │             rayon: compress blocks into frames
 //! ```
+//! Window N's blocks are compressed while window N+1 is classified, so the workers always
+//! have compression to pick up while one of them does the sequential part.
 //! Memory is bounded by the channel depths and the window size, never by the image size
 //! (apart from the dedup table, 16 B of hash + 8 B per distinct page, and the index).
 
@@ -243,6 +246,7 @@ where
             stream_crc: 0,
             stream_len: 0,
             head: Vec::new(),
+            next_block: 0,
         };
         let header = FileHeader {
             version: crate::image::VERSION,
@@ -263,6 +267,51 @@ where
                 vec![OutFrame::whole(header.encode().to_vec())],
                 &writer_wait,
             )?;
+            // One window is compressed while the next is classified and deduplicated, so
+            // the workers never wait for the sequential part of a window.
+            let mut ready: Option<(Vec<Held<'_>>, Prepared)> = None;
+            let one_thread = pool.current_num_threads() == 1;
+            let mut step = |cur: Vec<_>| -> Result<(), ImageError> {
+                let codec = st.codec;
+                let bufs = match &ready {
+                    Some((_, p)) => st.take_buffers(p.unique.len().div_ceil(bp)),
+                    None => Vec::new(),
+                };
+                let mut blocks = None;
+                let prep = pool.install(|| {
+                    rayon::scope(|s| {
+                        if let Some((held, prep)) = &ready {
+                            let blocks = &mut blocks;
+                            let compress = move || {
+                                *blocks = Some(compress_blocks(held, &prep.unique, bp, codec, bufs))
+                            };
+                            // One thread gains nothing from the overlap, and compresses
+                            // the window while its pages are still in cache.
+                            if one_thread {
+                                compress();
+                            } else {
+                                s.spawn(move |_| compress());
+                            }
+                        }
+                        (!cur.is_empty()).then(|| st.prepare(&cur))
+                    })
+                });
+                if let Some((held, prep)) = ready.take() {
+                    let blocks = blocks.expect("the ready window was compressed")?;
+                    let frames = st.finish_window(&held, &prep, blocks, codec);
+                    st.send(&out_tx, frames, &writer_wait)?;
+                    progress(seen.load(Ordering::Relaxed));
+                    for h in held {
+                        if let Event::Pages(r) = h.ev {
+                            if r.pages.capacity() > 0 {
+                                let _ = spare_tx.send(r.pages);
+                            }
+                        }
+                    }
+                }
+                ready = prep.map(|p| (cur, p));
+                Ok(())
+            };
             let mut window: Vec<Held<'_>> = Vec::new();
             let mut pages = 0usize;
             loop {
@@ -273,20 +322,12 @@ where
                     window.push(h);
                 }
                 if (pages >= opts.window_pages || eof) && !window.is_empty() {
-                    let frames = pool.install(|| st.window(&window))?;
-                    st.send(&out_tx, frames, &writer_wait)?;
-                    progress(seen.load(Ordering::Relaxed));
-                    for h in window.drain(..) {
-                        if let Event::Pages(r) = h.ev {
-                            if r.pages.capacity() > 0 {
-                                let _ = spare_tx.send(r.pages);
-                            }
-                        }
-                    }
+                    step(std::mem::take(&mut window))?;
                     pages = 0;
                 }
                 if eof {
-                    return Ok(());
+                    // The last window's blocks.
+                    return step(Vec::new());
                 }
             }
         })();
@@ -358,14 +399,62 @@ thread_local! {
     static GATHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Pages that are consecutive slices of one record, as one slice of that record.
-fn contiguous<'a>(pages: &[(&'a [u8], &'a [u8], usize)]) -> Option<&'a [u8]> {
-    let (rec, _, first) = pages[0];
+/// A window whose pages are classified, deduplicated and in the index: its unique pages in
+/// block order, as (event of the window, page of that record).
+struct Prepared {
+    unique: Vec<(usize, usize)>,
+}
+
+/// Pages that are consecutive in one record, as one slice of that record.
+fn contiguous<'a>(held: &'a [Held<'_>], pages: &[(usize, usize)]) -> Option<&'a [u8]> {
+    let (h, first) = pages[0];
     let ok = pages
         .iter()
         .enumerate()
-        .all(|(i, &(r, _, at))| std::ptr::eq(r, rec) && at == first + i);
-    ok.then(|| &rec[first * PAGE_SIZE..(first + pages.len()) * PAGE_SIZE])
+        .all(|(k, &(hh, i))| hh == h && i == first + k);
+    ok.then(|| &held[h].pages()[first * PAGE_SIZE..(first + pages.len()) * PAGE_SIZE])
+}
+
+/// Compresses a prepared window's unique pages into block frames, `bp` pages each, in
+/// parallel, into the given buffers (one per block).
+fn compress_blocks(
+    held: &[Held<'_>],
+    unique: &[(usize, usize)],
+    bp: usize,
+    codec: Codec,
+    bufs: Vec<Vec<u8>>,
+) -> Result<Vec<OutFrame>, ImageError> {
+    unique
+        .par_chunks(bp)
+        .zip(bufs)
+        .map(|(chunk, mut f)| {
+            let raw = chunk.len() * PAGE_SIZE;
+            // Compress straight into the frame buffer behind its header; a reused buffer is
+            // already initialized that far, so this costs no zeroing.
+            let room = FrameHeader::LEN + codec.bound(raw);
+            if f.len() < room {
+                f.resize(room, 0);
+            }
+            let dst = &mut f[FrameHeader::LEN..room];
+            // Most unique pages sit next to each other in their record: compress them in
+            // place; gather only blocks that straddle gaps (zero, duplicate, no-data pages).
+            let n = match contiguous(held, chunk) {
+                Some(run) => codec.compress_to(run, dst),
+                None => GATHER.with(|g| {
+                    let mut g = g.borrow_mut();
+                    g.clear();
+                    for &(h, i) in chunk {
+                        g.extend_from_slice(&held[h].pages()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+                    }
+                    codec.compress_to(&g, dst)
+                }),
+            }
+            .map_err(ImageError::Compress)?;
+            let len = FrameHeader::LEN + n;
+            FrameHeader::seal(&mut f[..len], FrameKind::Block, codec.id(), raw as u32);
+            Ok(OutFrame { buf: f, len })
+        })
+        .collect()
 }
 
 /// The dedup table's keys are xxh3-128 hashes already: their low 64 bits are the bucket hash
@@ -426,6 +515,8 @@ struct SaveState {
     stream_len: u64,
     /// Reused buffer for a PAGE_DATA record's header bytes.
     head: Vec<u8>,
+    /// Number of the next window's first block.
+    next_block: u64,
 }
 
 impl SaveState {
@@ -456,8 +547,8 @@ impl SaveState {
         Ok(())
     }
 
-    /// Builds the frames of one window: its blocks first, then its records in order.
-    fn window(&mut self, held: &[Held<'_>]) -> Result<Vec<OutFrame>, ImageError> {
+    /// Buffers for `n` block frames: written ones given back by the writer, or new.
+    fn take_buffers(&mut self, n: usize) -> Vec<Vec<u8>> {
         while let Ok(frames) = self.spare_rx.try_recv() {
             for OutFrame { buf: f, .. } in frames {
                 let cap = f.capacity();
@@ -467,21 +558,24 @@ impl SaveState {
                 }
             }
         }
-        // (the record's page bytes, the page, its index in the record)
-        let pages: Vec<(&[u8], &[u8], usize)> = held
-            .iter()
-            .flat_map(|h| {
-                let rec = h.pages();
-                rec.chunks_exact(PAGE_SIZE)
-                    .enumerate()
-                    .map(move |(i, p)| (rec, p, i))
+        (0..n)
+            .map(|_| {
+                let f = self.spare.pop().unwrap_or_default();
+                self.spare_bytes -= f.capacity();
+                f
             })
-            .collect();
+            .collect()
+    }
+
+    /// Classifies a window's pages, adds them to the stream CRC and the index (finding
+    /// duplicates) and assigns the unique ones to blocks, numbered from `next_block`.
+    fn prepare(&mut self, held: &[Held<'_>]) -> Prepared {
+        let data_pages: usize = held.iter().map(|h| h.pages().len() / PAGE_SIZE).sum();
 
         // In parallel: classify every data page (zero / one word / xxh3-128) and take the
         // CRC32C of pieces of at most PIECE_PAGES pages; the pieces' CRCs are combined in
         // stream order below.
-        let mut contents = vec![Content::Zero; pages.len()];
+        let mut contents = vec![Content::Zero; data_pages];
         let pieces: Vec<&[u8]> = held
             .iter()
             .flat_map(|h| h.pages().chunks(PIECE_PAGES * PAGE_SIZE))
@@ -578,18 +672,20 @@ impl SaveState {
             dup_of[ci] = src;
         }
 
-        let first_block = self.index.blocks.len() as u64;
-        let mut unique: Vec<(&[u8], &[u8], usize)> = Vec::new();
+        let first_block = self.next_block;
+        let mut unique: Vec<(usize, usize)> = Vec::new();
         let mut ci = 0usize;
-        for h in held {
+        for (hi, h) in held.iter().enumerate() {
             let Event::Pages(rec) = &h.ev else { continue };
             self.index.records += 1;
+            let mut pi = 0;
             for &word in &rec.words {
                 let class = if !page_has_data(page_type(word)) {
                     PageClass::NoData
                 } else {
-                    let (c, page, dup) = (contents[ci], pages[ci], dup_of[ci]);
+                    let (c, page, dup) = (contents[ci], (hi, pi), dup_of[ci]);
                     ci += 1;
+                    pi += 1;
                     match c {
                         Content::Zero => PageClass::Zero,
                         Content::Word(w) => PageClass::Word(w),
@@ -608,48 +704,20 @@ impl SaveState {
             }
         }
 
-        let codec = self.codec;
-        let nblocks = unique.len().div_ceil(self.bp);
-        let bufs: Vec<Vec<u8>> = (0..nblocks)
-            .map(|_| {
-                let f = self.spare.pop().unwrap_or_default();
-                self.spare_bytes -= f.capacity();
-                f
-            })
-            .collect();
-        let mut frames: Vec<OutFrame> = unique
-            .par_chunks(self.bp)
-            .zip(bufs)
-            .map(|(chunk, mut f)| {
-                let raw = chunk.len() * PAGE_SIZE;
-                // Compress straight into the frame buffer behind its header; a reused buffer
-                // is already initialized that far, so this costs no zeroing.
-                let room = FrameHeader::LEN + codec.bound(raw);
-                if f.len() < room {
-                    f.resize(room, 0);
-                }
-                let dst = &mut f[FrameHeader::LEN..room];
-                // Most unique pages sit next to each other in their record: compress them in
-                // place; gather only blocks that straddle gaps (zero, duplicate, no-data pages).
-                let n = match contiguous(chunk) {
-                    Some(run) => codec.compress_to(run, dst),
-                    None => GATHER.with(|g| {
-                        let mut g = g.borrow_mut();
-                        g.clear();
-                        for p in chunk {
-                            g.extend_from_slice(p.1);
-                        }
-                        codec.compress_to(&g, dst)
-                    }),
-                }
-                .map_err(ImageError::Compress)?;
-                let len = FrameHeader::LEN + n;
-                FrameHeader::seal(&mut f[..len], FrameKind::Block, codec.id(), raw as u32);
-                Ok(OutFrame { buf: f, len })
-            })
-            .collect::<Result<_, ImageError>>()?;
+        self.next_block += unique.len().div_ceil(self.bp) as u64;
+        Prepared { unique }
+    }
+
+    /// The frames of a prepared window: its compressed `blocks`, then its records in order.
+    fn finish_window(
+        &mut self,
+        held: &[Held<'_>],
+        prep: &Prepared,
+        mut frames: Vec<OutFrame>,
+        codec: Codec,
+    ) -> Vec<OutFrame> {
         let mut off = self.offset;
-        for (f, chunk) in frames.iter().zip(unique.chunks(self.bp)) {
+        for (f, chunk) in frames.iter().zip(prep.unique.chunks(self.bp)) {
             self.index.blocks.push(BlockEntry {
                 offset: off,
                 frame_len: f.len as u32,
@@ -695,7 +763,7 @@ impl SaveState {
             }
             frames.push(OutFrame::whole(f));
         }
-        Ok(frames)
+        frames
     }
 
     fn finish(

@@ -408,17 +408,38 @@ struct Handshaken {
     read_only: bool,
 }
 
+/// Handshake with the driver at `addr`. A driver that closes the connection on a hello
+/// offering the shared area (a build from before it, which refuses the unknown flag) is
+/// asked again without the offer.
 fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Handshaken, String> {
+    match handshake_with(cfg, addr, generation, cfg.shm) {
+        Err((e, true)) => {
+            tracing::debug!(error = %e, "driver closed on the shared-memory offer; trying without");
+            handshake_with(cfg, addr, generation, false).map_err(|(e, _)| e)
+        }
+        r => r.map_err(|(e, _)| e),
+    }
+}
+
+/// As [`handshake`], offering the shared area if `shm`; an error says whether the driver
+/// closed the connection on a hello that offered it.
+fn handshake_with(
+    cfg: &EndpointConfig,
+    addr: &Addr,
+    generation: u64,
+    shm: bool,
+) -> Result<Handshaken, (String, bool)> {
+    let no_retry = |e: String| (e, false);
     let mut s = addr
         .connect(cfg.handshake_timeout)
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let io = |e: io::Error| format!("{addr}: handshake: {e}");
+        .map_err(|e| no_retry(format!("{addr}: {e}")))?;
+    let io = |e: io::Error| no_retry(format!("{addr}: handshake: {e}"));
     s.set_read_timeout(Some(cfg.handshake_timeout))
         .map_err(io)?;
     s.set_write_timeout(Some(cfg.handshake_timeout))
         .map_err(io)?;
     let nonce = wire::fresh_nonce();
-    let offer_shm = cfg.shm && matches!(s, Stream::Unix(_));
+    let offer_shm = shm && matches!(s, Stream::Unix(_));
     let hello = wire::Hello {
         keyed: cfg.key.is_some(),
         shm: offer_shm,
@@ -428,19 +449,25 @@ fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Hands
     };
     s.write_all(&wire::encode_hello(&hello)).map_err(io)?;
     let mut b = [0u8; wire::HELLO_REPLY_LEN];
-    s.read_exact(&mut b).map_err(io)?;
-    let r = wire::parse_hello_reply(&b).map_err(|e| format!("{addr}: {e}"))?;
+    if let Err(e) = s.read_exact(&mut b) {
+        let closed = matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+        );
+        return Err((format!("{addr}: handshake: {e}"), offer_shm && closed));
+    }
+    let r = wire::parse_hello_reply(&b).map_err(|e| no_retry(format!("{addr}: {e}")))?;
     if r.status != 0 {
-        return Err(format!(
+        return Err(no_retry(format!(
             "{addr}: driver refused export {:?}: {}",
             cfg.export,
             io::Error::from_raw_os_error(r.status as i32)
-        ));
+        )));
     }
     let mac = match &cfg.key {
         Some(k) => {
             if !r.keyed || !k.check_driver_mac(&nonce, &r.nonce, generation, &r.mac) {
-                return Err(format!("{addr}: driver failed authentication"));
+                return Err(no_retry(format!("{addr}: driver failed authentication")));
             }
             k.endpoint_mac(&nonce, &r.nonce, generation)
         }
@@ -449,9 +476,11 @@ fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Hands
     s.write_all(&wire::encode_auth(&mac)).map_err(io)?;
     let mut rd = [0u8; wire::READY_LEN];
     s.read_exact(&mut rd).map_err(io)?;
-    let status = wire::parse_ready(&rd).map_err(|e| format!("{addr}: {e}"))?;
+    let status = wire::parse_ready(&rd).map_err(|e| no_retry(format!("{addr}: {e}")))?;
     if status != 0 {
-        return Err(format!("{addr}: driver refused our authentication"));
+        return Err(no_retry(format!(
+            "{addr}: driver refused our authentication"
+        )));
     }
     let area = match &s {
         Stream::Unix(u) if offer_shm && r.shm => {
@@ -1646,6 +1675,74 @@ mod tests {
             ep.close();
             fake.join().unwrap();
         }
+    }
+
+    /// A driver from before the shared area closes the connection on a hello offering it
+    /// (an unknown flag); the endpoint asks again without the offer and is served by frames.
+    #[test]
+    fn a_driver_that_refuses_the_offer_is_asked_again_without_it() {
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old");
+        let l = UnixListener::bind(&path).unwrap();
+        let old = std::thread::spawn(move || {
+            let mut offers = 0;
+            loop {
+                let (mut s, _) = l.accept().unwrap();
+                let mut fixed = [0u8; wire::HELLO_FIXED_LEN];
+                s.read_exact(&mut fixed).unwrap();
+                // What a driver of the old build checks: no flag but "keyed".
+                if u16::from_be_bytes([fixed[6], fixed[7]]) & !wire::HELLO_KEYED != 0 {
+                    offers += 1;
+                    continue; // drops the connection
+                }
+                let h = wire::parse_hello_header(&fixed).unwrap();
+                let mut name = vec![0u8; h.name_len];
+                s.read_exact(&mut name).unwrap();
+                let reply = wire::HelloReply {
+                    keyed: false,
+                    shm: false,
+                    status: 0,
+                    pid: 0,
+                    size: 1 << 20,
+                    read_only: false,
+                    nonce: [0; 32],
+                    mac: [0; 32],
+                };
+                s.write_all(&wire::encode_hello_reply(&reply)).unwrap();
+                let mut auth = [0u8; wire::AUTH_LEN];
+                s.read_exact(&mut auth).unwrap();
+                s.write_all(&wire::encode_ready(0)).unwrap();
+                let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
+                s.read_exact(&mut hb).unwrap();
+                let req = wire::parse_request(&hb).unwrap();
+                assert_eq!(req.flags & wire::FLAG_SLOT, 0, "no slot without the area");
+                let r = wire::ReplyHeader {
+                    kind: wire::KIND_REPLY,
+                    error: 0,
+                    id: req.id,
+                    data_len: req.length,
+                };
+                s.write_all(&wire::encode_reply(&r)).unwrap();
+                s.write_all(&vec![0x5a; req.length as usize]).unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                return offers;
+            }
+        });
+        let mut c = cfg(vec![Addr::Unix(path)]);
+        c.kill_local = false;
+        let ep = Endpoint::start(c).unwrap();
+        assert!(ep.inner.state.lock().active.as_ref().unwrap().shm.is_none());
+        let mut buf = vec![0u8; 4096];
+        ep.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        ep.close();
+        assert_eq!(
+            old.join().unwrap(),
+            1,
+            "one hello with the offer, then one without"
+        );
     }
 
     /// A driver refuses slot requests it cannot honour (a slot past the area, a length over

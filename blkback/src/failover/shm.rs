@@ -13,7 +13,9 @@
 //! from the endpoint's own table (the slot it assigned to the request id), a length from the
 //! driver is checked against the slot size before any copy, and the endpoint only ever
 //! copies bytes out of the area with a raw copy, never holding a Rust reference into memory
-//! the driver may write at the same time. Every connection gets its own memfd, so a
+//! the driver may write at the same time. The memfd is sealed against shrinking and growing
+//! before it is sent, so a driver cannot make the endpoint's mapping fault (SIGBUS) by
+//! truncating the file. Every connection gets its own memfd, so a
 //! superseded driver that keeps writing into its old mapping touches nothing the endpoint
 //! still reads.
 //!
@@ -121,6 +123,10 @@ impl Area {
         )?;
         let len = u64::from(slots) * u64::from(slot_size);
         rustix::fs::ftruncate(&fd, len)?;
+        // The driver gets this descriptor: sealed, it can neither shrink the file under our
+        // mapping (our next access would die of SIGBUS) nor change the seals.
+        use rustix::fs::SealFlags;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
         Self::map(fd, slots, slot_size)
     }
 
@@ -416,6 +422,22 @@ mod tests {
         std::mem::forget(fake);
         r.expect("send");
         assert!(recv_offer(&d).is_err());
+    }
+
+    /// A driver holding the memfd cannot shrink it under the endpoint's mapping.
+    #[test]
+    fn the_area_cannot_be_shrunk_or_grown_by_the_driver() {
+        let (e, d) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let a = Area::create(2, 4096).expect("memfd");
+        send_offer(&e, &a).expect("send");
+        let b = recv_offer(&d).expect("recv");
+        assert!(rustix::fs::ftruncate(b.fd(), 0).is_err());
+        assert!(rustix::fs::ftruncate(b.fd(), 1 << 20).is_err());
+        assert!(rustix::fs::fcntl_add_seals(b.fd(), rustix::fs::SealFlags::empty()).is_err());
+        a.put(1, &[3; 4096]).expect("still mapped");
+        let mut out = [0u8; 4096];
+        a.take(1, &mut out).expect("still mapped");
+        assert_eq!(out, [3; 4096]);
     }
 
     #[test]

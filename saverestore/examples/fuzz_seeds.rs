@@ -1,17 +1,21 @@
 //! Writes small valid images (PV and HVM streams; snappy, zstd, LZ4 and auto; 4-page blocks,
-//! 8-page windows; every page class) as seeds for the `image_reader` fuzz target. Without
-//! them the fuzzer rarely gets past the magic and never reaches restore or extract.
+//! 8-page windows; every page class) as seeds for the `image_reader` fuzz target, and the
+//! two streams for `stream_parser`. Without them the fuzzers rarely get past the magic.
 //!
 //! ```text
-//! cargo run --release -p remoca-saverestore --example fuzz_seeds -- saverestore/fuzz/corpus/image_reader
+//! cargo run --release -p remoca-saverestore --example fuzz_seeds -- \
+//!     saverestore/fuzz/corpus/image_reader saverestore/fuzz/corpus/stream_parser
 //! ```
 
 use remoca_saverestore::stream::{build_stream, BuildOptions, GuestShape, PAGE_SIZE};
 use remoca_saverestore::{save_stream, CodecChoice, SaveOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).ok_or("usage: fuzz_seeds DIR")?;
+    let usage = "usage: fuzz_seeds IMAGE_DIR STREAM_DIR";
+    let dir = std::env::args().nth(1).ok_or(usage)?;
+    let stream_dir = std::env::args().nth(2).ok_or(usage)?;
     std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&stream_dir)?;
     // 48 pages: zero, one-word, duplicates of earlier windows, and compressible noise.
     let mut ram = Vec::new();
     let mut x = 7u64;
@@ -40,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &mut stream,
             &BuildOptions::new(shape, ram.len() as u64),
         )?;
+        std::fs::write(format!("{stream_dir}/seed-{shape:?}"), &stream)?;
         for codec in ["snap", "zstd", "lz4", "auto"] {
             let mut img = Vec::new();
             let opts = SaveOptions {

@@ -438,17 +438,19 @@ fn run_slot(conn: &Conn, area: &shm::Area, h: &RequestHeader) -> ReplyHeader {
     let Ok(d) = conn.disk() else {
         return reply(wire::KIND_REPLY, libc::EIO as u32, 0);
     };
-    let Ok(buf) = area.slot_mut(h.slot.into(), h.length as usize) else {
+    // A bad or busy slot (the endpoint named it for another request still running).
+    let Ok(mut buf) = area.slot_mut(h.slot.into(), h.length as usize) else {
         return reply(wire::KIND_REPLY, libc::EINVAL as u32, 0);
     };
     let r = check_range(h.offset, h.length.into(), d.size()).and_then(|()| {
         if h.op == wire::OP_READ {
-            d.read_at(buf, h.offset)
+            d.read_at(&mut buf, h.offset)
         } else {
             let fua = h.flags & wire::FLAG_FUA != 0;
-            d.write_at(buf, h.offset, WriteFlags { fua })
+            d.write_at(&buf, h.offset, WriteFlags { fua })
         }
     });
+    drop(buf);
     match r {
         Ok(()) if h.op == wire::OP_READ => reply(wire::KIND_REPLY_SLOT, 0, h.length),
         Ok(()) => reply(wire::KIND_REPLY, 0, 0),
@@ -503,7 +505,7 @@ fn read_requests<R: Read>(
             let area = conn.area.as_ref().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, "a slot request without an area")
             })?;
-            area.slot_mut(h.slot.into(), h.length as usize)
+            area.check(h.slot.into(), h.length as usize)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
         let data = super::read_data(stream, 0, h.data_len())?;

@@ -26,6 +26,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use rustix::mm::{MapFlags, ProtFlags};
@@ -55,6 +56,8 @@ pub enum ShmError {
     BadLength(u64),
     #[error("bad shared-memory offer")]
     BadOffer,
+    #[error("slot {0} is already in use by another request")]
+    SlotBusy(u64),
 }
 
 /// A mapped data area: `slots` slots of `slot_size` bytes.
@@ -65,6 +68,8 @@ pub struct Area {
     slots: u32,
     slot_size: u32,
     fd: OwnedFd,
+    /// Slots lent out by [`Area::slot_mut`]: one slice per slot at a time.
+    busy: Box<[AtomicBool]>,
 }
 
 // SAFETY: the area is plain shared bytes reached only through raw copies (`put`, `take`)
@@ -72,7 +77,7 @@ pub struct Area {
 // a request; the pointer stays valid until drop.
 unsafe impl Send for Area {}
 // SAFETY: as for Send: no method hands out a reference that outlives the call except
-// `slot_mut`, whose caller owns the slot (see there).
+// `slot_mut`, which lends each slot to one holder at a time (its busy flag, see there).
 unsafe impl Sync for Area {}
 
 impl Drop for Area {
@@ -164,6 +169,7 @@ impl Area {
             slots,
             slot_size,
             fd,
+            busy: (0..slots).map(|_| AtomicBool::new(false)).collect(),
         })
     }
 
@@ -196,6 +202,14 @@ impl Area {
         Ok((slot * u64::from(self.slot_size)) as usize)
     }
 
+    /// Whether `len` bytes fit in `slot`.
+    ///
+    /// # Errors
+    /// A bad slot or a length over the slot size.
+    pub fn check(&self, slot: u64, len: usize) -> Result<(), ShmError> {
+        self.range(slot, len as u64).map(|_| ())
+    }
+
     /// Copy `data` into `slot` (the endpoint, before sending a WRITE).
     ///
     /// # Errors
@@ -221,20 +235,54 @@ impl Area {
         Ok(())
     }
 
-    /// The first `len` bytes of `slot` as a mutable slice (the driver, running a request).
+    /// The first `len` bytes of `slot` as a mutable slice (the driver, running a request),
+    /// until the guard is dropped.
     ///
     /// The protocol gives the slot of an unanswered request to the driver alone: the
     /// endpoint neither writes nor reads it until the reply. An endpoint that broke this
-    /// would only change the bytes the driver reads or writes for that request.
+    /// would only change the bytes the driver reads or writes for that request. One that
+    /// named the same slot for two requests at once gets [`ShmError::SlotBusy`] for the
+    /// second: this process never holds two slices of one slot.
     ///
     /// # Errors
-    /// A bad slot or a length over the slot size.
-    #[allow(clippy::mut_from_ref)]
-    pub fn slot_mut(&self, slot: u64, len: usize) -> Result<&mut [u8], ShmError> {
+    /// A bad slot, a length over the slot size, a slot already lent out.
+    pub fn slot_mut(&self, slot: u64, len: usize) -> Result<SlotGuard<'_>, ShmError> {
         let at = self.range(slot, len as u64)?;
+        let busy = &self.busy[slot as usize];
+        if busy.swap(true, Ordering::Acquire) {
+            return Err(ShmError::SlotBusy(slot));
+        }
         // SAFETY: `range` checked the slice lies inside the mapping, which lives as long as
-        // `self`; the request owning `slot` is the only user (see above).
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.at(at), len) })
+        // `self`; the busy flag just taken makes this the only slice of the slot until the
+        // guard drops (the endpoint leaves the slot alone meanwhile, see above).
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.at(at), len) };
+        Ok(SlotGuard { buf, busy })
+    }
+}
+
+/// A slot lent out by [`Area::slot_mut`]; gives it back when dropped.
+#[derive(Debug)]
+pub struct SlotGuard<'a> {
+    buf: &'a mut [u8],
+    busy: &'a AtomicBool,
+}
+
+impl std::ops::Deref for SlotGuard<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf
+    }
+}
+
+impl std::ops::DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buf
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::Release);
     }
 }
 
@@ -379,6 +427,12 @@ mod tests {
         assert_eq!(a.take(9, &mut out[..1]), Err(ShmError::BadSlot(9)));
         assert!(a.slot_mut(4, 1).is_err());
         assert!(a.slot_mut(0, usize::MAX).is_err());
+        // A slot is lent once at a time.
+        let mut held = a.slot_mut(1, 8).expect("slot 1");
+        held[0] = 9;
+        assert_eq!(a.slot_mut(1, 8).map(|_| ()), Err(ShmError::SlotBusy(1)));
+        drop(held);
+        assert_eq!(a.slot_mut(1, 8).expect("slot 1 again")[0], 9);
         // The last byte of the last slot is reachable, and data stays in its slot.
         a.put(3, &[7; 4096]).expect("last slot");
         a.put(2, &[5; 4096]).expect("slot 2");
@@ -417,6 +471,7 @@ mod tests {
             slots: 8,
             slot_size: 4096,
             fd: a.fd.try_clone().expect("dup"),
+            busy: Box::new([]),
         };
         let r = send_offer(&e, &fake);
         std::mem::forget(fake);

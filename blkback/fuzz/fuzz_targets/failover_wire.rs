@@ -1,9 +1,10 @@
 //! Fuzz the failover channel's frame parsers: hello, hello reply, auth, ready, request and
-//! reply headers, block-status extents. None may panic; an accepted fixed-size frame must
-//! re-encode to the same bytes.
+//! reply headers, block-status extents, the shared-memory offer. None may panic; an accepted
+//! fixed-size frame must re-encode to the same bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use remoca_blkback::failover::shm;
 use remoca_blkback::failover::wire::*;
 
 fuzz_target!(|data: &[u8]| {
@@ -35,5 +36,12 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(b) = data.get(..READY_LEN) {
         let _ = parse_ready(b.try_into().unwrap());
+    }
+    if let Some(b) = data.get(..shm::OFFER_LEN) {
+        let b: &[u8; shm::OFFER_LEN] = b.try_into().unwrap();
+        if let Ok((slots, size)) = shm::parse_offer(b) {
+            assert_eq!(&shm::encode_offer(slots, size), b);
+            assert!(u64::from(slots) * u64::from(size) <= shm::MAX_AREA);
+        }
     }
 });

@@ -280,12 +280,18 @@ fn drive(c: &mut Client<UnixStream>, w: Workload, size: u64, seconds: f64) -> Re
     Ok(done as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile of `v` with `decimals`, or "-" when there is no sample (no fault of
+/// that kind was injected).
+fn pct(v: &mut [f64], p: f64, decimals: usize) -> String {
     if v.is_empty() {
-        return f64::NAN;
+        return "-".into();
     }
     v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
+    format!(
+        "{:.*}",
+        decimals,
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    )
 }
 
 /// Run the benchmark, printing its table to `out`.
@@ -586,31 +592,31 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     )?;
     writeln!(
         out,
-        "  SIGKILL        {:>6}   {:>8.1} / {:<8.1}    {:>7.1} / {:<7.1}     {:>8.1} / {:<8.1}",
+        "  SIGKILL        {:>6}   {:>8} / {:<8}    {:>7} / {:<7}     {:>8} / {:<8}",
         cfg.kills,
-        pct(&mut detect.0, 0.5),
-        pct(&mut detect.0, 0.99),
-        pct(&mut takeover.0, 0.5),
-        pct(&mut takeover.0, 0.99),
-        pct(&mut pk, 0.5),
-        pct(&mut pk, 0.99)
+        pct(&mut detect.0, 0.5, 1),
+        pct(&mut detect.0, 0.99, 1),
+        pct(&mut takeover.0, 0.5, 1),
+        pct(&mut takeover.0, 0.99, 1),
+        pct(&mut pk, 0.5, 1),
+        pct(&mut pk, 0.99, 1)
     )?;
     writeln!(
         out,
-        "  SIGSTOP        {:>6}   {:>8.1} / {:<8.1}    {:>7.1} / {:<7.1}     {:>8.1} / {:<8.1}",
+        "  SIGSTOP        {:>6}   {:>8} / {:<8}    {:>7} / {:<7}     {:>8} / {:<8}",
         cfg.hangs,
-        pct(&mut detect.1, 0.5),
-        pct(&mut detect.1, 0.99),
-        pct(&mut takeover.1, 0.5),
-        pct(&mut takeover.1, 0.99),
-        pct(&mut ph, 0.5),
-        pct(&mut ph, 0.99)
+        pct(&mut detect.1, 0.5, 1),
+        pct(&mut detect.1, 0.99, 1),
+        pct(&mut takeover.1, 0.5, 1),
+        pct(&mut takeover.1, 0.99, 1),
+        pct(&mut ph, 0.5, 1),
+        pct(&mut ph, 0.99, 1)
     )?;
     writeln!(
         out,
-        "  writes acknowledged {}, write latency p50 {:.3} ms, lost or wrong on read-back: {lost}",
+        "  writes acknowledged {}, write latency p50 {} ms, lost or wrong on read-back: {lost}",
         log.len(),
-        pct(&mut lat, 0.5)
+        pct(&mut lat, 0.5, 3)
     )?;
     if lost > 0 {
         return Err(format!("{lost} acknowledged writes did not read back").into());

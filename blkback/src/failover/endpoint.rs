@@ -723,22 +723,28 @@ impl Inner {
                 st.pending.get(&h.id).map_or(0, |p| p.done.headroom())
             };
             // The slot this connection gave request `id`, from our own table (a driver's
-            // reply names none); free again once its data is copied out.
-            let slot = conn.shm.as_ref().and_then(|s| s.release(h.id));
+            // reply names none).
+            let slots = conn.shm.as_ref();
             let data = if h.kind == wire::KIND_REPLY_SLOT {
-                let (Some(area), Some(slot)) = (conn.shm.as_ref().map(|s| &s.area), slot) else {
+                let (Some(sl), Some(slot)) = (slots, slots.and_then(|sl| sl.slot_of(h.id))) else {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "a slot reply for a request without a slot",
                     ));
                 };
                 let mut v = vec![0u8; headroom + h.data_len as usize];
-                area.take(slot.into(), &mut v[headroom..])
+                sl.area
+                    .take(slot.into(), &mut v[headroom..])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 v
             } else {
                 super::read_data(s, headroom, h.data_len as usize)?
             };
+            // Free only once the data is copied out: a slot handed to the next write before
+            // that would have its data copied over this read's.
+            if let Some(sl) = slots {
+                sl.release(h.id);
+            }
             let now = Instant::now();
             let latency = self.complete(h.id, h.error, data, now);
             if let Some(l) = latency {

@@ -389,6 +389,11 @@ impl Slots {
         Some(s)
     }
 
+    /// The slot request `id` holds.
+    pub fn slot_of(&self, id: u64) -> Option<u32> {
+        self.table.lock().by_id.get(&id).copied()
+    }
+
     /// The slot request `id` held, now free again.
     pub fn release(&self, id: u64) -> Option<u32> {
         let mut t = self.table.lock();

@@ -732,10 +732,13 @@ impl Inner {
                         "a slot reply for a request without a slot",
                     ));
                 };
-                let mut v = vec![0u8; headroom + h.data_len as usize];
-                sl.area
-                    .take(slot.into(), &mut v[headroom..])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let len = h.data_len as usize;
+                let bad = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+                // The driver's length is checked against the slot before we allocate for it.
+                sl.area.check(slot.into(), len).map_err(bad)?;
+                let mut v = Vec::with_capacity(headroom + len);
+                v.resize(headroom, 0);
+                sl.area.take_append(slot.into(), len, &mut v).map_err(bad)?;
                 v
             } else {
                 super::read_data(s, headroom, h.data_len as usize)?

@@ -164,3 +164,43 @@ fn a_missing_template_does_not_stop_the_other_exports() {
     run_ok(Command::new("nbdinfo").arg(srv.uri("vm")));
     srv.stop();
 }
+
+/// A supervisor that reads nothing (its end of the pipe closed before the server even
+/// announced its address) must not stop the server: every start-up line fails with EPIPE
+/// and the exports are served all the same.
+#[test]
+fn a_server_whose_stdout_reader_is_gone_keeps_serving() {
+    require("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let (t, o) = template_and_overlay(dir.path(), 1 << 20);
+    let sock = dir.path().join("nbd.sock");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = remoca()
+        .args(["blkback", "--socket"])
+        .arg(&sock)
+        .arg("--export")
+        .arg(spec("vm", &t, Some(&o)))
+        .stdout(writer)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(20) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "remoca blkback exited before listening"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///vm?socket={}", sock.display());
+    let served = Command::new("nbdinfo").arg(&uri).output().unwrap();
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(exited.is_none(), "remoca blkback exited: {exited:?}");
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+}

@@ -475,8 +475,8 @@ pub fn run(mut a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
                 e.disk.size()
             ));
         }
-        use std::io::Write;
-        std::io::stdout().flush()?;
+        // `announce` flushed each line; a flush here would stop the server with EPIPE when
+        // its supervisor has closed the pipe after reading the address.
         let shutdown = sigint_or_sigterm();
         nbd::run(listener, exports.clone(), shutdown).await?;
         if let Bind::Unix(path) = &bind {

@@ -1315,6 +1315,32 @@ mod tests {
         addr
     }
 
+    /// The rest of an unkeyed driver's handshake after the hello's fixed part: reads the
+    /// export name, replies (taking the shared area if `shm`), reads the auth, sends READY.
+    fn fake_driver_handshake(
+        s: &mut std::os::unix::net::UnixStream,
+        fixed: &[u8; wire::HELLO_FIXED_LEN],
+        shm: bool,
+    ) {
+        let h = wire::parse_hello_header(fixed).unwrap();
+        let mut name = vec![0u8; h.name_len];
+        s.read_exact(&mut name).unwrap();
+        let reply = wire::HelloReply {
+            keyed: false,
+            shm,
+            status: 0,
+            pid: 0,
+            size: 1 << 20,
+            read_only: false,
+            nonce: [0; 32],
+            mac: [0; 32],
+        };
+        s.write_all(&wire::encode_hello_reply(&reply)).unwrap();
+        let mut auth = [0u8; wire::AUTH_LEN];
+        s.read_exact(&mut auth).unwrap();
+        s.write_all(&wire::encode_ready(0)).unwrap();
+    }
+
     fn cfg(addrs: Vec<Addr>) -> EndpointConfig {
         let mut c = EndpointConfig::new("vm", addrs);
         c.connect_timeout = Duration::from_secs(5);
@@ -1631,24 +1657,11 @@ mod tests {
                 let (mut s, _) = l.accept().unwrap();
                 let mut fixed = [0u8; wire::HELLO_FIXED_LEN];
                 s.read_exact(&mut fixed).unwrap();
-                let h = wire::parse_hello_header(&fixed).unwrap();
-                assert!(h.shm, "a unix endpoint offers the area");
-                let mut name = vec![0u8; h.name_len];
-                s.read_exact(&mut name).unwrap();
-                let reply = wire::HelloReply {
-                    keyed: false,
-                    shm: true,
-                    status: 0,
-                    pid: 0,
-                    size: 1 << 20,
-                    read_only: false,
-                    nonce: [0; 32],
-                    mac: [0; 32],
-                };
-                s.write_all(&wire::encode_hello_reply(&reply)).unwrap();
-                let mut auth = [0u8; wire::AUTH_LEN];
-                s.read_exact(&mut auth).unwrap();
-                s.write_all(&wire::encode_ready(0)).unwrap();
+                assert!(
+                    wire::parse_hello_header(&fixed).unwrap().shm,
+                    "a unix endpoint offers the area"
+                );
+                fake_driver_handshake(&mut s, &fixed, true);
                 let area = shm::recv_offer(&s).unwrap();
                 let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
                 s.read_exact(&mut hb).unwrap();
@@ -1705,23 +1718,7 @@ mod tests {
                     offers += 1;
                     continue; // drops the connection
                 }
-                let h = wire::parse_hello_header(&fixed).unwrap();
-                let mut name = vec![0u8; h.name_len];
-                s.read_exact(&mut name).unwrap();
-                let reply = wire::HelloReply {
-                    keyed: false,
-                    shm: false,
-                    status: 0,
-                    pid: 0,
-                    size: 1 << 20,
-                    read_only: false,
-                    nonce: [0; 32],
-                    mac: [0; 32],
-                };
-                s.write_all(&wire::encode_hello_reply(&reply)).unwrap();
-                let mut auth = [0u8; wire::AUTH_LEN];
-                s.read_exact(&mut auth).unwrap();
-                s.write_all(&wire::encode_ready(0)).unwrap();
+                fake_driver_handshake(&mut s, &fixed, false);
                 let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
                 s.read_exact(&mut hb).unwrap();
                 let req = wire::parse_request(&hb).unwrap();

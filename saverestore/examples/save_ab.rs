@@ -8,7 +8,8 @@
 //! ```
 //! MODE: a `--codec` value (`fast`, `snap`, `lz4:2`, `zstd`, ...) for a save from memory
 //! (pages borrowed) to memory (`CODEC@N`: with N-page blocks, `CODEC#W`: windows of W data
-//! pages, `copy:CODEC`: through the copying reader path, as from a pipe),
+//! pages, `copy:CODEC`: through the copying reader path, as from a pipe, `sink:CODEC`: the
+//! image discarded, as the baselines discard theirs),
 //! `restore:CODEC` for a restore of that codec's image to a sink, or a baseline over the
 //! same stream in 1 MiB chunks: `base:snappy`, `base:lz4:ACCEL` (the C LZ4), `base:zstd:N`.
 //! Throughput is stream MB per wall second and per CPU-second of the process (all threads).
@@ -126,6 +127,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Some(m) => (true, m),
                     None => (false, &m[..]),
                 };
+                let (sink, m) = match m.strip_prefix("sink:") {
+                    Some(m) => (true, m),
+                    None => (false, m),
+                };
                 let (m, win) = m.split_once('#').unwrap_or((m, "4096"));
                 let (c, bp) = m.split_once('@').unwrap_or((m, "0"));
                 let opts = SaveOptions {
@@ -137,6 +142,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 img.clear();
                 if copy {
                     save_stream(&stream[..], &mut img, &opts, &|_| {})?.ratio()
+                } else if sink {
+                    save_slice(&stream, &mut std::io::sink(), &opts, &|_| {})?.ratio()
                 } else {
                     save_slice(&stream, &mut img, &opts, &|_| {})?.ratio()
                 }

@@ -42,6 +42,9 @@ pub struct FailoverBenchArgs {
     /// Seconds per throughput row.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Throughput rounds, plain and split alternating which runs first; rows show medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// SIGKILLs of the active driver.
     #[arg(long, default_value_t = 100)]
     kills: usize,
@@ -51,14 +54,15 @@ pub struct FailoverBenchArgs {
 }
 
 fn failover(a: FailoverBenchArgs) -> anyhow::Result<()> {
-    if a.size_mib == 0 || a.seconds <= 0.0 {
-        anyhow::bail!("--size-mib and --seconds must be positive");
+    if a.size_mib == 0 || a.seconds <= 0.0 || a.rounds == 0 {
+        anyhow::bail!("--size-mib, --seconds and --rounds must be positive");
     }
     let cfg = remoca_blkback::failover::bench::BenchConfig {
         exe: std::env::current_exe()?,
         dir: a.dir,
         size: a.size_mib << 20,
         seconds: a.seconds,
+        rounds: a.rounds,
         kills: a.kills,
         hangs: a.hangs,
     };

@@ -6,7 +6,9 @@
 //!    a unix socket, against (a) the plain stack served in this process, as `remoca blkback`
 //!    serves it, and (b) a failover endpoint in this process forwarding to a driver process
 //!    (`remoca blkback driver`) with its monitor running. Each gets a fresh overlay on the
-//!    same template. Rows print IOPS and the split's ratio to plain. Then, on the same
+//!    same template. Rows print IOPS and the split's ratio to plain. This runs `rounds`
+//!    times, plain first in even rounds and the split first in odd ones; rows print the
+//!    medians, and the spread of the rounds' own ratios. Then, on the same
 //!    connection, large requests: sequential [`LARGE`] (256 KiB) writes at queue depth 8 with
 //!    a flush every [`LARGE_FLUSH_BYTES`] (64 MiB), then sequential 256 KiB reads at queue
 //!    depth 8 (`seconds` each, wrapping at the end of the disk); rows print MB/s (10^6
@@ -63,6 +65,9 @@ pub struct BenchConfig {
     pub size: u64,
     /// Seconds per throughput row.
     pub seconds: f64,
+    /// Throughput rounds (plain and split each run once per round, in alternating order);
+    /// the table shows each row's median.
+    pub rounds: usize,
     /// SIGKILLs of the active driver.
     pub kills: usize,
     /// SIGSTOP hangs of the active driver.
@@ -294,6 +299,79 @@ fn pct(v: &mut [f64], p: f64, decimals: usize) -> String {
     )
 }
 
+/// One round of the throughput rows against the plain stack or the split (fresh overlay,
+/// drivers and server each time): 4K write IOPS, 4K read IOPS, large write MB/s, large
+/// read MB/s.
+fn throughput(
+    cfg: &BenchConfig,
+    d: &Path,
+    template: &Path,
+    overlay: &Path,
+    export: &str,
+    split: bool,
+) -> Result<[f64; 4], Error> {
+    fresh_overlay(template, overlay)?;
+    let mut drivers = Drivers {
+        exe: cfg.exe.clone(),
+        export: export.to_owned(),
+        children: Vec::new(),
+    };
+    let mut endpoint = None;
+    let disk: Arc<dyn Disk> = if split {
+        let socks = [d.join("a.sock"), d.join("b.sock")];
+        for s in &socks {
+            drivers.start(s)?;
+        }
+        let mut ec =
+            EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+        ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+        let e = Endpoint::start(ec)?;
+        endpoint = Some(e.clone());
+        Arc::new(e)
+    } else {
+        let cfg = ExportConfig {
+            name: "vm".into(),
+            template: template.to_owned(),
+            overlay: Some(overlay.to_owned()),
+            read_only: false,
+            min_block: 1,
+        };
+        Exports::open(&[cfg])?
+            .iter()
+            .next()
+            .ok_or("no export")?
+            .disk
+            .clone()
+    };
+    let srv = NbdServer::start(disk.clone(), d.join("nbd.sock"))?;
+    let mut c = srv.client()?;
+    let mut row = [0.0; 4];
+    for (i, w) in [
+        Workload::random_4k(CMD_WRITE),
+        Workload::random_4k(CMD_READ),
+        Workload::sequential_large(CMD_WRITE),
+        Workload::sequential_large(CMD_READ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Operations per second; the large rows in MB/s.
+        let ops = drive(&mut c, w, cfg.size, cfg.seconds)?;
+        row[i] = if w.len == BLOCK {
+            ops
+        } else {
+            ops * w.len as f64 / 1e6
+        };
+    }
+    drop(c);
+    drop(srv);
+    if let Some(e) = endpoint {
+        e.close();
+    }
+    let _ = std::fs::remove_file(d.join("nbd.sock"));
+    Ok(row)
+}
+
 /// Run the benchmark, printing its table to `out`.
 ///
 /// # Errors
@@ -321,77 +399,47 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     );
     writeln!(
         out,
-        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {:.0} s per row, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
+        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {:.0} s per row, median of {} rounds, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
         cfg.size >> 20,
         cfg.seconds,
+        cfg.rounds,
         HEARTBEAT_TIMEOUT.as_millis()
     )?;
 
-    // 1. Throughput: plain against endpoint + driver.
-    let mut rows = Vec::new();
-    for split in [false, true] {
-        fresh_overlay(&template, &overlay)?;
-        let mut drivers = Drivers {
-            exe: cfg.exe.clone(),
-            export: export.clone(),
-            children: Vec::new(),
-        };
-        let mut endpoint = None;
-        let disk: Arc<dyn Disk> = if split {
-            let socks = [d.join("a.sock"), d.join("b.sock")];
-            for s in &socks {
-                drivers.start(s)?;
-            }
-            let mut ec =
-                EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
-            ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
-            let e = Endpoint::start(ec)?;
-            endpoint = Some(e.clone());
-            Arc::new(e)
+    // 1. Throughput: plain against endpoint + driver, in alternating order round by round
+    //    (plain first in even rounds, the split first in odd ones), so neither always runs
+    //    on the other's leftovers (dirty pages of a deleted overlay, a warm page cache).
+    let mut samples: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..cfg.rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
         } else {
-            let cfg = ExportConfig {
-                name: "vm".into(),
-                template: template.clone(),
-                overlay: Some(overlay.clone()),
-                read_only: false,
-                min_block: 1,
-            };
-            Exports::open(&[cfg])?
-                .iter()
-                .next()
-                .ok_or("no export")?
-                .disk
-                .clone()
+            [true, false]
         };
-        let srv = NbdServer::start(disk.clone(), d.join("nbd.sock"))?;
-        let mut c = srv.client()?;
-        let mut row = [0.0; 4];
-        for (i, w) in [
-            Workload::random_4k(CMD_WRITE),
-            Workload::random_4k(CMD_READ),
-            Workload::sequential_large(CMD_WRITE),
-            Workload::sequential_large(CMD_READ),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            // Operations per second; the large rows in MB/s.
-            let ops = drive(&mut c, w, cfg.size, cfg.seconds)?;
-            row[i] = if w.len == BLOCK {
-                ops
-            } else {
-                ops * w.len as f64 / 1e6
-            };
+        for split in order {
+            let row = throughput(cfg, d, &template, &overlay, &export, split)?;
+            samples[usize::from(split)].push(row);
         }
-        drop(c);
-        drop(srv);
-        if let Some(e) = endpoint {
-            e.close();
-        }
-        let _ = std::fs::remove_file(d.join("nbd.sock"));
-        rows.push(row);
+        eprint!("\r  throughput round {}/{}", round + 1, cfg.rounds);
     }
-    let (plain, split) = (rows[0], rows[1]);
+    eprintln!();
+    let median = |rows: &[[f64; 4]], i: usize| {
+        let mut v: Vec<f64> = rows.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let row_of = |rows: &[[f64; 4]]| -> [f64; 4] { std::array::from_fn(|i| median(rows, i)) };
+    let (plain, split) = (row_of(&samples[0]), row_of(&samples[1]));
+    // Each round's own split / plain ratio, for the spread.
+    let spread = |i: usize| {
+        let mut v: Vec<f64> = samples[0]
+            .iter()
+            .zip(&samples[1])
+            .map(|(p, s)| s[i] / p[i])
+            .collect();
+        v.sort_by(f64::total_cmp);
+        format!("{:.2}-{:.2}", v[0], v[v.len() - 1])
+    };
     writeln!(out, "\n[throughput]          4K write IOPS   4K read IOPS")?;
     writeln!(
         out,
@@ -408,6 +456,13 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
         "  ratio                {:>12.2}   {:>12.2}   (goal: overhead under 5 %, ratio >= 0.95)",
         split[0] / plain[0],
         split[1] / plain[1]
+    )?;
+    writeln!(
+        out,
+        "  ratio per round      {:>12}   {:>12}   (min-max over {} rounds)",
+        spread(0),
+        spread(1),
+        cfg.rounds
     )?;
     writeln!(
         out,
@@ -430,6 +485,12 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
         "  ratio                {:>19.2}   {:>18.2}   (goal: overhead under 5 %, ratio >= 0.95)",
         split[2] / plain[2],
         split[3] / plain[3]
+    )?;
+    writeln!(
+        out,
+        "  ratio per round      {:>19}   {:>18}",
+        spread(2),
+        spread(3)
     )?;
 
     // 2. Failover under faults.

@@ -30,6 +30,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Check the QEMU tools themselves, not only the package list: on a machine whose qemu-utils is
+# a newer backport installed from a local .deb, installing the archive's qemu-system-x86
+# above removes that qemu-utils (seen 2026-12-01 with qemu-utils 10.0.2~bpo12 against
+# qemu-system-x86 7.2+dfsg-7+deb12u18), leaving no qemu-img, qemu-io or qemu-nbd. The
+# archive's qemu-utils matches the qemu-system-x86 just installed.
+for tool in qemu-img qemu-io qemu-nbd; do
+  if ! command -v "$tool" >/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "tests/setup.sh: $tool is missing; run as root or: sudo apt-get install qemu-utils" >&2
+      exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+    command -v "$tool" >/dev/null || { echo "tests/setup.sh: $tool still missing after installing qemu-utils" >&2; exit 1; }
+  fi
+done
 # The packaged ganesha and rpcbind services must not hold the ports the tests' own
 # instances use (tests start their own inside network namespaces).
 for svc in nfs-ganesha rpcbind rpcbind.socket; do

@@ -375,8 +375,11 @@ fn throughput(
 /// Run the benchmark, printing its table to `out`.
 ///
 /// # Errors
-/// Setup failures (files, processes, sockets) and any NBD error or lost write.
+/// Zero rounds, setup failures (files, processes, sockets) and any NBD error or lost write.
 pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
+    if cfg.rounds == 0 {
+        return Err("the throughput part needs at least one round".into());
+    }
     let tmp = tempfile::Builder::new()
         .prefix("remoca-bench-failover")
         .tempdir_in(&cfg.dir)?;

@@ -594,7 +594,7 @@ impl SaveState {
                 jobs.push((piece, mine, crc));
             }
             jobs.into_par_iter().for_each(|(piece, mine, crc)| {
-                // The CRC is fed CRC_GROUP pages at a time, right after they are classified
+                // The CRC is fed CRC_GROUP_PAGES pages at a time, right after they are classified
                 // (still in cache): per 4 KiB page, its setup costs as much as the folding.
                 let mut c = Crc32c::new();
                 let group = CRC_GROUP_PAGES * PAGE_SIZE;

@@ -1,6 +1,7 @@
-//! CRC32C of a stream computed in pieces: [`combine`] joins the CRCs of two adjacent pieces
-//! in well under a microsecond (the `crc32c` crate's `crc32c_combine` squares 32x32 GF(2)
-//! matrices per bit of the length: about 20 us for 1 MiB, which was 1.3 % of a fast save).
+//! CRC32C (frame checksums), and of a stream computed in pieces (the whole-stream check of
+//! format versions 1 and 2, verified on restore): [`combine`] joins the CRCs of two adjacent
+//! pieces in well under a microsecond (the `crc32c` crate's `crc32c_combine` squares 32x32
+//! GF(2) matrices per bit of the length: about 20 us for 1 MiB).
 //!
 //! The method is zlib's newer `crc32_combine`: shifting a CRC by `n` bytes is multiplying it
 //! by x^(8n) modulo the polynomial, and x^(8n) is a product of the precomputed powers
@@ -40,11 +41,6 @@ impl Default for Crc32c {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// The CRC32C of `a || b` from `crc32c(a)` and `b`.
-pub fn append(crc_a: u32, b: &[u8]) -> u32 {
-    combine(crc_a, crc32c(b), b.len())
 }
 
 /// CRC32C's polynomial, bit-reflected.
@@ -119,10 +115,6 @@ mod tests {
         }
         assert_eq!(pieces.value(), crc32c::crc32c(&data));
         assert_eq!(super::crc32c(&data), crc32c::crc32c(&data));
-        assert_eq!(
-            append(super::crc32c(&data[..5]), &data[5..]),
-            crc32c::crc32c(&data)
-        );
         assert_eq!(combine(0x1234_5678, 0, 0), 0x1234_5678);
         assert_eq!(
             combine(0xdead_beef, 7, 1 << 40),

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::codec::{codec_name, CODEC_ID_LZ4, CODEC_ID_SNAP, CODEC_ID_ZSTD};
 use crate::image::frame::FrameKind;
-use crate::image::{ImageError, ImageReader, ReadAt};
+use crate::image::{ImageError, ImageReader, ReadAt, StreamCheck};
 use crate::stream::format::{libxc_record_name, libxl_record_name, Part};
 
 /// Describes an image for `remoca inspect`.
@@ -24,8 +24,9 @@ pub fn describe<R: ReadAt>(img: &ImageReader<R>) -> Result<String, ImageError> {
     );
     let _ = writeln!(
         s,
-        "stream:       {} bytes (crc32c {:#010x})",
-        idx.stream_len, idx.stream_crc
+        "stream:       {} bytes ({})",
+        idx.stream_len,
+        StreamCheck::of_version(h.version).show(idx.stream_check)
     );
     let _ = writeln!(
         s,

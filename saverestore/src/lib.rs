@@ -2,7 +2,8 @@
 //!
 //! * [`stream`]: the `xl save` stream (parser keeping every non-page byte, writer, builder).
 //! * [`image`]: remoca's own image format (verbatim records, page index, compressed blocks).
-//! * [`codec`]: the block codecs; [`classify`]: zero / single-word / hashed pages.
+//! * [`codec`]: the block codecs; [`classify`]: zero / single-word / hashed pages;
+//!   [`digest`]: the stream check built from the pages' hashes.
 //! * [`save`] / [`restore`]: the parallel pipelines between the two; [`mapped`]: a file
 //!   mapped for a save that reads its pages in place.
 
@@ -11,6 +12,7 @@ pub mod classify;
 pub mod codec;
 pub mod crc;
 pub mod dest;
+pub mod digest;
 pub mod image;
 pub mod inspect;
 pub mod mapped;

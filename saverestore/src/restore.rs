@@ -4,9 +4,10 @@
 //! window's frames are in, its records are regenerated in one parallel (rayon) pass: every
 //! block decompressed once into its place, zero and one-word pages filled, duplicates copied
 //! (from their first copy's block in the same window, or from a cache that keeps a first copy
-//! of an earlier window only until its last duplicate is written), and each run's CRC32C
-//! taken while it is hot; then handed to a writer thread. The whole regenerated stream is
-//! checked against the length and CRC32C saved in the index.
+//! of an earlier window only until its last duplicate is written), and each run's check
+//! (its pages' fingerprints in format 3, its CRC32C before) taken while it is hot; then
+//! handed to a writer thread. The whole regenerated stream is checked against the length and
+//! the digest (or CRC32C) saved in the index.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -17,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use crate::digest::{push_fingerprints, StreamDigest, FINGERPRINT_LEN};
 use crate::image::frame::{FrameHeader, FrameKind};
 use crate::image::index::PageClass;
 use crate::image::reader::decode_block_payload;
-use crate::image::{ImageError, ImageReader, ReadAt};
+use crate::image::{ImageError, ImageReader, ReadAt, StreamCheck};
 use crate::stream::format::{LIBXC_PAGE_DATA, PAGE_SIZE};
 
 /// What a restore did.
@@ -35,7 +37,7 @@ pub struct RestoreStats {
 ///
 /// # Errors
 /// A damaged image (checksum, decompression, index mismatch), an output error, or a
-/// regenerated stream whose length or CRC differs from the saved one.
+/// regenerated stream whose length or digest (CRC32C) differs from the saved one.
 pub fn restore_stream<R, W>(
     img: &ImageReader<R>,
     out: &mut W,
@@ -53,18 +55,26 @@ where
         .map_err(ImageError::ThreadPool)?;
     let index = img.index();
     let dup_last = DupLast::new(&index.pages);
-    let (tx, rx) = sync_channel::<(Vec<u8>, u32)>(4);
+    let check = StreamCheck::of_version(img.header().version);
+    let (tx, rx) = sync_channel::<(Vec<u8>, BufSum)>(4);
     // Record buffers come back from the writer for reuse: no fresh (zeroed, faulted-in)
     // memory per record.
     let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
 
     let budget = ReadBudget::default();
     std::thread::scope(|s| {
-        let writer = s.spawn(move || -> io::Result<(u64, u32)> {
-            let (mut n, mut crc) = (0u64, 0u32);
-            for (buf, buf_crc) in rx {
-                // Each buffer's CRC32C was taken by the workers: only combined here.
-                crc = crate::crc::combine(crc, buf_crc, buf.len());
+        let writer = s.spawn(move || -> io::Result<(u64, u64)> {
+            let (mut n, mut crc, mut digest) = (0u64, 0u32, StreamDigest::new());
+            for (buf, sum) in rx {
+                // The workers took each buffer's CRC32C or its pages' fingerprints: only
+                // combined here.
+                match &sum {
+                    BufSum::Crc(c) => crc = crate::crc::combine(crc, *c, buf.len()),
+                    BufSum::Digest { head, fps } => {
+                        digest.update(&buf[..*head]);
+                        digest.update(fps);
+                    }
+                }
                 n += buf.len() as u64;
                 out.write_all(&buf)?;
                 progress(n);
@@ -73,7 +83,13 @@ where
                 }
             }
             out.flush()?;
-            Ok((n, crc))
+            Ok((
+                n,
+                match check {
+                    StreamCheck::Crc32c => u64::from(crc),
+                    StreamCheck::Digest => digest.value(),
+                },
+            ))
         });
 
         let mut st = Restorer {
@@ -88,8 +104,9 @@ where
             next_block: 0,
             entry: 0,
             spare: spare_rx,
+            check,
         };
-        let send = |buf: (Vec<u8>, u32)| {
+        let send = |buf: (Vec<u8>, BufSum)| {
             tx.send(buf)
                 .map_err(|_| ImageError::Output(io::Error::other("writer stopped")))
         };
@@ -159,7 +176,7 @@ where
         reader.join().expect("frame reader thread panicked");
         drop(tx);
         let written = writer.join().expect("writer thread panicked");
-        let (n, crc) = written.map_err(ImageError::Output)?;
+        let (n, sum) = written.map_err(ImageError::Output)?;
         walked?;
         let (entry, next_block) = (st.entry, st.next_block);
         if entry != index.pages.len() || next_block != index.blocks.len() as u64 {
@@ -169,11 +186,13 @@ where
                 index.blocks.len()
             )));
         }
-        if n != index.stream_len || crc != index.stream_crc {
+        if n != index.stream_len || sum != index.stream_check {
             return Err(ImageError::StreamMismatch {
                 what: format!(
-                    "{n} bytes crc32c {crc:#010x}, saved {} bytes crc32c {:#010x}",
-                    index.stream_len, index.stream_crc
+                    "{n} bytes {}, saved {} bytes {}",
+                    check.show(sum),
+                    index.stream_len,
+                    check.show(index.stream_check)
                 ),
             });
         }
@@ -251,6 +270,39 @@ struct Restorer<'a, R> {
     next_block: u64,
     entry: usize,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    check: StreamCheck,
+}
+
+/// A filled run's share of the stream check, taken by the worker that filled it.
+#[derive(Default)]
+enum RunSum {
+    #[default]
+    None,
+    Crc(u32),
+    /// The fingerprints of its pages, in order.
+    Fingerprints(Vec<u8>),
+}
+
+impl RunSum {
+    fn of(check: StreamCheck, run: &[u8]) -> Self {
+        match check {
+            StreamCheck::Crc32c => RunSum::Crc(crate::crc::crc32c(run)),
+            StreamCheck::Digest => {
+                let mut v = Vec::with_capacity(run.len() / PAGE_SIZE * FINGERPRINT_LEN);
+                push_fingerprints(run, &mut v);
+                RunSum::Fingerprints(v)
+            }
+        }
+    }
+}
+
+/// A regenerated buffer's share of the stream check, combined by the writer.
+enum BufSum {
+    /// The buffer's CRC32C.
+    Crc(u32),
+    /// The digest takes the buffer's first `head` bytes (all of a verbatim record's) and
+    /// then these fingerprints of its pages.
+    Digest { head: usize, fps: Vec<u8> },
 }
 
 /// Where a data page of the window goes: output buffer, byte offset.
@@ -306,12 +358,12 @@ impl DupLast {
     }
 }
 
-/// One piece of a window's parallel fill; each writes its pages and the CRC32C of them.
+/// One piece of a window's parallel fill; each writes its pages and their check.
 enum Task<'b> {
-    Word(u64, &'b mut [u8], &'b mut u32),
-    Cached(&'b [u8], &'b mut [u8], &'b mut u32),
-    /// Pending block `b` of the window and its runs: (first slot, pages, CRC).
-    Block(usize, Vec<(usize, &'b mut [u8], &'b mut u32)>),
+    Word(u64, &'b mut [u8], &'b mut RunSum),
+    Cached(&'b [u8], &'b mut [u8], &'b mut RunSum),
+    /// Pending block `b` of the window and its runs: (first slot, pages, check).
+    Block(usize, Vec<(usize, &'b mut [u8], &'b mut RunSum)>),
 }
 
 /// Copies the pages of `raw` (a decoded block) from `slot` on into `run`.
@@ -349,7 +401,7 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
     fn flush(
         &mut self,
         pool: &rayon::ThreadPool,
-        send: &dyn Fn((Vec<u8>, u32)) -> Result<(), ImageError>,
+        send: &dyn Fn((Vec<u8>, BufSum)) -> Result<(), ImageError>,
     ) -> Result<(), ImageError> {
         let index = self.img.index();
         let frames = std::mem::take(&mut self.frames);
@@ -480,15 +532,15 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
             }
             runs.push((fill, loc.0, 1));
         }
-        // Carve the buffers into the runs' slices, in order, each with its CRC's place.
-        let mut run_crcs = vec![0u32; runs.len()];
-        let mut per_block: Vec<Vec<(usize, &mut [u8], &mut u32)>> =
+        // Carve the buffers into the runs' slices, in order, each with its check's place.
+        let mut run_sums: Vec<RunSum> = (0..runs.len()).map(|_| RunSum::None).collect();
+        let mut per_block: Vec<Vec<(usize, &mut [u8], &mut RunSum)>> =
             (0..nblocks).map(|_| Vec::new()).collect();
         let mut tasks: Vec<Task<'_>> = Vec::new();
-        let mut elsewhere: Vec<(u64, usize, &mut [u8], &mut u32)> = Vec::new();
+        let mut elsewhere: Vec<(u64, usize, &mut [u8], &mut RunSum)> = Vec::new();
         {
             let mut ri = 0;
-            let mut crc_slots = run_crcs.iter_mut();
+            let mut sum_slots = run_sums.iter_mut();
             for (bi, buf) in bufs.iter_mut().enumerate() {
                 let Some(&(_, rb, _)) = runs.get(ri) else {
                     break;
@@ -504,19 +556,19 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                     let (run, tail) = rest.split_at_mut(n * PAGE_SIZE);
                     rest = tail;
                     ri += 1;
-                    let crc = crc_slots.next().expect("one CRC per run");
+                    let sum = sum_slots.next().expect("one check per run");
                     match fill {
-                        Fill::Word(v) => tasks.push(Task::Word(v, run, crc)),
+                        Fill::Word(v) => tasks.push(Task::Word(v, run, sum)),
                         Fill::Cached(src) => {
                             let page = &self.dup_cache[&src];
-                            tasks.push(Task::Cached(page, run, crc));
+                            tasks.push(Task::Cached(page, run, sum));
                         }
                         Fill::Block(block, slot) => {
                             let b = block.wrapping_sub(first);
                             if b < nblocks as u64 {
-                                per_block[b as usize].push((slot, run, crc));
+                                per_block[b as usize].push((slot, run, sum));
                             } else {
-                                elsewhere.push((block, slot, run, crc));
+                                elsewhere.push((block, slot, run, sum));
                             }
                         }
                     }
@@ -531,12 +583,13 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                 .map(|(b, runs)| Task::Block(b, runs)),
         );
         let pending = &self.pending;
+        let check = self.check;
         pool.install(|| {
             tasks
                 .into_par_iter()
                 .try_for_each(|task| -> Result<(), ImageError> {
                     match task {
-                        Task::Word(v, run, crc) => {
+                        Task::Word(v, run, sum) => {
                             if v == 0 {
                                 run.fill(0);
                             } else {
@@ -544,12 +597,12 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                                     c.copy_from_slice(&v.to_le_bytes());
                                 }
                             }
-                            *crc = crate::crc::crc32c(run);
+                            *sum = RunSum::of(check, run);
                             Ok(())
                         }
-                        Task::Cached(page, run, crc) => {
+                        Task::Cached(page, run, sum) => {
                             run.copy_from_slice(page);
-                            *crc = crate::crc::crc32c(run);
+                            *sum = RunSum::of(check, run);
                             Ok(())
                         }
                         Task::Block(b, mut runs) => {
@@ -562,21 +615,21 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                             if let Some(w) =
                                 runs.iter().position(|(s, r, _)| *s == 0 && r.len() == raw)
                             {
-                                let (_, whole, crc) = runs.swap_remove(w);
+                                let (_, whole, sum) = runs.swap_remove(w);
                                 decode_block_into(block, fh, payload, pages, whole)?;
-                                *crc = crate::crc::crc32c(whole);
-                                for (slot, run, crc) in runs {
+                                *sum = RunSum::of(check, whole);
+                                for (slot, run, sum) in runs {
                                     copy_slots(block, whole, slot, run)?;
-                                    *crc = crate::crc::crc32c(run);
+                                    *sum = RunSum::of(check, run);
                                 }
                                 return Ok(());
                             }
                             BLOCK_SCRATCH.with(|scratch| {
                                 let mut scratch = scratch.borrow_mut();
                                 decode_block_payload(block, fh, payload, pages, &mut scratch)?;
-                                for (slot, run, crc) in runs {
+                                for (slot, run, sum) in runs {
                                     copy_slots(block, &scratch, slot, run)?;
-                                    *crc = crate::crc::crc32c(run);
+                                    *sum = RunSum::of(check, run);
                                 }
                                 Ok(())
                             })
@@ -584,11 +637,11 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                     }
                 })
         })?;
-        for (block, slot, run, crc) in elsewhere {
+        for (block, slot, run, sum) in elsewhere {
             let mut raw = Vec::new();
             self.img.read_block(block, &mut raw)?;
             copy_slots(block, &raw, slot, run)?;
-            *crc = crate::crc::crc32c(run);
+            *sum = RunSum::of(check, run);
         }
 
         // Cached first copies whose last duplicate has been written are dropped; first
@@ -607,23 +660,35 @@ impl<R: ReadAt + Sync> Restorer<'_, R> {
                 }
             }
         }
-        // Each buffer's CRC32C: its head (or all of it) then its runs' CRCs, in order; the
+        // Each buffer's check: its head (or all of it) then its runs' checks, in order; the
         // writer combines the buffers'.
-        let mut crcs = Vec::with_capacity(bufs.len());
-        let mut runs_crcs = runs.iter().zip(&run_crcs).peekable();
+        let mut sums = Vec::with_capacity(bufs.len());
+        let mut runs_sums = runs.iter().zip(run_sums).peekable();
         for (bi, buf) in bufs.iter().enumerate() {
-            let mut crc = crate::crc::crc32c(&buf[..heads[bi]]);
-            while let Some(&(&(_, rb, n), &rc)) = runs_crcs.peek() {
+            let head = heads[bi];
+            let (mut crc, mut fps) = (0u32, Vec::new());
+            if check == StreamCheck::Crc32c {
+                crc = crate::crc::crc32c(&buf[..head]);
+            }
+            while let Some((&(_, rb, n), _)) = runs_sums.peek() {
                 if rb != bi {
                     break;
                 }
-                crc = crate::crc::combine(crc, rc, n * PAGE_SIZE);
-                runs_crcs.next();
+                let (_, sum) = runs_sums.next().expect("peeked");
+                match sum {
+                    RunSum::Crc(rc) => crc = crate::crc::combine(crc, rc, n * PAGE_SIZE),
+                    RunSum::Fingerprints(f) if fps.is_empty() => fps = f,
+                    RunSum::Fingerprints(f) => fps.extend_from_slice(&f),
+                    RunSum::None => unreachable!("every run was filled"),
+                }
             }
-            crcs.push(crc);
+            sums.push(match check {
+                StreamCheck::Crc32c => BufSum::Crc(crc),
+                StreamCheck::Digest => BufSum::Digest { head, fps },
+            });
         }
-        for (buf, crc) in bufs.into_iter().zip(crcs) {
-            send((buf, crc))?;
+        for (buf, sum) in bufs.into_iter().zip(sums) {
+            send((buf, sum))?;
         }
         Ok(())
     }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::classify::{classify, Content};
 use crate::codec::{Codec, CodecChoice, FAST_LZ4_ACCEL, RATIO_ZSTD_LEVEL};
-use crate::crc::Crc32c;
+use crate::digest::{StreamDigest, FINGERPRINT_LEN};
 use crate::image::frame::{FileHeader, FrameHeader, FrameKind, Trailer};
 use crate::image::index::{BlockEntry, ClassCounts, Index, PageClass, PageEntry};
 use crate::image::{ImageError, DEFAULT_BLOCK_PAGES};
@@ -243,7 +243,7 @@ where
             spare_bytes: 0,
             spare_rx: written_rx,
             stats: SaveStats::default(),
-            stream_crc: 0,
+            digest: StreamDigest::new(),
             stream_len: 0,
             head: Vec::new(),
             next_block: 0,
@@ -338,7 +338,7 @@ where
         }
         let len = st.stream_len;
         let result = result.and_then(|()| {
-            st.index.stream_crc = st.stream_crc;
+            st.index.stream_check = st.digest.value();
             st.index.stream_len = len;
             pool.install(|| st.finish(&out_tx, &writer_wait))
         });
@@ -488,13 +488,9 @@ fn dedup_shard(h: u128, shards: usize) -> usize {
 /// Bytes of the encoded index per zstd frame (compressed in parallel at the end of a save).
 const INDEX_PIECE: usize = 512 << 10;
 
-/// Pages per parallel classification / CRC piece (1 MiB): few enough pieces that combining
-/// their CRCs in order costs nothing measurable, enough for the workers to share a window.
+/// Pages per parallel classification task (1 MiB): enough tasks for the workers to share
+/// a window, few enough that handing them out costs nothing measurable.
 const PIECE_PAGES: usize = 256;
-/// Pages classified before they are added to the stream CRC in one call: 64 KiB, which
-/// stays in cache in between. The CRC runs at ~14 GB/s over 64 KiB calls against ~7 GB/s
-/// over 4 KiB ones.
-const CRC_GROUP_PAGES: usize = 16;
 
 /// Capacity of written frame buffers kept for reuse (a window of blocks is about 6-16 MiB).
 const MAX_SPARE_BYTES: usize = 48 << 20;
@@ -514,8 +510,9 @@ struct SaveState {
     spare_bytes: usize,
     spare_rx: Receiver<Vec<OutFrame>>,
     stats: SaveStats,
-    /// CRC32C and length of the stream so far (the events regenerate it byte for byte).
-    stream_crc: u32,
+    /// Digest ([`crate::digest`]) and length of the stream so far (the events regenerate it
+    /// byte for byte).
+    digest: StreamDigest,
     stream_len: u64,
     /// Reused buffer for a PAGE_DATA record's header bytes.
     head: Vec<u8>,
@@ -571,55 +568,48 @@ impl SaveState {
             .collect()
     }
 
-    /// Classifies a window's pages, adds them to the stream CRC and the index (finding
+    /// Classifies a window's pages, adds them to the stream digest and the index (finding
     /// duplicates) and assigns the unique ones to blocks, numbered from `next_block`.
     fn prepare(&mut self, held: &[Held<'_>]) -> Prepared {
         let data_pages: usize = held.iter().map(|h| h.pages().len() / PAGE_SIZE).sum();
 
-        // In parallel: classify every data page (zero / one word / xxh3-128) and take the
-        // CRC32C of pieces of at most PIECE_PAGES pages; the pieces' CRCs are combined in
-        // stream order below.
+        // In parallel: classify every data page (zero / one word / xxh3-128), which also
+        // gives its fingerprint for the stream digest.
         let mut contents = vec![Content::Zero; data_pages];
-        let pieces: Vec<&[u8]> = held
-            .iter()
-            .flat_map(|h| h.pages().chunks(PIECE_PAGES * PAGE_SIZE))
-            .collect();
-        let mut crcs = vec![0u32; pieces.len()];
+        let mut fps = vec![0u128; data_pages];
         {
-            let mut jobs = Vec::with_capacity(pieces.len());
-            let mut rest = &mut contents[..];
-            for (&piece, crc) in pieces.iter().zip(crcs.iter_mut()) {
-                let (mine, tail) = rest.split_at_mut(piece.len() / PAGE_SIZE);
-                rest = tail;
-                jobs.push((piece, mine, crc));
+            let mut jobs = Vec::with_capacity(data_pages.div_ceil(PIECE_PAGES));
+            let (mut cs, mut fs) = (&mut contents[..], &mut fps[..]);
+            for piece in held
+                .iter()
+                .flat_map(|h| h.pages().chunks(PIECE_PAGES * PAGE_SIZE))
+            {
+                let n = piece.len() / PAGE_SIZE;
+                let (c, c_tail) = std::mem::take(&mut cs).split_at_mut(n);
+                let (f, f_tail) = std::mem::take(&mut fs).split_at_mut(n);
+                (cs, fs) = (c_tail, f_tail);
+                jobs.push((piece, c, f));
             }
-            jobs.into_par_iter().for_each(|(piece, mine, crc)| {
-                // The CRC is fed CRC_GROUP_PAGES pages at a time, right after they are classified
-                // (still in cache): per 4 KiB page, its setup costs as much as the folding.
-                let mut c = Crc32c::new();
-                let group = CRC_GROUP_PAGES * PAGE_SIZE;
-                for (pages, classes) in piece.chunks(group).zip(mine.chunks_mut(CRC_GROUP_PAGES)) {
-                    for (page, class) in pages.chunks_exact(PAGE_SIZE).zip(classes) {
-                        *class = classify(page);
-                    }
-                    c.update(pages);
+            jobs.into_par_iter().for_each(|(piece, cs, fs)| {
+                for ((page, c), f) in piece.chunks_exact(PAGE_SIZE).zip(cs).zip(fs) {
+                    (*c, *f) = classify(page);
                 }
-                *crc = c.value();
             });
         }
-        let mut crc = self.stream_crc;
-        let mut k = 0;
+        // In stream order: the digest gets every byte that is not page data, and the pages'
+        // fingerprints in their place.
+        let mut ci = 0;
         for h in held {
             match &h.ev {
                 Event::Verbatim { bytes, .. } => {
-                    crc = crate::crc::append(crc, bytes);
+                    self.digest.update(bytes);
                     self.stream_len += bytes.len() as u64;
                 }
                 Event::Pages(rec) => {
-                    let data = h.pages().len();
+                    let n = h.pages().len() / PAGE_SIZE;
                     self.head.clear();
                     self.head.extend_from_slice(&LIBXC_PAGE_DATA.to_le_bytes());
-                    let len = 8 + 8 * rec.words.len() + data;
+                    let len = 8 + 8 * rec.words.len() + n * PAGE_SIZE;
                     self.head.extend_from_slice(&(len as u32).to_le_bytes());
                     self.head
                         .extend_from_slice(&(rec.words.len() as u32).to_le_bytes());
@@ -627,17 +617,17 @@ impl SaveState {
                     for w in &rec.words {
                         self.head.extend_from_slice(&w.to_le_bytes());
                     }
-                    crc = crate::crc::append(crc, &self.head);
-                    for _ in 0..data.div_ceil(PIECE_PAGES * PAGE_SIZE) {
-                        crc = crate::crc::combine(crc, crcs[k], pieces[k].len());
-                        k += 1;
+                    self.head.reserve(n * FINGERPRINT_LEN);
+                    for fp in &fps[ci..ci + n] {
+                        self.head.extend_from_slice(&fp.to_le_bytes());
                     }
+                    ci += n;
+                    self.digest.update(&self.head);
                     self.stream_len += (8 + len) as u64;
                 }
             }
         }
-        debug_assert_eq!(k, pieces.len());
-        self.stream_crc = crc;
+        debug_assert_eq!(ci, data_pages);
 
         // Duplicates, found in parallel (a task per shard of the table): for each data page
         // of the window that repeats an earlier one, that one's entry.

@@ -2,10 +2,10 @@
 
 use std::io::Write;
 
-use remoca_saverestore::image::ImageReader;
+use remoca_saverestore::image::{FrameKind, ImageReader};
 use remoca_saverestore::stream::builder::builder_page_type;
 use remoca_saverestore::stream::{
-    build_stream, page_has_data, BuildOptions, GuestShape, PAGE_SIZE,
+    build_stream, page_has_data, BuildOptions, Event, GuestShape, StreamParser, PAGE_SIZE,
 };
 use remoca_saverestore::{
     restore_stream, save_slice, save_stream, Codec, CodecChoice, ImageError, SaveOptions,
@@ -173,24 +173,61 @@ fn blocks_hold_16_pages_by_default() {
     }
 }
 
-/// Images written before the LZ4 codec (format version 1: snappy and zstd blocks, otherwise
-/// the same layout) are still read: the header's version byte is the only difference.
+/// Images of format versions 1 and 2 are still read and checked with the CRC32C their index
+/// holds. The fixture was written by remoca before the stream digest (format 2, snappy, from
+/// `stream(Hvm, &ram(60))`); version 1 differs from it in the version number only (it has
+/// no LZ4 blocks).
 #[test]
-fn version_1_images_are_still_read() {
-    let ram = ram(800);
+fn version_1_and_2_images_are_still_read() {
+    const V2: &[u8] = include_bytes!("data/v2-hvm-ram60-snap.img");
+    let ram = ram(60);
     let s = stream(GuestShape::Hvm, &ram);
-    for codec in [
-        CodecChoice::Fixed(Codec::Snap),
-        CodecChoice::Fixed(Codec::Zstd(1)),
-    ] {
-        let mut img = save(&s, codec, 16, 256);
-        assert_eq!(img[8..12], 2u32.to_le_bytes(), "this code writes version 2");
-        img[8..12].copy_from_slice(&1u32.to_le_bytes());
+    for version in [2u32, 1] {
+        let mut img = V2.to_vec();
+        img[8..12].copy_from_slice(&version.to_le_bytes());
         let r = ImageReader::open(img.clone()).unwrap();
-        assert_eq!(r.header().version, 1);
-        assert!(r.extract(0x203).unwrap() == ram[0x203 * PAGE_SIZE..0x204 * PAGE_SIZE]);
-        assert!(restore(img).unwrap() == s, "{codec}: restore differs");
+        assert_eq!(r.header().version, version);
+        assert_eq!(r.index().stream_check, u64::from(crc32c::crc32c(&s)));
+        assert!(r.extract(0x23).unwrap() == ram[0x23 * PAGE_SIZE..0x24 * PAGE_SIZE]);
+        assert!(restore(img.clone()).unwrap() == s, "version {version}");
+        // The CRC32C is checked: a verbatim byte changed (its frame checksum mended) fails.
+        let e = restore(with_verbatim_byte_changed(&img)).unwrap_err();
+        assert!(e.to_string().contains("crc32c"), "{e}");
     }
+}
+
+/// `img` with one byte of its first verbatim frame's payload changed and that frame's
+/// checksum mended, so that only the whole-stream check can notice.
+fn with_verbatim_byte_changed(img: &[u8]) -> Vec<u8> {
+    let r = ImageReader::open(img.to_vec()).unwrap();
+    let mut at = None;
+    r.walk_frames(|fh, off, payload| {
+        if at.is_none() && fh.kind == FrameKind::Verbatim && payload.len() > 8 {
+            at = Some(off as usize);
+        }
+        Ok(())
+    })
+    .unwrap();
+    let at = at.expect("a verbatim frame");
+    let mut bad = img.to_vec();
+    let len = u32::from_le_bytes(bad[at + 4..at + 8].try_into().unwrap()) as usize;
+    bad[at + 16 + len / 2] ^= 0x20;
+    let mut covered = bad[at..at + 12].to_vec();
+    covered.extend_from_slice(&bad[at + 16..at + 16 + len]);
+    let crc = crc32c::crc32c(&covered);
+    bad[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+    bad
+}
+
+/// A regenerated stream that differs from the saved one is an error naming both digests,
+/// never a silent success.
+#[test]
+fn the_whole_stream_is_checked_on_restore() {
+    let s = stream(GuestShape::Pv, &ram(700));
+    let img = save(&s, "fast".parse().unwrap(), 0, 256);
+    let e = restore(with_verbatim_byte_changed(&img)).unwrap_err();
+    assert!(matches!(e, ImageError::StreamMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("digest"), "{e}");
 }
 
 #[test]
@@ -297,11 +334,11 @@ fn damaged_image_errors(s: &[u8], codec: Codec) {
     }
     // Wrong magic and version.
     assert!(matches!(corrupt_check(&img, 0), ImageError::BadMagic));
-    let mut v3 = img.clone();
-    v3[8] = 3;
+    let mut v4 = img.clone();
+    v4[8] = 4;
     assert!(matches!(
-        ImageReader::open(v3),
-        Err(ImageError::UnsupportedVersion(3))
+        ImageReader::open(v4),
+        Err(ImageError::UnsupportedVersion(4))
     ));
     // A verbatim frame damaged: named with its offset.
     let last = r.index().blocks.last().unwrap();
@@ -333,9 +370,30 @@ fn bad_streams_are_refused_on_save() {
     ));
 }
 
+/// The stream digest of format 3 computed here on its own: xxh3-64 of the stream with every
+/// data page replaced by its xxh3-128 (each PAGE_DATA record ends with its pages; where a
+/// record ends comes from the parser).
+fn reference_digest(s: &[u8]) -> u64 {
+    let mut p = StreamParser::new(s);
+    let (mut digest_input, mut done) = (Vec::new(), 0usize);
+    while let Some(ev) = p.next_event().unwrap() {
+        let end = p.offset() as usize;
+        if let Event::Pages(rec) = ev {
+            let data = end - rec.pages.len();
+            digest_input.extend_from_slice(&s[done..data]);
+            for page in s[data..end].chunks(PAGE_SIZE) {
+                digest_input.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(page).to_le_bytes());
+            }
+            done = end;
+        }
+    }
+    digest_input.extend_from_slice(&s[done..]);
+    xxhash_rust::xxh3::xxh3_64(&digest_input)
+}
+
 /// Saving a stream held in memory (pages borrowed, not copied) writes the same image as
-/// saving it through a reader, and the index's stream checksum is the CRC32C of the whole
-/// stream (both paths compute it per piece in parallel and combine the pieces).
+/// saving it through a reader, and the index's stream check is the digest of the whole
+/// stream (built in stream order from fingerprints taken in parallel).
 #[test]
 fn saving_from_memory_writes_the_same_image() {
     let ram = ram(3000);
@@ -362,9 +420,10 @@ fn saving_from_memory_writes_the_same_image() {
                 "{shape:?} {codec}: the images differ"
             );
             let r = ImageReader::open(from_memory).unwrap();
+            assert_eq!(r.header().version, 3);
             assert_eq!(
-                r.index().stream_crc,
-                crc32c::crc32c(&s),
+                r.index().stream_check,
+                reference_digest(&s),
                 "{shape:?} {codec}"
             );
             assert_eq!(r.index().stream_len, s.len() as u64);

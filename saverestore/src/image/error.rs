@@ -14,7 +14,7 @@ pub enum ImageError {
     Output(#[source] io::Error),
     #[error("not a remoca save image: bad magic")]
     BadMagic,
-    #[error("image format version {0} is not supported (this remoca reads versions 1 and 2)")]
+    #[error("image format version {0} is not supported (this remoca reads versions 1 to 3)")]
     UnsupportedVersion(u32),
     #[error("image has unknown flags {0:#x}")]
     UnknownFlags(u32),

@@ -245,11 +245,14 @@ mod tests {
             FileHeader::decode(&bad),
             Err(ImageError::BadMagic)
         ));
-        // Version 1 (before the LZ4 codec) is still read; 0 and newer ones are not.
-        let mut v1 = b;
-        v1[8] = 1;
-        assert_eq!(FileHeader::decode(&v1).unwrap().version, 1);
-        for v in [0u8, 3] {
+        // Versions 1 and 2 (before the LZ4 codec, before the stream digest) are still
+        // read; 0 and newer ones are not.
+        for v in [1u8, 2] {
+            let mut old = b;
+            old[8] = v;
+            assert_eq!(FileHeader::decode(&old).unwrap().version, u32::from(v));
+        }
+        for v in [0u8, 4] {
             let mut bad = b;
             bad[8] = v;
             assert!(matches!(

@@ -45,7 +45,9 @@ pub struct BlockEntry {
 pub struct Index {
     pub records: u64,
     pub stream_len: u64,
-    pub stream_crc: u32,
+    /// The check of the whole regenerated stream: in format 3 its digest
+    /// ([`crate::digest`]), in formats 1 and 2 its CRC32C (the upper 32 bits zero).
+    pub stream_check: u64,
     pub blocks: Vec<BlockEntry>,
     pub pages: Vec<PageEntry>,
 }
@@ -92,8 +94,7 @@ impl Index {
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        b.extend_from_slice(&self.stream_crc.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&self.stream_check.to_le_bytes());
         for v in [c.zero, c.word, c.dup, c.nodata, 0] {
             b.extend_from_slice(&v.to_le_bytes());
         }
@@ -142,7 +143,7 @@ impl Index {
         let mut idx = Index {
             records: u64_at(16),
             stream_len: u64_at(24),
-            stream_crc: u32::from_le_bytes(b[32..36].try_into().expect("4 bytes")),
+            stream_check: u64_at(32),
             blocks: Vec::with_capacity(nblocks as usize),
             pages: Vec::with_capacity(npages as usize),
         };
@@ -215,7 +216,7 @@ mod tests {
         Index {
             records: 3,
             stream_len: 12345,
-            stream_crc: 77,
+            stream_check: 77,
             blocks: vec![BlockEntry {
                 offset: 32,
                 frame_len: 100,

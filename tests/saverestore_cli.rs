@@ -114,7 +114,8 @@ fn save_restore_extract_inspect_through_files_and_pipes() {
             "{shape:?} the mapped file's image differs from the piped one"
         );
 
-        // The fast mode (the C LZ4): its image names the codec and the format version.
+        // The fast mode (the C LZ4): its image names the codec, the format version and the
+        // stream's length and digest.
         let fast = d.path().join("fast.rsv");
         ok(remoca()
             .args(["save", "--quiet", "--codec", "fast", "--from"])
@@ -126,7 +127,9 @@ fn save_restore_extract_inspect_through_files_and_pipes() {
         let o = ok(remoca().arg("inspect").arg(&fast));
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(
-            text.contains("format version 2") && text.contains("codec:        lz4:3"),
+            text.contains("format version 3")
+                && text.contains("codec:        lz4:3")
+                && text.contains(&format!("stream:       {} bytes (digest 0x", stream.len())),
             "{text}"
         );
 

@@ -27,6 +27,8 @@ pub struct BenchConfig {
     pub shape: GuestShape,
     /// Single-page extractions to time.
     pub extractions: usize,
+    /// Rounds of the save and restore tables (each figure is the median); at least 1.
+    pub rounds: usize,
 }
 
 /// The NFS mode: the same save over a shaped link to nfs-ganesha, against libnfs `nfs-cp`
@@ -78,9 +80,6 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
-/// Each measurement is repeated this many times; the table shows the median.
-const REPEATS: usize = 3;
-
 /// CPU time (user + system) of the whole process so far: every thread, ours and rayon's.
 pub fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes the struct we pass.
@@ -104,10 +103,13 @@ struct Run {
     cpu: f64,
 }
 
-/// Runs `f` (which returns the bytes it processed) `REPEATS` times; medians of both rates.
-fn measure(mut f: impl FnMut() -> Result<u64, BenchError>) -> Result<Run, BenchError> {
+/// Runs `f` (which returns the bytes it processed) `rounds` times; medians of both rates.
+fn measure(
+    rounds: usize,
+    mut f: impl FnMut() -> Result<u64, BenchError>,
+) -> Result<Run, BenchError> {
     let (mut walls, mut cpus) = (Vec::new(), Vec::new());
-    for _ in 0..REPEATS {
+    for _ in 0..rounds {
         let (t, c) = (Instant::now(), cpu_time());
         let n = f()?;
         walls.push(mbps(n, t.elapsed()));
@@ -117,25 +119,6 @@ fn measure(mut f: impl FnMut() -> Result<u64, BenchError>) -> Result<Run, BenchE
         wall: median(walls),
         cpu: median(cpus),
     })
-}
-
-/// One baseline: the stream cut in 1 MiB chunks, each compressed on its own, in parallel.
-/// Compressor contexts and output buffers are kept per thread, as our pipeline does.
-fn baseline(
-    stream: &[u8],
-    threads: usize,
-    f: &(dyn Fn(&[u8]) -> usize + Sync),
-) -> Result<(f64, Run), BenchError> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("pool");
-    let mut out = 0usize;
-    let run = measure(|| {
-        out = pool.install(|| stream.par_chunks(1 << 20).map(f).sum());
-        Ok(stream.len() as u64)
-    })?;
-    Ok((stream.len() as f64 / out as f64, run))
 }
 
 thread_local! {
@@ -167,15 +150,56 @@ fn base_zstd(c: &[u8], level: i32) -> usize {
     })
 }
 
+/// A baseline: compresses one chunk, returns its compressed size.
+type Comp = Box<dyn Fn(&[u8]) -> usize + Sync>;
+
+/// What a row of the save table runs.
+enum Contender {
+    /// Our save, the image written to memory (kept for the restore and extract tables).
+    Save(CodecChoice),
+    /// Our save, the image discarded.
+    Discard(CodecChoice),
+    /// A baseline: the stream cut in 1 MiB chunks, each compressed on its own, in parallel;
+    /// contexts and output buffers are kept per thread, as our pipeline does.
+    Base(Comp),
+}
+
+/// One row of the save table: its runs at 1 thread and at all threads, one per round.
+struct Row {
+    label: String,
+    contender: Contender,
+    runs: [Vec<Run>; 2],
+    ratio: f64,
+    image: Option<Vec<u8>>,
+}
+
+impl Row {
+    fn new(label: String, contender: Contender) -> Self {
+        Row {
+            label,
+            contender,
+            runs: [Vec::new(), Vec::new()],
+            ratio: 0.0,
+            image: None,
+        }
+    }
+}
+
 /// Runs the benchmark and prints the table to `out`.
 ///
 /// # Errors
 /// Missing corpus, or a failure of our own pipeline.
 pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
+    if cfg.rounds == 0 {
+        return Err(BenchError::Tool(
+            "bench save".into(),
+            "--rounds must be at least 1".into(),
+        ));
+    }
     let all = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    writeln!(out, "remoca bench save: {} thread(s) available; baselines compress the same in-memory stream in 1 MiB chunks (contexts and buffers reused per thread); our saves read it from memory in place (as from a mapped file; pipes are copied) and write the image to memory (the fast mode also with the image discarded, as the baselines discard their output); each figure is the median of {REPEATS} runs; MB/cpu-s counts the CPU time of every thread of the {all}-thread run (a 1-thread save also has a writer thread)", all)?;
+    writeln!(out, "remoca bench save: {} thread(s) available; baselines compress the same in-memory stream in 1 MiB chunks (contexts and buffers reused per thread); our saves read it from memory in place (as from a mapped file; pipes are copied) and write the image to memory (the fast mode also with the image discarded, as the baselines discard their output); each figure is the median of {} rounds, in each of which every save and baseline runs once, in turn; MB/cpu-s counts the CPU time of every thread of the {all}-thread run (a 1-thread save also has a writer thread)", all, cfg.rounds)?;
     for name in &cfg.images {
         let raw = load(cfg, name)?;
         let mut stream = Vec::with_capacity(raw.len() + (raw.len() >> 8) + (1 << 20));
@@ -200,117 +224,164 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
             format!("{all} thr MB/s"),
             "MB/cpu-s"
         )?;
-        let mut images = Vec::new();
-        let fast_label = format!("remoca fast (lz4:{FAST_LZ4_ACCEL})");
-        let fast_sink_label = "  same, image discarded";
-        let lz4c_label = format!("lz4 (C, accel {FAST_LZ4_ACCEL})");
-        let ratio_label = format!("remoca ratio (zstd:{RATIO_ZSTD_LEVEL})");
-        // One output buffer, faulted in once, for every save: the baselines do not pay for
-        // fresh output memory either.
-        let mut img: Vec<u8> = vec![1; stream.len() / 2];
-        for (label, codec) in [
-            (
-                fast_label.as_str(),
-                CodecChoice::Fixed(Codec::Lz4(FAST_LZ4_ACCEL)),
+        // Every contender runs once per round (1 thread, then all), taking turns, so that a
+        // burst of load on a shared machine hits them alike; the table shows the medians.
+        let fast = CodecChoice::Fixed(Codec::Lz4(FAST_LZ4_ACCEL));
+        let lz4c: Comp = Box::new(|c: &[u8]| {
+            with_out(lz4::block::compress_bound(c.len()).expect("lz4"), |o| {
+                lz4::block::compress_to_buffer(
+                    c,
+                    Some(lz4::block::CompressionMode::FAST(FAST_LZ4_ACCEL)),
+                    false,
+                    o,
+                )
+                .expect("lz4")
+            })
+        });
+        let mut rows = vec![
+            Row::new(
+                format!("remoca fast (lz4:{FAST_LZ4_ACCEL})"),
+                Contender::Save(fast),
             ),
-            ("remoca snap", CodecChoice::Fixed(Codec::Snap)),
-            (
-                ratio_label.as_str(),
-                CodecChoice::Fixed(Codec::Zstd(RATIO_ZSTD_LEVEL)),
+            // Like with like: the baselines keep no output either (each chunk's is
+            // overwritten by the next), so this row leaves out the image's copy.
+            Row::new("  same, image discarded".into(), Contender::Discard(fast)),
+            Row::new(
+                "remoca snap".into(),
+                Contender::Save(CodecChoice::Fixed(Codec::Snap)),
             ),
-            ("remoca zstd:1", CodecChoice::Fixed(Codec::Zstd(1))),
-            ("remoca auto (to memory)", CodecChoice::Auto),
-        ] {
-            let mut runs = Vec::new();
-            let mut ratio = 0.0;
-            for threads in [1, all] {
-                let opts = SaveOptions {
-                    codec,
-                    threads,
-                    ..Default::default()
-                };
-                runs.push(measure(|| {
-                    img.clear();
-                    let st = save_slice(&stream, &mut img, &opts, &|_| {})?;
-                    ratio = st.ratio();
-                    Ok(st.stream_bytes)
-                })?);
-            }
-            images.push((label, img.clone()));
-            writeln!(
-                out,
-                "{label:<28} {ratio:>7.2} {:>12.0} {:>12.0} {:>10.0}",
-                runs[0].wall, runs[1].wall, runs[1].cpu
-            )?;
-            if label == fast_label {
-                // Like with like: the baselines below keep no output either (each chunk's
-                // is overwritten by the next), so this row leaves out the image's copy.
-                let mut runs = Vec::new();
-                for threads in [1, all] {
-                    let opts = SaveOptions {
-                        codec,
-                        threads,
-                        ..Default::default()
-                    };
-                    runs.push(measure(|| {
-                        Ok(save_slice(&stream, &mut io::sink(), &opts, &|_| {})?.stream_bytes)
-                    })?);
-                }
-                writeln!(
-                    out,
-                    "{fast_sink_label:<28} {ratio:>7.2} {:>12.0} {:>12.0} {:>10.0}",
-                    runs[0].wall, runs[1].wall, runs[1].cpu
-                )?;
-            }
-        }
-        drop(img);
-        type Comp = Box<dyn Fn(&[u8]) -> usize + Sync>;
-        let baselines: Vec<(&str, Comp)> = vec![
-            ("zstd -1", Box::new(|c: &[u8]| base_zstd(c, 1))),
-            ("zstd -3", Box::new(|c: &[u8]| base_zstd(c, 3))),
-            (
-                "lz4 (lz4_flex)",
-                Box::new(|c: &[u8]| {
+            Row::new(
+                format!("remoca ratio (zstd:{RATIO_ZSTD_LEVEL})"),
+                Contender::Save(CodecChoice::Fixed(Codec::Zstd(RATIO_ZSTD_LEVEL))),
+            ),
+            Row::new(
+                "remoca zstd:1".into(),
+                Contender::Save(CodecChoice::Fixed(Codec::Zstd(1))),
+            ),
+            Row::new(
+                "remoca auto (to memory)".into(),
+                Contender::Save(CodecChoice::Auto),
+            ),
+            Row::new(
+                "zstd -1".into(),
+                Contender::Base(Box::new(|c: &[u8]| base_zstd(c, 1))),
+            ),
+            Row::new(
+                "zstd -3".into(),
+                Contender::Base(Box::new(|c: &[u8]| base_zstd(c, 3))),
+            ),
+            Row::new(
+                "lz4 (lz4_flex)".into(),
+                Contender::Base(Box::new(|c: &[u8]| {
                     with_out(lz4_flex::block::get_maximum_output_size(c.len()), |o| {
                         lz4_flex::block::compress_into(c, o).expect("lz4")
                     })
-                }),
+                })),
             ),
-            (
-                // The C LZ4 at the fast mode's acceleration: like with like for `fast`.
-                lz4c_label.as_str(),
-                Box::new(|c: &[u8]| {
-                    with_out(lz4::block::compress_bound(c.len()).expect("lz4"), |o| {
-                        lz4::block::compress_to_buffer(
-                            c,
-                            Some(lz4::block::CompressionMode::FAST(FAST_LZ4_ACCEL)),
-                            false,
-                            o,
-                        )
-                        .expect("lz4")
-                    })
-                }),
+            // The C LZ4 at the fast mode's acceleration: like with like for `fast`.
+            Row::new(
+                format!("lz4 (C, accel {FAST_LZ4_ACCEL})"),
+                Contender::Base(lz4c),
             ),
-            (
-                "snappy",
-                Box::new(|c: &[u8]| {
+            Row::new(
+                "snappy".into(),
+                Contender::Base(Box::new(|c: &[u8]| {
                     BASE_SNAP.with(|e| {
                         with_out(snap::raw::max_compress_len(c.len()), |o| {
                             e.borrow_mut().compress(c, o).expect("snappy")
                         })
                     })
-                }),
+                })),
             ),
         ];
-        for (label, f) in &baselines {
-            let (ratio, r1) = baseline(&stream, 1, f.as_ref())?;
-            let (_, rn) = baseline(&stream, all, f.as_ref())?;
+        let threads = [1, all];
+        let pools = threads.map(|n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .expect("pool")
+        });
+        // One output buffer, faulted in once, for every save: the baselines do not pay for
+        // fresh output memory either.
+        let mut img: Vec<u8> = vec![1; stream.len() / 2];
+        for round in 0..cfg.rounds {
+            eprint!("\r  save round {}/{}", round + 1, cfg.rounds);
+            for row in &mut rows {
+                for (ti, &n) in threads.iter().enumerate() {
+                    let (t, c) = (Instant::now(), cpu_time());
+                    let bytes = match &row.contender {
+                        Contender::Save(codec) | Contender::Discard(codec) => {
+                            let opts = SaveOptions {
+                                codec: *codec,
+                                threads: n,
+                                ..Default::default()
+                            };
+                            let st = if matches!(row.contender, Contender::Save(_)) {
+                                img.clear();
+                                save_slice(&stream, &mut img, &opts, &|_| {})?
+                            } else {
+                                save_slice(&stream, &mut io::sink(), &opts, &|_| {})?
+                            };
+                            row.ratio = st.ratio();
+                            st.stream_bytes
+                        }
+                        Contender::Base(f) => {
+                            let z: usize =
+                                pools[ti].install(|| stream.par_chunks(1 << 20).map(f).sum());
+                            row.ratio = stream.len() as f64 / z as f64;
+                            stream.len() as u64
+                        }
+                    };
+                    row.runs[ti].push(Run {
+                        wall: mbps(bytes, t.elapsed()),
+                        cpu: mbps(bytes, cpu_time().saturating_sub(c)),
+                    });
+                }
+                if matches!(row.contender, Contender::Save(_)) && row.image.is_none() {
+                    row.image = Some(img.clone());
+                }
+            }
+        }
+        eprintln!();
+        drop(img);
+        for row in &rows {
+            let med = |ti: usize, f: fn(&Run) -> f64| median(row.runs[ti].iter().map(f).collect());
             writeln!(
                 out,
-                "{label:<28} {ratio:>7.2} {:>12.0} {:>12.0} {:>10.0}",
-                r1.wall, rn.wall, rn.cpu
+                "{:<28} {:>7.2} {:>12.0} {:>12.0} {:>10.0}",
+                row.label,
+                row.ratio,
+                med(0, |r| r.wall),
+                med(1, |r| r.wall),
+                med(1, |r| r.cpu)
             )?;
         }
+        // The fast mode's goal is snappy's speed: each round's ratio, so the spread shows.
+        let snappy = rows.last().expect("snappy is the last row");
+        for row in &rows[..2] {
+            let spread = |ti: usize| {
+                let r: Vec<f64> = row.runs[ti]
+                    .iter()
+                    .zip(&snappy.runs[ti])
+                    .map(|(a, b)| a.wall / b.wall)
+                    .collect();
+                let (lo, hi) = r
+                    .iter()
+                    .fold((f64::MAX, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
+                format!("{:.2} (min {lo:.2}, max {hi:.2})", median(r))
+            };
+            writeln!(
+                out,
+                "{:<40} 1 thr {}   {all} thr {}",
+                format!("{} / snappy, per round:", row.label.trim()),
+                spread(0),
+                spread(1)
+            )?;
+        }
+        let images: Vec<(String, Vec<u8>)> = rows
+            .into_iter()
+            .filter_map(|r| r.image.map(|i| (r.label, i)))
+            .collect();
 
         writeln!(
             out,
@@ -325,7 +396,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), BenchError> {
             let r = ImageReader::open(img.as_slice())?;
             let mut runs = Vec::new();
             for threads in [1, all] {
-                runs.push(measure(|| {
+                runs.push(measure(cfg.rounds, || {
                     Ok(restore_stream(&r, &mut io::sink(), threads, &|_| {})?.stream_bytes)
                 })?);
             }

@@ -98,6 +98,10 @@ pub struct BenchArgs {
     /// Single-page extractions to time.
     #[arg(long, default_value_t = 2000)]
     extractions: usize,
+    /// Rounds of the save and restore tables; in each, every save and baseline runs once,
+    /// in turn, and the tables show medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
     /// Second mode: save over a shaped link to nfs-ganesha in a network namespace and
     /// compare with libnfs `nfs-cp` of the raw stream (root; first image only).
     #[arg(long)]
@@ -292,6 +296,7 @@ pub fn bench(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         mib: a.mib,
         shape,
         extractions: a.extractions,
+        rounds: a.rounds as usize,
     };
     bench::run(&cfg, &mut io::stdout().lock()).context("bench save")
 }

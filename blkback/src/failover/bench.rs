@@ -5,10 +5,12 @@
 //!    every 64 writes, then 4 KiB random reads at queue depth 8; `seconds` each) over NBD on
 //!    a unix socket, against (a) the plain stack served in this process, as `remoca blkback`
 //!    serves it, and (b) a failover endpoint in this process forwarding to a driver process
-//!    (`remoca blkback driver`) with its monitor running. Each gets a fresh overlay on the
-//!    same template. Rows print IOPS and the split's ratio to plain. This runs `rounds`
-//!    times, plain first in even rounds and the split first in odd ones; rows print the
-//!    medians, and the spread of the rounds' own ratios. Then, on the same
+//!    (`remoca blkback driver`) with its monitor running. Both are set up side by side, each
+//!    on a fresh overlay of the same template, and each row runs on one right after the
+//!    other, so a burst of load on the shared machine lands on both alike. Rows print IOPS
+//!    and the split's ratio to plain. This runs `rounds` times (fresh stacks each time),
+//!    plain first in even rounds and the split first in odd ones; rows print the medians,
+//!    and the spread of the rounds' own ratios. Then, on the same
 //!    connection, large requests: sequential [`LARGE`] (256 KiB) writes at queue depth 8 with
 //!    a flush every [`LARGE_FLUSH_BYTES`] (64 MiB), then sequential 256 KiB reads at queue
 //!    depth 8 (`seconds` each, wrapping at the end of the disk); rows print MB/s (10^6
@@ -299,53 +301,99 @@ fn pct(v: &mut [f64], p: f64, decimals: usize) -> String {
     )
 }
 
-/// One round of the throughput rows against the plain stack or the split (fresh overlay,
-/// drivers and server each time): 4K write IOPS, 4K read IOPS, large write MB/s, large
-/// read MB/s.
-fn throughput(
+/// One of the two stacks of the throughput rows, on a fresh overlay of the template in a
+/// folder of its own, with its NBD server and a connected client.
+struct Stack {
+    client: Option<Client<UnixStream>>,
+    srv: Option<NbdServer>,
+    endpoint: Option<Endpoint>,
+    /// The split's driver processes (none for the plain stack), killed when dropped.
+    _drivers: Drivers,
+}
+
+impl Stack {
+    fn start(cfg: &BenchConfig, dir: &Path, template: &Path, split: bool) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir)?;
+        let overlay = dir.join("vm.ovl");
+        fresh_overlay(template, &overlay)?;
+        let mut drivers = Drivers {
+            exe: cfg.exe.clone(),
+            export: format!(
+                "name=vm,template={},overlay={}",
+                template.display(),
+                overlay.display()
+            ),
+            children: Vec::new(),
+        };
+        let mut endpoint = None;
+        let disk: Arc<dyn Disk> = if split {
+            let socks = [dir.join("a.sock"), dir.join("b.sock")];
+            for s in &socks {
+                drivers.start(s)?;
+            }
+            let mut ec =
+                EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+            ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+            let e = Endpoint::start(ec)?;
+            endpoint = Some(e.clone());
+            Arc::new(e)
+        } else {
+            let cfg = ExportConfig {
+                name: "vm".into(),
+                template: template.to_owned(),
+                overlay: Some(overlay),
+                read_only: false,
+                min_block: 1,
+            };
+            Exports::open(&[cfg])?
+                .iter()
+                .next()
+                .ok_or("no export")?
+                .disk
+                .clone()
+        };
+        let srv = NbdServer::start(disk, dir.join("nbd.sock"))?;
+        let client = srv.client()?;
+        Ok(Stack {
+            client: Some(client),
+            srv: Some(srv),
+            endpoint,
+            _drivers: drivers,
+        })
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Client, then server, then the endpoint; the drivers last.
+        self.client.take();
+        self.srv.take();
+        if let Some(e) = &self.endpoint {
+            e.close();
+        }
+    }
+}
+
+/// One round of the throughput rows: both stacks side by side, each row run on one right
+/// after the other (plain first in even rounds, the split first in odd ones), so that a
+/// burst of load on a shared machine lands on both alike. Per stack (plain, split): 4K
+/// write IOPS, 4K read IOPS, large write MB/s, large read MB/s.
+fn throughput_round(
     cfg: &BenchConfig,
     d: &Path,
     template: &Path,
-    overlay: &Path,
-    export: &str,
-    split: bool,
-) -> Result<[f64; 4], Error> {
-    fresh_overlay(template, overlay)?;
-    let mut drivers = Drivers {
-        exe: cfg.exe.clone(),
-        export: export.to_owned(),
-        children: Vec::new(),
-    };
-    let mut endpoint = None;
-    let disk: Arc<dyn Disk> = if split {
-        let socks = [d.join("a.sock"), d.join("b.sock")];
-        for s in &socks {
-            drivers.start(s)?;
-        }
-        let mut ec =
-            EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
-        ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
-        let e = Endpoint::start(ec)?;
-        endpoint = Some(e.clone());
-        Arc::new(e)
-    } else {
-        let cfg = ExportConfig {
-            name: "vm".into(),
-            template: template.to_owned(),
-            overlay: Some(overlay.to_owned()),
-            read_only: false,
-            min_block: 1,
-        };
-        Exports::open(&[cfg])?
-            .iter()
-            .next()
-            .ok_or("no export")?
-            .disk
-            .clone()
-    };
-    let srv = NbdServer::start(disk.clone(), d.join("nbd.sock"))?;
-    let mut c = srv.client()?;
-    let mut row = [0.0; 4];
+    round: usize,
+) -> Result<[[f64; 4]; 2], Error> {
+    let dirs = [
+        d.join(format!("round{round}-plain")),
+        d.join(format!("round{round}-split")),
+    ];
+    let mut stacks = [
+        Stack::start(cfg, &dirs[0], template, false)?,
+        Stack::start(cfg, &dirs[1], template, true)?,
+    ];
+    let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+    let mut rows = [[0.0; 4]; 2];
     for (i, w) in [
         Workload::random_4k(CMD_WRITE),
         Workload::random_4k(CMD_READ),
@@ -355,21 +403,22 @@ fn throughput(
     .into_iter()
     .enumerate()
     {
-        // Operations per second; the large rows in MB/s.
-        let ops = drive(&mut c, w, cfg.size, cfg.seconds)?;
-        row[i] = if w.len == BLOCK {
-            ops
-        } else {
-            ops * w.len as f64 / 1e6
-        };
+        for s in order {
+            let c = stacks[s].client.as_mut().expect("a live client");
+            // Operations per second; the large rows in MB/s.
+            let ops = drive(c, w, cfg.size, cfg.seconds)?;
+            rows[s][i] = if w.len == BLOCK {
+                ops
+            } else {
+                ops * w.len as f64 / 1e6
+            };
+        }
     }
-    drop(c);
-    drop(srv);
-    if let Some(e) = endpoint {
-        e.close();
+    drop(stacks);
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
     }
-    let _ = std::fs::remove_file(d.join("nbd.sock"));
-    Ok(row)
+    Ok(rows)
 }
 
 /// Run the benchmark, printing its table to `out`.
@@ -409,20 +458,14 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
         HEARTBEAT_TIMEOUT.as_millis()
     )?;
 
-    // 1. Throughput: plain against endpoint + driver, in alternating order round by round
-    //    (plain first in even rounds, the split first in odd ones), so neither always runs
-    //    on the other's leftovers (dirty pages of a deleted overlay, a warm page cache).
+    // 1. Throughput: plain against endpoint + driver, row by row, in alternating order
+    //    round by round (plain first in even rounds, the split first in odd ones), so
+    //    neither always runs on the other's leftovers (dirty pages, a warm page cache).
     let mut samples: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
     for round in 0..cfg.rounds {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for split in order {
-            let row = throughput(cfg, d, &template, &overlay, &export, split)?;
-            samples[usize::from(split)].push(row);
-        }
+        let [plain, split] = throughput_round(cfg, d, &template, round)?;
+        samples[0].push(plain);
+        samples[1].push(split);
         eprint!("\r  throughput round {}/{}", round + 1, cfg.rounds);
     }
     eprintln!();

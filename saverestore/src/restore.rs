@@ -274,9 +274,8 @@ struct Restorer<'a, R> {
 }
 
 /// A filled run's share of the stream check, taken by the worker that filled it.
-#[derive(Default)]
 enum RunSum {
-    #[default]
+    /// Not filled yet.
     None,
     Crc(u32),
     /// The fingerprints of its pages, in order.

@@ -17,6 +17,8 @@
 //! - [`nbd`]: the NBD server (fixed newstyle, structured replies, block status).
 //! - [`commit`]: fold an overlay into a new template.
 //! - [`memory`]: an in-memory `Disk` for tests.
+//! - [`iobuf`]: reply data on its way to a socket (owned, or lent from a driver's shared
+//!   memory) and the vectored write that sends it.
 //! - [`workers`]: the pool of threads that run blocking disk requests for the frontends.
 //! - [`blkif`]: the Xen blkif backend (xenbus handshake, ring loop) over `remoca-xen`.
 //! - [`remote`]: layers in remote memory: a swap device (persistent pool, spill file) and a
@@ -29,6 +31,7 @@ pub mod disk;
 pub mod export;
 pub mod failover;
 pub mod images;
+pub mod iobuf;
 pub mod memory;
 pub mod nbd;
 pub mod overlay;

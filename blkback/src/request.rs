@@ -6,6 +6,7 @@
 //! fails over does not need a copy (STYLE rule 7).
 
 use crate::disk::{check_range, Disk, DiskError, Extent, WriteFlags, ZeroFlags};
+use crate::iobuf::Lent;
 
 /// One block operation.
 #[derive(Debug)]
@@ -42,6 +43,9 @@ pub enum Op {
 pub enum Completion {
     /// Data read; the first `headroom` bytes are left for the frontend's reply header.
     Read { buf: Vec<u8>, headroom: usize },
+    /// Data read, lent out of memory shared with a storage driver (the failover endpoint's
+    /// data area): the frontend sends it from there and drops it once sent.
+    Lent(Lent),
     /// A write, flush, discard or write-zeroes that completed.
     Done,
     /// Extents covering the requested range.

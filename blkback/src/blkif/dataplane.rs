@@ -545,6 +545,7 @@ impl Shared {
     fn run(&self, op: Op) -> Result<Option<Vec<u8>>, i16> {
         match execute(&*self.disk.disk, op, 0) {
             Ok(Completion::Read { buf, .. }) => Ok(Some(buf)),
+            Ok(Completion::Lent(data)) => Ok(Some(data.to_vec())),
             Ok(_) => Ok(None),
             Err(e) => {
                 tracing::debug!(device = %self.name, error = %e.error, "disk request failed");

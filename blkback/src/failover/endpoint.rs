@@ -45,6 +45,7 @@ use super::shm;
 use super::wire::{self, ChannelKey, RequestHeader};
 use super::{Addr, Stream};
 use crate::disk::{push_extent, Disk, DiskError, Done, Extent, WriteFlags, ZeroFlags};
+use crate::iobuf::Piece;
 use crate::request::{Completion, Op, RequestError};
 
 /// Endpoint settings.
@@ -146,14 +147,19 @@ fn mutates(op: u8) -> bool {
 
 type Outcome = Result<Vec<u8>, i32>;
 
+/// A reply's outcome as the reader has it: the data read off the socket (after the waiter's
+/// headroom) or lent from the connection's shared area, or the driver's errno.
+type Reply = Result<Piece, i32>;
+
 /// Who waits for a request's outcome: a blocked caller (the `Disk` calls, the endpoint's own
 /// requests) or a callback run by the connection's reader (requests taken by
 /// [`Disk::submit`], answered with no thread parked on them). A callback's reply data comes
 /// after its `usize` bytes of headroom (the frontend's reply header goes there), read so by
-/// the reader: no copy of the data to make room.
+/// the reader: no copy of the data to make room; or, for a READ answered in a slot of the
+/// shared area, lent from the slot itself, which the frontend sends from there.
 enum Waiter {
     Chan(Sender<Outcome>),
-    Call(Box<dyn FnOnce(Outcome) + Send>, usize),
+    Call(Box<dyn FnOnce(Reply) + Send>, usize),
 }
 
 impl Waiter {
@@ -164,10 +170,10 @@ impl Waiter {
         }
     }
 
-    fn finish(self, o: Outcome) {
+    fn finish(self, o: Reply) {
         match self {
             Waiter::Chan(tx) => {
-                let _ = tx.send(o);
+                let _ = tx.send(o.map(Piece::into_vec));
             }
             Waiter::Call(f, _) => f(o),
         }
@@ -237,7 +243,7 @@ struct Conn {
     broken: AtomicBool,
     reader_exit: Receiver<()>,
     /// The shared data area, when the driver took it.
-    shm: Option<shm::Slots>,
+    shm: Option<Arc<shm::Slots>>,
 }
 
 impl Conn {
@@ -672,7 +678,7 @@ impl Inner {
             monitor: Mutex::new(Monitor::new(self.cfg.monitor, Instant::now())),
             broken: AtomicBool::new(false),
             reader_exit: exit_rx,
-            shm: h.area.map(shm::Slots::new),
+            shm: h.area.map(|a| Arc::new(shm::Slots::new(a))),
         });
         let (me, c) = (self.clone(), conn.clone());
         let mut stream = h.stream;
@@ -726,25 +732,22 @@ impl Inner {
             // reply names none).
             let slots = conn.shm.as_ref();
             let data = if h.kind == wire::KIND_REPLY_SLOT {
-                let (Some(sl), Some(slot)) = (slots, slots.and_then(|sl| sl.slot_of(h.id))) else {
+                let Some(sl) = slots else {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        "a slot reply for a request without a slot",
+                        "a slot reply on a connection without a shared area",
                     ));
                 };
-                let len = h.data_len as usize;
-                let bad = |e| io::Error::new(io::ErrorKind::InvalidData, e);
-                // The driver's length is checked against the slot before we allocate for it.
-                sl.area.check(slot.into(), len).map_err(bad)?;
-                let mut v = Vec::with_capacity(headroom + len);
-                v.resize(headroom, 0);
-                sl.area.take_append(slot.into(), len, &mut v).map_err(bad)?;
-                v
+                // The slot comes from our table and the driver's length is checked against
+                // it; the slot stays lent to the data (and off the free list) until the
+                // frontend has sent it.
+                let lent = sl.lend(h.id, h.data_len as usize);
+                Piece::Lent(lent.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?)
             } else {
-                super::read_data(s, headroom, h.data_len as usize)?
+                Piece::Owned(super::read_data(s, headroom, h.data_len as usize)?)
             };
-            // Free only once the data is copied out: a slot handed to the next write before
-            // that would have its data copied over this read's.
+            // A request that had a slot and was answered on the socket (an error, a driver
+            // that chose the socket) frees it here.
             if let Some(sl) = slots {
                 sl.release(h.id);
             }
@@ -757,7 +760,7 @@ impl Inner {
     }
 
     /// Answer request `id`; the latency since it was last sent.
-    fn complete(&self, id: u64, error: u32, data: Vec<u8>, now: Instant) -> Option<Duration> {
+    fn complete(&self, id: u64, error: u32, data: Piece, now: Instant) -> Option<Duration> {
         let mut st = self.state.lock();
         let p = st.pending.remove(&id)?;
         if error == 0 && mutates(p.req.op) && !p.internal {
@@ -1249,13 +1252,24 @@ impl Disk for Endpoint {
             0
         };
         let waiter = Waiter::Call(
-            Box::new(move |o: Outcome| {
+            Box::new(move |o: Reply| {
                 let r = match (o, &mut op) {
-                    (Ok(buf), Op::Read { len, .. }) if buf.len() != headroom + *len as usize => {
-                        let error = DiskError::Io(io::Error::other("driver sent a short read"));
-                        Err(RequestError { op, error })
+                    (Ok(data), Op::Read { len, .. }) => {
+                        let want = *len as usize;
+                        match data {
+                            Piece::Owned(buf) if buf.len() == headroom + want => {
+                                Ok(Completion::Read { buf, headroom })
+                            }
+                            Piece::Lent(data) if data.len() == want => Ok(Completion::Lent(data)),
+                            _ => {
+                                let e = io::Error::other("driver sent a short read");
+                                Err(RequestError {
+                                    op,
+                                    error: DiskError::Io(e),
+                                })
+                            }
+                        }
                     }
-                    (Ok(buf), Op::Read { .. }) => Ok(Completion::Read { buf, headroom }),
                     (Ok(_), _) => Ok(Completion::Done),
                     (Err(errno), op_ref) => {
                         if let Op::Write { data, .. } = op_ref {
@@ -1392,6 +1406,19 @@ mod tests {
         assert!(e.to_string().contains("refused"), "{e}");
     }
 
+    /// The data of a submitted read's completion: after the headroom asked for when it came
+    /// on the socket, or lent from a slot of the shared area.
+    fn read_bytes(r: Result<Completion, crate::request::RequestError>, headroom: usize) -> Vec<u8> {
+        match r {
+            Ok(Completion::Read { buf, headroom: h }) => {
+                assert_eq!(h, headroom);
+                buf[h..].to_vec()
+            }
+            Ok(Completion::Lent(data)) => data.to_vec(),
+            other => panic!("read: {other:?}"),
+        }
+    }
+
     /// Large and small requests in flight together through `submit` (the NBD path): large
     /// data goes around the channel buffers, yet every write lands and every read returns
     /// what was written, after the headroom asked for.
@@ -1454,14 +1481,9 @@ mod tests {
         }
         ep.submit_flush();
         for (i, rx) in rxs.into_iter().enumerate() {
-            match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-                Ok(Completion::Read { buf, headroom }) => {
-                    assert_eq!(headroom, i * 4);
-                    assert_eq!(buf.len(), headroom + sizes[i], "read {i}");
-                    assert!(buf[headroom..] == pattern(i, sizes[i])[..], "read {i}");
-                }
-                other => panic!("read {i}: {other:?}"),
-            }
+            let got = read_bytes(rx.recv_timeout(Duration::from_secs(10)).unwrap(), i * 4);
+            assert_eq!(got.len(), sizes[i], "read {i}");
+            assert!(got == pattern(i, sizes[i]), "read {i}");
         }
         let end = offsets[sizes.len() - 1] + (3 << 20);
         let all: Vec<u8> = (0..sizes.len())
@@ -1506,19 +1528,11 @@ mod tests {
             fua: false,
         };
         assert!(matches!(wait(submit(w, 0)), Ok(Completion::Done)));
-        match wait(submit(
-            Op::Read {
-                offset: 8192,
-                len: 4096,
-            },
-            16,
-        )) {
-            Ok(Completion::Read { buf, headroom }) => {
-                assert_eq!(headroom, 16);
-                assert_eq!(&buf[16..], &data[..]);
-            }
-            other => panic!("read: {other:?}"),
-        }
+        let read = Op::Read {
+            offset: 8192,
+            len: 4096,
+        };
+        assert_eq!(read_bytes(wait(submit(read, 16)), 16), data);
         let past = Op::Read {
             offset: 1 << 20,
             len: 1,

@@ -11,9 +11,10 @@
 //!
 //! Nothing read from the area or from the driver is trusted: a slot number and length come
 //! from the endpoint's own table (the slot it assigned to the request id), a length from the
-//! driver is checked against the slot size before any copy, and the endpoint only ever
-//! copies bytes out of the area with a raw copy, never holding a Rust reference into memory
-//! the driver may write at the same time. The memfd is sealed against shrinking and growing
+//! driver is checked against the slot size before any use, and the endpoint never holds a
+//! Rust reference into memory the driver may write at the same time: it copies bytes in
+//! with raw copies, and lends a READ reply's slot to the frontend ([`Slots::lend`], a
+//! [`Lent`]), which sends it with `writev` and frees the slot when done. The memfd is sealed against shrinking and growing
 //! before it is sent, so a driver cannot make the endpoint's mapping fault (SIGBUS) by
 //! truncating the file. Every connection gets its own memfd, so a
 //! superseded driver that keeps writing into its old mapping touches nothing the endpoint
@@ -27,6 +28,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rustix::mm::{MapFlags, ProtFlags};
@@ -34,6 +36,8 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
+
+use crate::iobuf::Lent;
 
 /// Magic of the offer frame sent with the memfd.
 pub const SHM_MAGIC: u32 = 0x5246_4f4d; // "RFOM"
@@ -58,6 +62,8 @@ pub enum ShmError {
     BadOffer,
     #[error("slot {0} is already in use by another request")]
     SlotBusy(u64),
+    #[error("request {0} has no slot")]
+    NoSlot(u64),
 }
 
 /// A mapped data area: `slots` slots of `slot_size` bytes.
@@ -418,6 +424,44 @@ impl Slots {
         t.free.push(s);
         Some(s)
     }
+
+    /// The first `len` bytes of the slot request `id` holds, lent until the [`Lent`] is
+    /// dropped (the endpoint, on a READ reply: the frontend sends them from the slot). The
+    /// slot leaves `id` at once, so a second reply for `id` finds no slot; it is free again
+    /// only when the lent data is dropped, so no later request's data lands on it meanwhile.
+    ///
+    /// # Errors
+    /// No slot for `id`; a length over the slot size (the slot is then freed).
+    pub fn lend(self: &Arc<Self>, id: u64, len: usize) -> Result<Lent, ShmError> {
+        let slot = self
+            .table
+            .lock()
+            .by_id
+            .remove(&id)
+            .ok_or(ShmError::NoSlot(id))?;
+        let hold = SlotHold {
+            slots: self.clone(),
+            slot,
+        };
+        let at = self.area.range(slot.into(), len as u64)?;
+        let ptr = NonNull::new(self.area.at(at)).expect("inside the mapping");
+        // SAFETY: `range` checked the `len` bytes at `ptr` lie inside the mapping, which
+        // `hold` keeps alive (it holds the `Slots` that own the `Area`, unmapped only on
+        // drop); the slot stays reserved to this data until `hold` is dropped.
+        Ok(unsafe { Lent::new(ptr, len, Box::new(hold)) })
+    }
+}
+
+/// A lent slot: frees it when dropped.
+struct SlotHold {
+    slots: Arc<Slots>,
+    slot: u32,
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        self.slots.table.lock().free.push(self.slot);
+    }
 }
 
 #[cfg(test)]
@@ -541,5 +585,24 @@ mod tests {
         assert_eq!(s.release(1), Some(a));
         assert_eq!(s.release(1), None, "released twice");
         assert_eq!(s.assign(3, 10), Some(a));
+    }
+
+    /// A lent slot holds the reply's bytes and stays off the free list until the lent data
+    /// is dropped; a second reply for the same request finds no slot.
+    #[test]
+    fn a_lent_slot_is_not_reused_before_its_data_is_dropped() {
+        let s = Arc::new(Slots::new(Area::create(1, 4096).expect("memfd")));
+        let slot = s.assign(1, 4096).expect("slot");
+        s.area.put(slot.into(), &[7; 100]).unwrap();
+        let lent = s.lend(1, 100).expect("lend");
+        assert_eq!(lent.to_vec(), vec![7; 100]);
+        assert_eq!(s.lend(1, 100).unwrap_err(), ShmError::NoSlot(1));
+        assert_eq!(s.release(1), None, "the slot left the request");
+        assert_eq!(s.assign(2, 10), None, "the only slot is lent");
+        drop(lent);
+        assert_eq!(s.assign(2, 10), Some(slot));
+        // A length over the slot is refused, and the slot is free again.
+        assert_eq!(s.lend(2, 4097).unwrap_err(), ShmError::BadLength(4097));
+        assert_eq!(s.assign(3, 10), Some(slot));
     }
 }

@@ -11,8 +11,9 @@
 //! failover endpoint, through `Disk::submit`) has that thread write the replies of one
 //! batch to the socket itself ([`Sink`], [`crate::disk::defer_to_batch_end`]): no task is
 //! woken per reply. Replies finished on worker threads go through the writer task, which
-//! gathers what is queued into one write. On other streams (tests, fuzzing) every reply
-//! goes through the writer task.
+//! gathers what is queued into one `writev` ([`crate::iobuf::OutQueue`]: large reads, and
+//! reads lent from a failover driver's shared memory, are not copied on the way). On other
+//! streams (tests, fuzzing) every reply goes through the writer task as one buffer.
 //!
 //! Requests are pipelined and replies may leave out of order, as the protocol allows. A
 //! FLUSH is executed after every earlier request *completed* (the client only counts on
@@ -21,10 +22,11 @@
 
 use std::any::Any;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, Interest};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{Session, CTX_ALLOCATION_DEPTH, CTX_BASE_ALLOCATION};
@@ -32,6 +34,7 @@ use super::shutdown::Shutdown;
 use super::wire::*;
 use crate::disk::{defer_to_batch_end, BatchOutput, DiskError, Extent};
 use crate::export::{Export, ExportStats};
+use crate::iobuf::{Frame, Lent, OutQueue};
 use crate::request::{execute, Completion, Op, RequestError};
 use crate::workers::WorkerPool;
 
@@ -99,24 +102,52 @@ impl Replier {
         b
     }
 
-    fn read(&self, cookie: u64, offset: u64, mut buf: Vec<u8>, headroom: usize) -> Vec<u8> {
+    fn read(&self, cookie: u64, offset: u64, mut buf: Vec<u8>, headroom: usize) -> Frame {
         let len = buf.len() - headroom;
         if self.structured {
             if len == 0 {
-                return chunk(REPLY_FLAG_DONE, CHUNK_NONE, cookie, &[]);
+                return chunk(REPLY_FLAG_DONE, CHUNK_NONE, cookie, &[]).into();
             }
-            put_chunk_header(
-                &mut buf,
-                REPLY_FLAG_DONE,
-                CHUNK_OFFSET_DATA,
-                cookie,
-                len as u32 + 8,
-            );
-            buf[CHUNK_HEADER_LEN..headroom].copy_from_slice(&offset.to_be_bytes());
+            self.put_read_header(&mut buf[..headroom], cookie, offset, len);
         } else {
             put_simple_reply(&mut buf, 0, cookie);
         }
-        buf
+        buf.into()
+    }
+
+    /// The reply to a read whose data is lent: the header here, the data sent from where
+    /// it is.
+    fn read_lent(&self, cookie: u64, offset: u64, data: Lent) -> Frame {
+        if data.is_empty() {
+            return self.read(
+                cookie,
+                offset,
+                vec![0; self.read_headroom()],
+                self.read_headroom(),
+            );
+        }
+        let mut head = vec![0u8; self.read_headroom()];
+        if self.structured {
+            self.put_read_header(&mut head, cookie, offset, data.len());
+        } else {
+            put_simple_reply(&mut head, 0, cookie);
+        }
+        Frame {
+            head,
+            body: Some(data),
+        }
+    }
+
+    /// A structured OFFSET_DATA chunk's header for `len` bytes at `offset`.
+    fn put_read_header(&self, head: &mut [u8], cookie: u64, offset: u64, len: usize) {
+        put_chunk_header(
+            head,
+            REPLY_FLAG_DONE,
+            CHUNK_OFFSET_DATA,
+            cookie,
+            len as u32 + 8,
+        );
+        head[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
     }
 
     fn block_status(&self, cookie: u64, extents: &[Extent], req_one: bool) -> Vec<u8> {
@@ -231,11 +262,11 @@ enum Replies {
 }
 
 impl Replies {
-    fn send(&self, frame: Vec<u8>) {
+    fn send(&self, frame: Frame) {
         match self {
-            Replies::Direct(s) => s.send(&frame),
+            Replies::Direct(s) => s.send(frame),
             Replies::Queue(tx) => {
-                let _ = tx.send(frame);
+                let _ = tx.send(frame.into_vec());
             }
         }
     }
@@ -269,10 +300,17 @@ impl SinkSocket {
         Err(*any.downcast::<W>().expect("the writer's own type"))
     }
 
-    fn try_write(&self, b: &[u8]) -> io::Result<usize> {
+    /// Write what the socket takes of `q` now, without waiting.
+    fn try_write(&self, q: &mut OutQueue) -> io::Result<usize> {
         match self {
-            SinkSocket::Unix(w) => w.try_write(b),
-            SinkSocket::Tcp(w) => w.try_write(b),
+            SinkSocket::Unix(w) => {
+                let s: &tokio::net::UnixStream = w.as_ref();
+                s.try_io(Interest::WRITABLE, || q.write_to(s.as_fd()))
+            }
+            SinkSocket::Tcp(w) => {
+                let s: &tokio::net::TcpStream = w.as_ref();
+                s.try_io(Interest::WRITABLE, || q.write_to(s.as_fd()))
+            }
         }
     }
 
@@ -286,9 +324,9 @@ impl SinkSocket {
 
 #[derive(Default)]
 struct SinkState {
-    /// Whole frames not written yet (the tail of one may have been written already).
-    buf: Vec<u8>,
-    /// The writer task owns the socket until `buf` is empty: nobody else writes.
+    /// Whole frames not written yet (the start of the first may have been written).
+    out: OutQueue,
+    /// The writer task owns the socket until `out` is empty: nobody else writes.
     handed_off: bool,
     closed: bool,
     error: Option<io::Error>,
@@ -296,7 +334,7 @@ struct SinkState {
 
 /// A client socket that a disk's I/O thread writes its replies to itself.
 ///
-/// Replies are appended whole to one queue. A disk's I/O thread writes the queue with a
+/// Replies are queued whole, in order ([`OutQueue`]: large and lent data are not copied). A disk's I/O thread writes the queue with a
 /// non-blocking write at the end of its batch; what the socket does not take, and what
 /// other threads queue, the writer task ([`Sink::write_rest`]) writes, waiting for the
 /// socket. Frames never interleave: only one writer writes at a time (under the lock, or
@@ -320,12 +358,12 @@ impl Sink {
     /// see [`crate::disk::batch_completions_on_this_thread`]) it is written by that thread at
     /// the end of its batch; from any other thread (a worker, the reader task) the writer
     /// task is woken to write it, as it gathers whatever else is queued by then.
-    fn send(self: &Arc<Self>, frame: &[u8]) {
+    fn send(self: &Arc<Self>, frame: Frame) {
         let mut st = self.state.lock();
         if st.error.is_some() || st.closed {
             return;
         }
-        st.buf.extend_from_slice(frame);
+        st.out.push(frame);
         let out: Arc<dyn BatchOutput> = self.clone();
         if defer_to_batch_end(&out) {
             return;
@@ -338,16 +376,14 @@ impl Sink {
 
     /// Write what is queued, unless the writer task owns the socket.
     fn write_queued(&self, st: &mut SinkState) {
-        if st.handed_off || st.buf.is_empty() || st.error.is_some() {
+        if st.handed_off || st.out.is_empty() || st.error.is_some() {
             return;
         }
-        let mut done = 0;
-        while done < st.buf.len() {
-            match self.sock.try_write(&st.buf[done..]) {
-                Ok(n) => done += n,
+        while !st.out.is_empty() {
+            match self.sock.try_write(&mut st.out) {
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    st.buf.drain(..done);
                     st.handed_off = true;
                     self.wake.notify_one();
                     return;
@@ -355,11 +391,10 @@ impl Sink {
                 Err(e) => return self.fail(st, e),
             }
         }
-        st.buf.clear();
     }
 
     fn fail(&self, st: &mut SinkState, e: io::Error) {
-        st.buf = Vec::new();
+        st.out = OutQueue::default();
         st.error = Some(e);
         self.wake.notify_one();
     }
@@ -378,16 +413,16 @@ impl Sink {
                 if let Some(e) = &st.error {
                     return Err(io::Error::new(e.kind(), e.to_string()));
                 }
-                if st.handed_off && !st.buf.is_empty() {
-                    Some(std::mem::take(&mut st.buf))
+                if st.handed_off && !st.out.is_empty() {
+                    Some(std::mem::take(&mut st.out))
                 } else {
                     st.handed_off = false;
                     if st.closed {
                         // Batched frames not yet written (none once every request is
                         // answered and its batch ended; kept for safety).
-                        if !st.buf.is_empty() {
+                        if !st.out.is_empty() {
                             st.handed_off = true;
-                            Some(std::mem::take(&mut st.buf))
+                            Some(std::mem::take(&mut st.out))
                         } else {
                             return Ok(());
                         }
@@ -396,15 +431,14 @@ impl Sink {
                     }
                 }
             };
-            let Some(chunk) = chunk else {
+            let Some(mut chunk) = chunk else {
                 self.wake.notified().await;
                 continue;
             };
-            let mut done = 0;
-            while done < chunk.len() {
+            while !chunk.is_empty() {
                 self.sock.writable().await?;
-                match self.sock.try_write(&chunk[done..]) {
-                    Ok(n) => done += n,
+                match self.sock.try_write(&mut chunk) {
+                    Ok(_) => {}
                     Err(e)
                         if matches!(
                             e.kind(),
@@ -487,12 +521,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let op = match decoded {
             Decoded::Disconnect => return Ok(()),
             Decoded::Ok => {
-                tx.send(replier.ok(h.cookie));
+                tx.send(replier.ok(h.cookie).into());
                 continue;
             }
             Decoded::Reply(errno, msg) => {
                 ExportStats::add(&export.stats.errors, 1);
-                tx.send(replier.error(h.cookie, errno, msg));
+                tx.send(replier.error(h.cookie, errno, msg).into());
                 continue;
             }
             Decoded::Run(op) => op,
@@ -547,17 +581,20 @@ fn reply_frame(
     h: &RequestHeader,
     req_one: bool,
     res: Result<Completion, RequestError>,
-) -> Vec<u8> {
+) -> Frame {
     match res {
         Ok(Completion::Read { buf, headroom }) => replier.read(h.cookie, h.offset, buf, headroom),
-        Ok(Completion::Done) => replier.ok(h.cookie),
-        Ok(Completion::Extents(e)) => replier.block_status(h.cookie, &e, req_one),
+        Ok(Completion::Lent(data)) => replier.read_lent(h.cookie, h.offset, data),
+        Ok(Completion::Done) => replier.ok(h.cookie).into(),
+        Ok(Completion::Extents(e)) => replier.block_status(h.cookie, &e, req_one).into(),
         Err(err) => {
             ExportStats::add(&export.stats.errors, 1);
             let errno = nbd_errno(h.command, &err.error);
             tracing::debug!(export = %export.name, command = h.command, offset = h.offset,
                 len = h.len, error = %err.error, "request failed");
-            replier.error(h.cookie, errno, &err.error.to_string())
+            replier
+                .error(h.cookie, errno, &err.error.to_string())
+                .into()
         }
     }
 }

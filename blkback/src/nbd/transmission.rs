@@ -622,8 +622,16 @@ async fn decode<R: AsyncRead + Unpin>(
                 "write larger than the maximum block size",
             ));
         }
-        let mut data = vec![0u8; h.len as usize];
-        reader.read_exact(&mut data).await?;
+        // Read into the vector's spare capacity: no zero-fill of a buffer about to be
+        // overwritten (a memset of every written byte).
+        let n = h.len as usize;
+        let mut data = Vec::with_capacity(n);
+        let mut payload = (&mut *reader).take(len);
+        while data.len() < n {
+            if payload.read_buf(&mut data).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
         if h.flags & !CMD_FLAGS_KNOWN != 0 {
             return Ok(Decoded::Reply(EINVAL, "unknown command flags"));
         }

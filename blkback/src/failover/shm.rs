@@ -228,8 +228,9 @@ impl Area {
         Ok(())
     }
 
-    /// Copy `out.len()` bytes out of `slot` (the endpoint, on a READ reply). The driver may
-    /// write the slot meanwhile: the bytes are then whatever it wrote, never out of bounds.
+    /// Copy `out.len()` bytes out of `slot` (the endpoint's replies are lent instead, see
+    /// [`Slots::lend`]; the tests read slots with this). The other side may write the slot
+    /// meanwhile: the bytes are then whatever it wrote, never out of bounds.
     ///
     /// # Errors
     /// A bad slot or a length over the slot size.
@@ -238,23 +239,6 @@ impl Area {
         // SAFETY: `range` checked the source lies inside the mapping; a raw copy out of
         // shared memory creates no reference to it.
         unsafe { std::ptr::copy_nonoverlapping(self.at(at), out.as_mut_ptr(), out.len()) };
-        Ok(())
-    }
-
-    /// Append `len` bytes of `slot` to `out` (the endpoint, on a READ reply): as
-    /// [`take`](Self::take), without first zero-filling the destination.
-    ///
-    /// # Errors
-    /// A bad slot or a length over the slot size.
-    pub fn take_append(&self, slot: u64, len: usize, out: &mut Vec<u8>) -> Result<(), ShmError> {
-        let at = self.range(slot, len as u64)?;
-        out.reserve(len);
-        let dst = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
-        // SAFETY: `range` checked the source lies inside the mapping (a raw copy creates no
-        // reference to it); `reserve` left at least `len` bytes of spare capacity at `dst`.
-        unsafe { std::ptr::copy_nonoverlapping(self.at(at), dst, len) };
-        // SAFETY: the copy above initialised the `len` bytes after the old length.
-        unsafe { out.set_len(out.len() + len) };
         Ok(())
     }
 
@@ -412,11 +396,6 @@ impl Slots {
         Some(s)
     }
 
-    /// The slot request `id` holds.
-    pub fn slot_of(&self, id: u64) -> Option<u32> {
-        self.table.lock().by_id.get(&id).copied()
-    }
-
     /// The slot request `id` held, now free again.
     pub fn release(&self, id: u64) -> Option<u32> {
         let mut t = self.table.lock();
@@ -505,19 +484,8 @@ mod tests {
         let mut back = vec![0u8; 4096];
         a.take(3, &mut back).expect("take");
         assert!(back.iter().all(|&b| b == 7));
-        let mut appended = vec![1u8; 3];
-        a.take_append(2, 4096, &mut appended).expect("take_append");
-        assert_eq!(appended.len(), 4099);
-        assert!(appended[..3].iter().all(|&b| b == 1) && appended[3..].iter().all(|&b| b == 5));
-        assert_eq!(
-            a.take_append(4, 1, &mut appended),
-            Err(ShmError::BadSlot(4))
-        );
-        assert_eq!(
-            a.take_append(0, 4097, &mut appended),
-            Err(ShmError::BadLength(4097))
-        );
-        assert_eq!(appended.len(), 4099);
+        a.take(2, &mut back).expect("take");
+        assert!(back.iter().all(|&b| b == 5));
     }
 
     #[test]

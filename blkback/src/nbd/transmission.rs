@@ -104,50 +104,42 @@ impl Replier {
 
     fn read(&self, cookie: u64, offset: u64, mut buf: Vec<u8>, headroom: usize) -> Frame {
         let len = buf.len() - headroom;
-        if self.structured {
-            if len == 0 {
-                return chunk(REPLY_FLAG_DONE, CHUNK_NONE, cookie, &[]).into();
-            }
-            self.put_read_header(&mut buf[..headroom], cookie, offset, len);
-        } else {
-            put_simple_reply(&mut buf, 0, cookie);
+        if self.structured && len == 0 {
+            return chunk(REPLY_FLAG_DONE, CHUNK_NONE, cookie, &[]).into();
         }
+        self.put_read_header(&mut buf[..headroom], cookie, offset, len);
         buf.into()
     }
 
     /// The reply to a read whose data is lent: the header here, the data sent from where
     /// it is.
     fn read_lent(&self, cookie: u64, offset: u64, data: Lent) -> Frame {
-        if data.is_empty() {
-            return self.read(
-                cookie,
-                offset,
-                vec![0; self.read_headroom()],
-                self.read_headroom(),
-            );
+        if self.structured && data.is_empty() {
+            return chunk(REPLY_FLAG_DONE, CHUNK_NONE, cookie, &[]).into();
         }
         let mut head = vec![0u8; self.read_headroom()];
-        if self.structured {
-            self.put_read_header(&mut head, cookie, offset, data.len());
-        } else {
-            put_simple_reply(&mut head, 0, cookie);
-        }
+        self.put_read_header(&mut head, cookie, offset, data.len());
         Frame {
             head,
             body: Some(data),
         }
     }
 
-    /// A structured OFFSET_DATA chunk's header for `len` bytes at `offset`.
+    /// The header of a successful read's reply with `len` bytes of data at `offset`: a
+    /// structured OFFSET_DATA chunk's, or a simple reply's.
     fn put_read_header(&self, head: &mut [u8], cookie: u64, offset: u64, len: usize) {
-        put_chunk_header(
-            head,
-            REPLY_FLAG_DONE,
-            CHUNK_OFFSET_DATA,
-            cookie,
-            len as u32 + 8,
-        );
-        head[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
+        if self.structured {
+            put_chunk_header(
+                head,
+                REPLY_FLAG_DONE,
+                CHUNK_OFFSET_DATA,
+                cookie,
+                len as u32 + 8,
+            );
+            head[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
+        } else {
+            put_simple_reply(head, 0, cookie);
+        }
     }
 
     fn block_status(&self, cookie: u64, extents: &[Extent], req_one: bool) -> Vec<u8> {

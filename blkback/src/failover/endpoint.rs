@@ -724,10 +724,6 @@ impl Inner {
                 conn.monitor.lock().on_heartbeat(Instant::now());
                 continue;
             }
-            let headroom = {
-                let st = self.state.lock();
-                st.pending.get(&h.id).map_or(0, |p| p.done.headroom())
-            };
             // The slot this connection gave request `id`, from our own table (a driver's
             // reply names none).
             let slots = conn.shm.as_ref();
@@ -744,6 +740,11 @@ impl Inner {
                 let lent = sl.lend(h.id, h.data_len as usize);
                 Piece::Lent(lent.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?)
             } else {
+                // Data on the socket goes after the waiter's headroom (lent data needs none).
+                let headroom = {
+                    let st = self.state.lock();
+                    st.pending.get(&h.id).map_or(0, |p| p.done.headroom())
+                };
                 Piece::Owned(super::read_data(s, headroom, h.data_len as usize)?)
             };
             // A request that had a slot and was answered on the socket (an error, a driver

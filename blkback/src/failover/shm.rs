@@ -14,11 +14,11 @@
 //! driver is checked against the slot size before any use, and the endpoint never holds a
 //! Rust reference into memory the driver may write at the same time: it copies bytes in
 //! with raw copies, and lends a READ reply's slot to the frontend ([`Slots::lend`], a
-//! [`Lent`]), which sends it with `writev` and frees the slot when done. The memfd is sealed against shrinking and growing
-//! before it is sent, so a driver cannot make the endpoint's mapping fault (SIGBUS) by
-//! truncating the file. Every connection gets its own memfd, so a
-//! superseded driver that keeps writing into its old mapping touches nothing the endpoint
-//! still reads.
+//! [`Lent`]), which sends it with `writev` and frees the slot when done. The memfd is
+//! sealed against shrinking and growing before it is sent, so a driver cannot make the
+//! endpoint's mapping fault (SIGBUS) by truncating the file. Every connection gets its own
+//! memfd, so a superseded driver that keeps writing into its old mapping touches nothing
+//! the endpoint still reads.
 //!
 //! All `unsafe` of the shared-memory channel is in this module.
 

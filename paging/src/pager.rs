@@ -229,7 +229,7 @@ fn kib_to_pages(kib: u64) -> u64 {
 /// Fetch a page and check it is the copy the journal recorded.
 fn fetch(store: &dyn PageStore, dom: DomId, gfn: Gfn, hash: u64) -> Result<Vec<u8>, StoreError> {
     let page = store.get(dom, gfn)?;
-    if page.len() != PAGE_SIZE || xxhash_rust::xxh3::xxh3_64(&page) != hash {
+    if page.len() != PAGE_SIZE || twox_hash::XxHash3_64::oneshot(&page) != hash {
         return Err(StoreError::Unavailable {
             source: format!("page {gfn:#x} of domain {dom}: store copy does not match the journal")
                 .into(),
@@ -661,7 +661,7 @@ impl Pager {
         for (g, page) in &pages {
             self.journal.record(Record::Out {
                 gfn: *g,
-                hash: xxhash_rust::xxh3::xxh3_64(page),
+                hash: twox_hash::XxHash3_64::oneshot(page),
             });
         }
         self.journal.sync()?;

@@ -138,6 +138,18 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// [`DiskError::Io`] from the device's sync.
     fn flush(&self) -> Result<(), DiskError>;
 
+    /// Whether what a completed write left in `offset..offset+len` is already in the storage
+    /// as another process opening it now would see it: in the host's page cache, with no
+    /// part of it (an overlay's map entry, a cache's dirty block) held only in this
+    /// process's memory. Such a write needs no re-applying when this process dies; it can
+    /// still be lost with the host before a flush. The failover endpoint asks its drivers
+    /// ([`crate::failover`]) so that it keeps only the writes that do need re-applying.
+    /// The default, `false`, is always safe.
+    fn write_is_stored(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// The guest no longer needs this range. Layers that keep data for the guest (the
     /// overlay) make it read back as zeroes, so a later read never resurfaces older data.
     ///

@@ -213,6 +213,8 @@ struct Conn {
     disk: OnceLock<Result<Arc<dyn Disk>, String>>,
     /// The endpoint's shared data area, when it offered one.
     area: Option<shm::Area>,
+    /// Both sides agreed on stored-write replies ([`wire::HELLO_STORED`]).
+    stored: bool,
 }
 
 impl Drop for Conn {
@@ -293,7 +295,8 @@ impl Conn {
     }
 }
 
-type Accepted = (u64, String, Option<shm::Area>);
+/// What a handshake agreed: generation, export, shared area, stored-write replies.
+type Accepted = (u64, String, Option<shm::Area>, bool);
 
 fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<Accepted>> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -320,10 +323,15 @@ fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<Accepted>>
         Some(k) => k.driver_mac(&h.nonce, &nonce, h.generation),
         None => [0; 32],
     };
-    let take_shm = h.shm && status == 0 && matches!(s, Stream::Unix(_));
+    let unix = status == 0 && matches!(s, Stream::Unix(_));
+    let take_shm = h.shm && unix;
+    // Stored writes are in this host's page cache: that helps an endpoint on the same host
+    // only (one whose kernel goes down with ours), so Unix sockets only.
+    let stored = h.stored && unix;
     let reply = HelloReply {
         keyed: cfg.key.is_some(),
         shm: take_shm,
+        stored,
         status,
         pid: std::process::id(),
         size,
@@ -356,7 +364,7 @@ fn handshake(s: &mut Stream, cfg: &DriverConfig) -> io::Result<Option<Accepted>>
         _ => None,
     };
     s.set_read_timeout(None)?;
-    Ok(Some((h.generation, export, area)))
+    Ok(Some((h.generation, export, area, stored)))
 }
 
 fn serve_connection(
@@ -364,7 +372,7 @@ fn serve_connection(
     cfg: &DriverConfig,
     jobs: &crossbeam_channel::Sender<Job>,
 ) -> io::Result<()> {
-    let Some((generation, export, area)) = handshake(&mut stream, cfg)? else {
+    let Some((generation, export, area, stored)) = handshake(&mut stream, cfg)? else {
         return Ok(());
     };
     tracing::info!(export = %export, generation, "endpoint connected");
@@ -378,6 +386,7 @@ fn serve_connection(
         fence: OnceLock::new(),
         disk: OnceLock::new(),
         area,
+        stored,
     });
     let hb = conn.clone();
     let interval = cfg.heartbeat_interval;
@@ -453,21 +462,47 @@ fn run_slot(conn: &Conn, area: &shm::Area, h: &RequestHeader) -> ReplyHeader {
     drop(buf);
     match r {
         Ok(()) if h.op == wire::OP_READ => reply(wire::KIND_REPLY_SLOT, 0, h.length),
-        Ok(()) => reply(wire::KIND_REPLY, 0, 0),
+        Ok(()) => reply(done_kind(conn, &*d, h), 0, 0),
         Err(e) => reply(wire::KIND_REPLY, e.errno() as u32, 0),
     }
 }
 
-fn run_request(conn: &Conn, h: &RequestHeader, data: &[u8]) -> (u32, Vec<u8>) {
+/// The kind of a successful reply without data to `h`: a write, discard or write-zeroes
+/// whose result the disk already holds as a new driver would open it is reported stored,
+/// when the endpoint agreed to such replies.
+fn done_kind(conn: &Conn, d: &dyn Disk, h: &RequestHeader) -> u8 {
+    let mutates = matches!(
+        h.op,
+        wire::OP_WRITE | wire::OP_DISCARD | wire::OP_WRITE_ZEROES
+    );
+    if conn.stored && mutates && d.write_is_stored(h.offset, h.length.into()) {
+        wire::KIND_REPLY_STORED
+    } else {
+        wire::KIND_REPLY
+    }
+}
+
+/// Run a request whose data (if any) is on the socket: the reply header and its data.
+fn run_request(conn: &Conn, h: &RequestHeader, data: &[u8]) -> (ReplyHeader, Vec<u8>) {
+    let reply = |kind, error, out: Vec<u8>| {
+        let r = ReplyHeader {
+            kind,
+            error,
+            id: h.id,
+            data_len: out.len() as u32,
+        };
+        (r, out)
+    };
     if h.generation != conn.generation {
-        return (libc::ESTALE as u32, Vec::new());
+        return reply(wire::KIND_REPLY, libc::ESTALE as u32, Vec::new());
     }
     match conn.disk() {
         Ok(d) => match execute(&*d, h, data) {
-            Ok(out) => (0, out),
-            Err(e) => (e.errno() as u32, Vec::new()),
+            Ok(out) if out.is_empty() => reply(done_kind(conn, &*d, h), 0, out),
+            Ok(out) => reply(wire::KIND_REPLY, 0, out),
+            Err(e) => reply(wire::KIND_REPLY, e.errno() as u32, Vec::new()),
         },
-        Err(_) => (libc::EIO as u32, Vec::new()),
+        Err(_) => reply(wire::KIND_REPLY, libc::EIO as u32, Vec::new()),
     }
 }
 
@@ -518,13 +553,7 @@ fn read_requests<R: Read>(
                 batch.extend_from_slice(&wire::encode_reply(&run_slot(conn, area, &h)));
                 continue;
             }
-            let (error, out) = run_request(conn, &h, &data);
-            let r = ReplyHeader {
-                kind: wire::KIND_REPLY,
-                error,
-                id: h.id,
-                data_len: out.len() as u32,
-            };
+            let (r, out) = run_request(conn, &h, &data);
             batch.extend_from_slice(&wire::encode_reply(&r));
             batch.extend_from_slice(&out);
             continue;
@@ -535,13 +564,7 @@ fn read_requests<R: Read>(
                 conn.send(&run_slot(&conn, area, &h), &[]);
                 return;
             }
-            let (error, out) = run_request(&conn, &h, &data);
-            let r = ReplyHeader {
-                kind: wire::KIND_REPLY,
-                error,
-                id: h.id,
-                data_len: out.len() as u32,
-            };
+            let (r, out) = run_request(&conn, &h, &data);
             conn.send(&r, &out);
         });
         if jobs.send(job).is_err() {

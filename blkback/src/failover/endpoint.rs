@@ -22,7 +22,9 @@
 //!    write-zeroes) that were **acknowledged since the last completed flush**: the new driver
 //!    opens the overlay afresh and sees its map as last flushed, so without them an
 //!    acknowledged, unflushed write would read back as older data. Applying them again is
-//!    harmless (every write is idempotent);
+//!    harmless (every write is idempotent). A local driver reports the writes that need no
+//!    re-applying (stored in the page cache as a new driver would open them); those are not
+//!    kept unless they overlap a kept one ([`super::kept`]);
 //! 5. re-send every unanswered request, in id order, and answer the original callers from
 //!    the new driver.
 //!
@@ -40,6 +42,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
+use super::kept::Kept;
 use super::monitor::{Monitor, MonitorConfig, Outstanding};
 use super::shm;
 use super::wire::{self, ChannelKey, RequestHeader};
@@ -124,6 +127,8 @@ pub struct EndpointStatus {
     pub standby: Option<String>,
     pub generation: u64,
     pub in_flight: usize,
+    /// Acknowledged, unflushed writes kept for re-applying after a failover (stored ones
+    /// are not counted: they need none).
     pub unflushed_writes: usize,
     pub failovers: u64,
     pub last_failover: Option<FailoverRecord>,
@@ -216,9 +221,9 @@ struct State {
     next_id: u64,
     next_gen: u64,
     pending: BTreeMap<u64, Pending>,
-    /// Acknowledged mutating requests since the last flush, by completion number.
-    acked: BTreeMap<u64, Req>,
-    acked_bytes: u64,
+    /// Acknowledged mutating requests since the last flush, by completion number, except
+    /// those the driver reported stored (see [`super::kept`]).
+    acked: Kept<Req>,
     completions: u64,
     own_flush: bool,
     active: Option<Arc<Conn>>,
@@ -244,6 +249,8 @@ struct Conn {
     reader_exit: Receiver<()>,
     /// The shared data area, when the driver took it.
     shm: Option<Arc<shm::Slots>>,
+    /// The driver sends stored-write replies ([`wire::HELLO_STORED`]).
+    stored: bool,
 }
 
 impl Conn {
@@ -408,32 +415,62 @@ pub struct Endpoint {
 struct Handshaken {
     stream: Stream,
     area: Option<shm::Area>,
+    /// The driver sends stored-write replies.
+    stored: bool,
     generation: u64,
     pid: u32,
     size: u64,
     read_only: bool,
 }
 
-/// Handshake with the driver at `addr`. A driver that closes the connection on a hello
-/// offering the shared area (a build from before it, which refuses the unknown flag) is
-/// asked again without the offer.
-fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Handshaken, String> {
-    match handshake_with(cfg, addr, generation, cfg.shm) {
-        Err((e, true)) => {
-            tracing::debug!(error = %e, "driver closed on the shared-memory offer; trying without");
-            handshake_with(cfg, addr, generation, false).map_err(|(e, _)| e)
-        }
-        r => r.map_err(|(e, _)| e),
-    }
+/// What a hello offers beyond the key (Unix sockets only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Offer {
+    shm: bool,
+    stored: bool,
 }
 
-/// As [`handshake`], offering the shared area if `shm`; an error says whether the driver
-/// closed the connection on a hello that offered it.
+/// Handshake with the driver at `addr`. A driver of an older build refuses a hello flag it
+/// does not know by closing the connection: it is asked again offering less, the newest
+/// feature dropped first (stored-write replies, then the shared area).
+fn handshake(cfg: &EndpointConfig, addr: &Addr, generation: u64) -> Result<Handshaken, String> {
+    let offers = [
+        Offer {
+            shm: cfg.shm,
+            stored: true,
+        },
+        Offer {
+            shm: cfg.shm,
+            stored: false,
+        },
+        Offer {
+            shm: false,
+            stored: false,
+        },
+    ];
+    let mut last = String::new();
+    for (i, &offer) in offers.iter().enumerate() {
+        if offers[..i].contains(&offer) {
+            continue;
+        }
+        match handshake_with(cfg, addr, generation, offer) {
+            Err((e, true)) => {
+                tracing::debug!(error = %e, ?offer, "driver closed on the offer; trying with less");
+                last = e;
+            }
+            r => return r.map_err(|(e, _)| e),
+        }
+    }
+    Err(last)
+}
+
+/// As [`handshake`], with one `offer`; an error says whether the driver closed the
+/// connection on a hello that offered something.
 fn handshake_with(
     cfg: &EndpointConfig,
     addr: &Addr,
     generation: u64,
-    shm: bool,
+    offer: Offer,
 ) -> Result<Handshaken, (String, bool)> {
     let no_retry = |e: String| (e, false);
     let mut s = addr
@@ -445,10 +482,12 @@ fn handshake_with(
     s.set_write_timeout(Some(cfg.handshake_timeout))
         .map_err(io)?;
     let nonce = wire::fresh_nonce();
-    let offer_shm = shm && matches!(s, Stream::Unix(_));
+    let unix = matches!(s, Stream::Unix(_));
+    let (offer_shm, offer_stored) = (offer.shm && unix, offer.stored && unix);
     let hello = wire::Hello {
         keyed: cfg.key.is_some(),
         shm: offer_shm,
+        stored: offer_stored,
         generation,
         nonce,
         export: cfg.export.clone(),
@@ -460,7 +499,10 @@ fn handshake_with(
             e.kind(),
             io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
         );
-        return Err((format!("{addr}: handshake: {e}"), offer_shm && closed));
+        return Err((
+            format!("{addr}: handshake: {e}"),
+            (offer_shm || offer_stored) && closed,
+        ));
     }
     let r = wire::parse_hello_reply(&b).map_err(|e| no_retry(format!("{addr}: {e}")))?;
     if r.status != 0 {
@@ -501,6 +543,7 @@ fn handshake_with(
     Ok(Handshaken {
         stream: s,
         area,
+        stored: offer_stored && r.stored,
         generation,
         pid: r.pid,
         size: r.size,
@@ -679,6 +722,7 @@ impl Inner {
             broken: AtomicBool::new(false),
             reader_exit: exit_rx,
             shm: h.area.map(|a| Arc::new(shm::Slots::new(a))),
+            stored: h.stored,
         });
         let (me, c) = (self.clone(), conn.clone());
         let mut stream = h.stream;
@@ -724,6 +768,13 @@ impl Inner {
                 conn.monitor.lock().on_heartbeat(Instant::now());
                 continue;
             }
+            let stored = h.kind == wire::KIND_REPLY_STORED;
+            if stored && !conn.stored {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a stored-write reply on a connection that did not agree to them",
+                ));
+            }
             // The slot this connection gave request `id`, from our own table (a driver's
             // reply names none).
             let slots = conn.shm.as_ref();
@@ -753,28 +804,38 @@ impl Inner {
                 sl.release(h.id);
             }
             let now = Instant::now();
-            let latency = self.complete(h.id, h.error, data, now);
+            let latency = self.complete(h.id, h.error, data, stored, now);
             if let Some(l) = latency {
                 conn.monitor.lock().on_completion(now, l);
             }
         }
     }
 
-    /// Answer request `id`; the latency since it was last sent.
-    fn complete(&self, id: u64, error: u32, data: Piece, now: Instant) -> Option<Duration> {
+    /// Answer request `id`; the latency since it was last sent. `stored`: the driver
+    /// reported the write stored, so it is kept for re-applying only if it overlaps a kept
+    /// one.
+    fn complete(
+        &self,
+        id: u64,
+        error: u32,
+        data: Piece,
+        stored: bool,
+        now: Instant,
+    ) -> Option<Duration> {
         let mut st = self.state.lock();
         let p = st.pending.remove(&id)?;
         if error == 0 && mutates(p.req.op) && !p.internal {
             st.completions += 1;
             let n = st.completions;
-            st.acked_bytes += p.req.data.len() as u64;
-            st.acked.insert(n, p.req.clone());
+            let (offset, len) = (p.req.offset, u64::from(p.req.length));
+            if !stored || st.acked.overlaps(offset, len) {
+                let bytes = p.req.data.len() as u64;
+                st.acked.insert(n, offset, len, bytes, p.req.clone());
+            }
         }
         if p.req.op == wire::OP_FLUSH {
             if error == 0 {
-                let kept = st.acked.split_off(&(p.flush_mark + 1));
-                st.acked = kept;
-                st.acked_bytes = st.acked.values().map(|r| r.data.len() as u64).sum();
+                st.acked.release_through(p.flush_mark);
             }
             if p.internal {
                 st.own_flush = false;
@@ -807,7 +868,7 @@ impl Inner {
                         }
                     }
                 }
-                let flush = !st.own_flush && st.acked_bytes > self.cfg.unflushed_limit;
+                let flush = !st.own_flush && st.acked.bytes() > self.cfg.unflushed_limit;
                 (st.active.clone(), st.standby.clone(), out, flush)
             };
             match active {
@@ -1025,7 +1086,7 @@ impl Inner {
     /// Re-apply the acknowledged-unflushed writes one at a time, then re-send every
     /// unanswered request in order and make `new` active. Returns the two counts.
     fn replay(self: &Arc<Self>, new: &Arc<Conn>) -> Result<(usize, usize), String> {
-        let acked: Vec<Req> = self.state.lock().acked.values().cloned().collect();
+        let acked: Vec<Req> = self.state.lock().acked.items().cloned().collect();
         for req in &acked {
             let (tx, rx) = crossbeam_channel::bounded(1);
             let id = {
@@ -1310,13 +1371,13 @@ mod tests {
     use super::*;
     use crate::memory::MemDisk;
 
-    fn start_driver(dir: &Path, name: &str, disk: Arc<MemDisk>, key: Option<&[u8]>) -> Addr {
+    fn start_driver(dir: &Path, name: &str, disk: Arc<dyn Disk>, key: Option<&[u8]>) -> Addr {
         let addr = Addr::Unix(dir.join(name));
         let l = DriverListener::bind(&addr).unwrap();
         let cfg = DriverConfig {
             opener: Arc::new(move |n: &str| {
                 if n == "vm" {
-                    Ok(disk.clone() as Arc<dyn Disk>)
+                    Ok(disk.clone())
                 } else {
                     Err("no such export".into())
                 }
@@ -1343,6 +1404,7 @@ mod tests {
         let reply = wire::HelloReply {
             keyed: false,
             shm,
+            stored: false,
             status: 0,
             pid: 0,
             size: 1 << 20,
@@ -1621,6 +1683,97 @@ mod tests {
         ep.close();
     }
 
+    /// A disk whose writes from `from` on are stored (as overwrites of mapped overlay
+    /// clusters are), the rest not.
+    #[derive(Debug)]
+    struct StoredFrom {
+        inner: Arc<MemDisk>,
+        from: u64,
+    }
+
+    impl Disk for StoredFrom {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, f: WriteFlags) -> Result<(), DiskError> {
+            self.inner.write_at(buf, offset, f)
+        }
+        fn flush(&self) -> Result<(), DiskError> {
+            self.inner.flush()
+        }
+        fn write_is_stored(&self, offset: u64, _len: u64) -> bool {
+            offset >= self.from
+        }
+        fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+            self.inner.discard(offset, len)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, f: ZeroFlags) -> Result<(), DiskError> {
+            self.inner.write_zeroes(offset, len, f)
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DiskError> {
+            self.inner.block_status(offset, len)
+        }
+    }
+
+    /// Writes the driver reports stored are not kept for re-applying, unless they overlap
+    /// a kept one; after a failover the kept ones are re-applied in order, so the newest
+    /// bytes land last.
+    #[test]
+    fn stored_writes_are_kept_only_when_they_overlap_a_kept_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (da, db) = (
+            Arc::new(MemDisk::new(1 << 16)),
+            Arc::new(MemDisk::new(1 << 16)),
+        );
+        let stored = |d: &Arc<MemDisk>| {
+            Arc::new(StoredFrom {
+                inner: d.clone(),
+                from: 8192,
+            })
+        };
+        let a = start_driver(dir.path(), "a", stored(&da), None);
+        let b = start_driver(dir.path(), "b", stored(&db), None);
+        let mut c = cfg(vec![a, b]);
+        c.kill_local = false;
+        let ep = Endpoint::start(c).unwrap();
+        assert!(ep.inner.state.lock().active.as_ref().unwrap().stored);
+        let w = |v: u8, offset: u64, len: usize| {
+            ep.write_at(&vec![v; len], offset, WriteFlags::default())
+                .unwrap();
+        };
+        w(1, 0, 4096); // not stored: kept
+        w(2, 8192, 4096); // stored, overlaps nothing kept
+        w(3, 12288, 4096); // stored
+        assert_eq!(ep.status().unflushed_writes, 1);
+        w(5, 4096, 8192); // not stored (starts below 8192): kept, covers 8192..12288
+        w(6, 8192, 4096); // stored, but re-applying 5 would undo it: kept too
+        assert_eq!(ep.status().unflushed_writes, 3);
+
+        ep.inner.state.lock().active.clone().unwrap().shutdown();
+        let t0 = Instant::now();
+        while ep.status().failovers == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no failover");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(ep.status().last_failover.unwrap().reapplied, 3);
+        // The backup's separate disk holds exactly what was re-applied.
+        let b_now = db.contents();
+        let part = |r: std::ops::Range<usize>| b_now[r].iter().copied().max().unwrap();
+        assert_eq!(part(0..4096), 1);
+        assert_eq!(part(4096..8192), 5);
+        assert!(b_now[8192..12288].iter().all(|&x| x == 6), "newest last");
+        assert_eq!(part(12288..16384), 0, "a stored write is not re-applied");
+        ep.flush().unwrap();
+        assert_eq!(ep.status().unflushed_writes, 0);
+        ep.close();
+    }
+
     /// Unix drivers take the shared area by default; requests that fit a slot go through
     /// it, larger ones through socket frames, and both give back what was written, as the
     /// socket-only channel does.
@@ -1714,24 +1867,39 @@ mod tests {
         }
     }
 
-    /// A driver from before the shared area closes the connection on a hello offering it
-    /// (an unknown flag); the endpoint asks again without the offer and is served by frames.
+    /// A driver of an older build closes the connection on a hello with a flag it does not
+    /// know; the endpoint asks again offering less (stored-write replies dropped first, then
+    /// the shared area) and is served by frames.
     #[test]
     fn a_driver_that_refuses_the_offer_is_asked_again_without_it() {
+        for known in [wire::HELLO_KEYED, wire::HELLO_KEYED | wire::HELLO_SHM] {
+            let hellos = old_driver_hellos(known);
+            let (shm, stored) = (wire::HELLO_SHM, wire::HELLO_STORED);
+            if known & shm == 0 {
+                assert_eq!(hellos, [shm | stored, shm, 0], "before the shared area");
+            } else {
+                assert_eq!(hellos, [shm | stored, shm], "before stored replies");
+            }
+        }
+    }
+
+    /// Serve one read from a driver that knows only the hello flags `known` (and declines
+    /// the shared area); the flags of every hello it got.
+    fn old_driver_hellos(known: u16) -> Vec<u16> {
         use std::os::unix::net::UnixListener;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old");
         let l = UnixListener::bind(&path).unwrap();
         let old = std::thread::spawn(move || {
-            let mut offers = 0;
+            let mut hellos = Vec::new();
             loop {
                 let (mut s, _) = l.accept().unwrap();
                 let mut fixed = [0u8; wire::HELLO_FIXED_LEN];
                 s.read_exact(&mut fixed).unwrap();
-                // What a driver of the old build checks: no flag but "keyed".
-                if u16::from_be_bytes([fixed[6], fixed[7]]) & !wire::HELLO_KEYED != 0 {
-                    offers += 1;
-                    continue; // drops the connection
+                let flags = u16::from_be_bytes([fixed[6], fixed[7]]);
+                hellos.push(flags);
+                if flags & !known != 0 {
+                    continue; // drops the connection, as an old build does
                 }
                 fake_driver_handshake(&mut s, &fixed, false);
                 let mut hb = [0u8; wire::REQUEST_HEADER_LEN];
@@ -1748,22 +1916,19 @@ mod tests {
                 s.write_all(&vec![0x5a; req.length as usize]).unwrap();
                 let mut rest = Vec::new();
                 let _ = s.read_to_end(&mut rest);
-                return offers;
+                return hellos;
             }
         });
         let mut c = cfg(vec![Addr::Unix(path)]);
         c.kill_local = false;
         let ep = Endpoint::start(c).unwrap();
-        assert!(ep.inner.state.lock().active.as_ref().unwrap().shm.is_none());
+        let active = ep.inner.state.lock().active.clone().unwrap();
+        assert!(active.shm.is_none() && !active.stored);
         let mut buf = vec![0u8; 4096];
         ep.read_at(&mut buf, 0).unwrap();
         assert!(buf.iter().all(|&b| b == 0x5a));
         ep.close();
-        assert_eq!(
-            old.join().unwrap(),
-            1,
-            "one hello with the offer, then one without"
-        );
+        old.join().unwrap()
     }
 
     /// A driver refuses slot requests it cannot honour (a slot past the area, a length over
@@ -1784,6 +1949,7 @@ mod tests {
             let hello = wire::Hello {
                 keyed: false,
                 shm: true,
+                stored: false,
                 generation: 5,
                 nonce: [0; 32],
                 export: "vm".into(),

@@ -319,6 +319,10 @@ impl Disk for FencedDisk {
         self.fence.section(|| self.inner.flush())
     }
 
+    fn write_is_stored(&self, offset: u64, len: u64) -> bool {
+        self.inner.write_is_stored(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.fence.section(|| self.inner.discard(offset, len))
     }

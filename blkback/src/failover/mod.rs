@@ -13,6 +13,7 @@
 //! - [`driver`]: serves channel requests from any `Arc<dyn Disk>`.
 //! - [`endpoint`]: a `Disk` that forwards to the active driver and fails over.
 //! - [`fence`]: the generation fence that stops a superseded driver's writes.
+//! - `kept`: the acknowledged writes the endpoint keeps for re-applying until a flush.
 //! - [`shm`]: the shared-memory data area of a channel to a local driver.
 //! - [`monitor`]: the fault rule (broken connection, lost heartbeat, stuck requests).
 
@@ -20,6 +21,7 @@ pub mod bench;
 pub mod driver;
 pub mod endpoint;
 pub mod fence;
+mod kept;
 pub mod monitor;
 pub mod shm;
 pub mod status;

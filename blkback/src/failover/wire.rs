@@ -5,7 +5,7 @@
 //! requests (endpoint → driver) and replies and heartbeats (driver → endpoint).
 //!
 //! ```text
-//! Hello      (endpoint → driver)  u32 HELLO_MAGIC | u16 VERSION | u16 flags (HELLO_KEYED)
+//! Hello      (endpoint → driver)  u32 HELLO_MAGIC | u16 VERSION | u16 flags (HELLO_*)
 //!                                 | u64 generation | [32] endpoint nonce | u16 name_len
 //!                                 | name[name_len ≤ MAX_NAME_LEN]
 //! HelloReply (driver → endpoint)  u32 HELLO_REPLY_MAGIC | u16 VERSION | u16 flags
@@ -22,8 +22,10 @@
 //! ```
 //!
 //! `kind` is [`KIND_REPLY`] (the answer to request `id`; `error` is an errno, 0 = success;
-//! data is the read data, or the encoded extents of a BLOCK_STATUS) or [`KIND_HEARTBEAT`]
-//! (`id` is the driver's heartbeat sequence number, no data).
+//! data is the read data, or the encoded extents of a BLOCK_STATUS), [`KIND_HEARTBEAT`]
+//! (`id` is the driver's heartbeat sequence number, no data), [`KIND_REPLY_SLOT`] (read data
+//! in the shared area) or [`KIND_REPLY_STORED`] (a write that needs no re-applying; only
+//! when both sides set [`HELLO_STORED`]).
 //!
 //! **Authentication.** With a pre-shared key both sides prove they hold it: each side sends a
 //! fresh random 32-byte nonce, the driver answers with
@@ -62,7 +64,15 @@ pub const HELLO_KEYED: u16 = 1 << 0;
 /// Hello / hello-reply flag (Unix sockets only): the endpoint offers, and the driver takes,
 /// a shared-memory data area ([`super::shm`]), passed after READY.
 pub const HELLO_SHM: u16 = 1 << 1;
-const HELLO_FLAGS: u16 = HELLO_KEYED | HELLO_SHM;
+/// Hello / hello-reply flag (Unix sockets only): the endpoint takes, and the driver sends,
+/// [`KIND_REPLY_STORED`] for writes that need no re-applying if the driver dies.
+pub const HELLO_STORED: u16 = 1 << 2;
+const HELLO_FLAGS: u16 = HELLO_KEYED | HELLO_SHM | HELLO_STORED;
+
+fn hello_flags(keyed: bool, shm: bool, stored: bool) -> u16 {
+    let bit = |on: bool, f: u16| if on { f } else { 0 };
+    bit(keyed, HELLO_KEYED) | bit(shm, HELLO_SHM) | bit(stored, HELLO_STORED)
+}
 
 /// Longest export name in a hello.
 pub const MAX_NAME_LEN: usize = 4096;
@@ -98,6 +108,10 @@ pub const KIND_REPLY: u8 = 0;
 pub const KIND_HEARTBEAT: u8 = 1;
 /// A reply whose `data_len` bytes are in the request's area slot, not on the socket.
 pub const KIND_REPLY_SLOT: u8 = 2;
+/// A successful write, discard or write-zeroes whose result is already in the storage as a
+/// new driver would open it ([`crate::disk::Disk::write_is_stored`]): the endpoint need not
+/// keep it for re-applying. No error, no data. Only after [`HELLO_STORED`] was agreed.
+pub const KIND_REPLY_STORED: u8 = 3;
 
 const EXTENT_HOLE: u32 = 1 << 0;
 const EXTENT_ZERO: u32 = 1 << 1;
@@ -250,6 +264,8 @@ pub struct Hello {
     pub keyed: bool,
     /// The endpoint offers a shared-memory data area ([`HELLO_SHM`]).
     pub shm: bool,
+    /// The endpoint takes stored-write replies ([`HELLO_STORED`]).
+    pub stored: bool,
     pub generation: u64,
     pub nonce: [u8; 32],
     pub export: String,
@@ -260,6 +276,7 @@ pub struct Hello {
 pub struct HelloHeader {
     pub keyed: bool,
     pub shm: bool,
+    pub stored: bool,
     pub generation: u64,
     pub nonce: [u8; 32],
     pub name_len: usize,
@@ -269,8 +286,7 @@ pub fn encode_hello(h: &Hello) -> Vec<u8> {
     let mut b = Vec::with_capacity(HELLO_FIXED_LEN + h.export.len());
     b.extend_from_slice(&HELLO_MAGIC.to_be_bytes());
     b.extend_from_slice(&VERSION.to_be_bytes());
-    let flags = if h.keyed { HELLO_KEYED } else { 0 } | if h.shm { HELLO_SHM } else { 0 };
-    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&hello_flags(h.keyed, h.shm, h.stored).to_be_bytes());
     b.extend_from_slice(&h.generation.to_be_bytes());
     b.extend_from_slice(&h.nonce);
     b.extend_from_slice(&(h.export.len() as u16).to_be_bytes());
@@ -302,6 +318,7 @@ pub fn parse_hello_header(b: &[u8; HELLO_FIXED_LEN]) -> Result<HelloHeader, Wire
     Ok(HelloHeader {
         keyed: flags & HELLO_KEYED != 0,
         shm: flags & HELLO_SHM != 0,
+        stored: flags & HELLO_STORED != 0,
         generation: be64(b, 8),
         nonce: arr32(b, 16),
         name_len,
@@ -328,6 +345,7 @@ pub fn parse_hello(b: &[u8]) -> Result<Hello, WireError> {
     Ok(Hello {
         keyed: h.keyed,
         shm: h.shm,
+        stored: h.stored,
         generation: h.generation,
         nonce: h.nonce,
         export: export.to_owned(),
@@ -340,6 +358,8 @@ pub struct HelloReply {
     pub keyed: bool,
     /// The driver takes the offered shared-memory area.
     pub shm: bool,
+    /// The driver sends stored-write replies.
+    pub stored: bool,
     /// 0 = the export is served; else an errno (ENOENT: no such export, EACCES: key).
     pub status: u32,
     pub pid: u32,
@@ -353,8 +373,7 @@ pub fn encode_hello_reply(r: &HelloReply) -> [u8; HELLO_REPLY_LEN] {
     let mut b = [0u8; HELLO_REPLY_LEN];
     b[0..4].copy_from_slice(&HELLO_REPLY_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&VERSION.to_be_bytes());
-    let flags = if r.keyed { HELLO_KEYED } else { 0 } | if r.shm { HELLO_SHM } else { 0 };
-    b[6..8].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&hello_flags(r.keyed, r.shm, r.stored).to_be_bytes());
     b[8..12].copy_from_slice(&r.status.to_be_bytes());
     b[12..16].copy_from_slice(&r.pid.to_be_bytes());
     b[16..24].copy_from_slice(&r.size.to_be_bytes());
@@ -385,6 +404,7 @@ pub fn parse_hello_reply(b: &[u8; HELLO_REPLY_LEN]) -> Result<HelloReply, WireEr
     Ok(HelloReply {
         keyed: flags & HELLO_KEYED != 0,
         shm: flags & HELLO_SHM != 0,
+        stored: flags & HELLO_STORED != 0,
         status: be32(b, 8),
         pid: be32(b, 12),
         size: be64(b, 16),
@@ -553,7 +573,10 @@ pub fn parse_reply(b: &[u8; REPLY_HEADER_LEN]) -> Result<ReplyHeader, WireError>
         return Err(WireError::BadMagic(magic));
     }
     let kind = b[4];
-    if !matches!(kind, KIND_REPLY | KIND_HEARTBEAT | KIND_REPLY_SLOT) {
+    if !matches!(
+        kind,
+        KIND_REPLY | KIND_HEARTBEAT | KIND_REPLY_SLOT | KIND_REPLY_STORED
+    ) {
         return Err(WireError::BadKind(kind));
     }
     if b[5..8] != [0, 0, 0] {
@@ -568,7 +591,7 @@ pub fn parse_reply(b: &[u8; REPLY_HEADER_LEN]) -> Result<ReplyHeader, WireError>
     if h.data_len > MAX_DATA {
         return Err(WireError::TooLong(h.data_len.into()));
     }
-    if kind == KIND_HEARTBEAT && (h.data_len != 0 || h.error != 0) {
+    if matches!(kind, KIND_HEARTBEAT | KIND_REPLY_STORED) && (h.data_len != 0 || h.error != 0) {
         return Err(WireError::Reserved);
     }
     Ok(h)
@@ -733,8 +756,19 @@ mod tests {
         b[3] ^= 1;
         assert!(matches!(parse_reply(&b), Err(WireError::BadMagic(_))));
         let mut b = good;
-        b[4] = 3;
-        assert_eq!(parse_reply(&b), Err(WireError::BadKind(3)));
+        b[4] = 4;
+        assert_eq!(parse_reply(&b), Err(WireError::BadKind(4)));
+        // A stored-write reply carries neither an error nor data.
+        let mut b = good;
+        b[4] = KIND_REPLY_STORED;
+        assert_eq!(parse_reply(&b), Err(WireError::Reserved));
+        let stored = ReplyHeader {
+            kind: KIND_REPLY_STORED,
+            error: 0,
+            id: 7,
+            data_len: 0,
+        };
+        assert_eq!(parse_reply(&encode_reply(&stored)).unwrap(), stored);
         let mut b = good;
         b[6] = 1;
         assert_eq!(parse_reply(&b), Err(WireError::Reserved));
@@ -769,6 +803,7 @@ mod tests {
         let h = Hello {
             keyed: true,
             shm: true,
+            stored: true,
             generation: 42,
             nonce: [9; 32],
             export: "vm1".into(),
@@ -806,6 +841,7 @@ mod tests {
         let r = HelloReply {
             keyed: false,
             shm: true,
+            stored: true,
             status: 0,
             pid: 1234,
             size: 1 << 30,
@@ -822,7 +858,7 @@ mod tests {
         b[5] = 2;
         assert_eq!(parse_hello_reply(&b), Err(WireError::BadVersion(2)));
         let mut b = good;
-        b[7] = 4;
+        b[7] = 8;
         assert!(matches!(parse_hello_reply(&b), Err(WireError::BadFlags(_))));
         let mut b = good;
         b[24] = 2;

@@ -37,7 +37,11 @@ pub enum MapError {
 pub struct ClusterMap {
     bytes: Vec<u8>,
     clusters: u64,
+    /// Per map page: changed since the last [`ClusterMap::take_dirty`].
     dirty: Vec<bool>,
+    /// Per map page: the file's copy is older than this one (changed and not yet written
+    /// back by a completed [`ClusterMap::written`]).
+    unwritten: Vec<bool>,
 }
 
 impl ClusterMap {
@@ -47,6 +51,7 @@ impl ClusterMap {
             bytes: vec![0; map_len],
             clusters,
             dirty: vec![false; map_len.div_ceil(MAP_PAGE)],
+            unwritten: vec![false; map_len.div_ceil(MAP_PAGE)],
         }
     }
 
@@ -63,6 +68,7 @@ impl ClusterMap {
         }
         let map = Self {
             dirty: vec![false; map_len.div_ceil(MAP_PAGE)],
+            unwritten: vec![false; map_len.div_ceil(MAP_PAGE)],
             bytes,
             clusters,
         };
@@ -102,8 +108,14 @@ impl ClusterMap {
         let new = (self.bytes[i] & !(3 << shift)) | ((s as u8) << shift);
         if new != self.bytes[i] {
             self.bytes[i] = new;
-            self.dirty[i / MAP_PAGE] = true;
+            self.touch(i);
         }
+    }
+
+    /// Byte `i` of the map changed.
+    fn touch(&mut self, i: usize) {
+        self.dirty[i / MAP_PAGE] = true;
+        self.unwritten[i / MAP_PAGE] = true;
     }
 
     /// The state of cluster `c` and the first cluster in `c + 1..end` in another state (or
@@ -140,7 +152,7 @@ impl ClusterMap {
                 had_data |= (0..4).any(|k| (old >> (2 * k)) & 3 == ClusterState::Data as u8);
                 if old != byte_of(s) {
                     self.bytes[b] = byte_of(s);
-                    self.dirty[b / MAP_PAGE] = true;
+                    self.touch(b);
                 }
                 c += 4;
             } else {
@@ -180,6 +192,25 @@ impl ClusterMap {
         for (start, _) in pages {
             self.dirty[start / MAP_PAGE] = true;
         }
+    }
+
+    /// The pages taken by [`ClusterMap::take_dirty`] are in the file now. A page changed
+    /// again since it was taken stays unwritten.
+    pub fn written(&mut self, pages: &[(usize, Vec<u8>)]) {
+        for (start, _) in pages {
+            let p = start / MAP_PAGE;
+            if !self.dirty[p] {
+                self.unwritten[p] = false;
+            }
+        }
+    }
+
+    /// Whether clusters `first..=last` are all `Data` in the file's copy of the map as well
+    /// as in this one: a process opening the overlay now finds them mapped.
+    pub fn stored(&self, first: u64, last: u64) -> bool {
+        let page_of = |c: u64| (c / 4) as usize / MAP_PAGE;
+        (page_of(first)..=page_of(last)).all(|p| !self.unwritten[p])
+            && self.run_from(first, last + 1) == (ClusterState::Data, last + 1)
     }
 }
 

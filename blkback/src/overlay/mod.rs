@@ -43,6 +43,12 @@
 //! data is complete, so everything acknowledged before a completed flush reads back intact.
 //! Flushes are serialised so that a flush never returns while another still holds map pages
 //! it took.
+//!
+//! **Stored writes.** A write into clusters that are `Data` in the map as the file holds it
+//! (not only in memory) is complete in the page cache once it returns: another process
+//! opening the overlay now reads it back. [`Disk::write_is_stored`] says so, per map page
+//! (a page changed since its last write-back does not count until a flush has written it),
+//! and the failover endpoint keeps only the other writes for re-applying after a driver dies.
 
 mod fingerprint;
 pub mod header;
@@ -587,7 +593,21 @@ impl Disk for Overlay {
             self.map.lock().redirty(&pages);
             return Err(e.into());
         }
+        self.map.lock().written(&pages);
         Ok(())
+    }
+
+    fn write_is_stored(&self, offset: u64, len: u64) -> bool {
+        // The data of a write that returned is in the page cache; what may exist only here
+        // is its map entry: a cluster it allocated is named in the file only after a flush.
+        if self.writable(offset, len).is_err() {
+            return false;
+        }
+        if len == 0 {
+            return true;
+        }
+        let (first, last) = (offset / self.cs(), (offset + len - 1) / self.cs());
+        self.map.lock().stored(first, last)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {

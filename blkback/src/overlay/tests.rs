@@ -222,3 +222,78 @@ fn read_only_overlay_refuses_writes_and_inspect_counts() {
 }
 
 use std::error::Error as _;
+
+/// What a new driver process would see: the overlay opened afresh from its file, with
+/// nothing of `ov`'s memory.
+fn reopened(dir: &tempfile::TempDir, base: &Arc<dyn Disk>) -> Overlay {
+    Overlay::open(&dir.path().join("vm.ovl"), base.clone(), true).unwrap()
+}
+
+#[test]
+fn a_write_is_stored_once_its_clusters_are_mapped_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, ov) = new_overlay(&dir, 12);
+    let a = vec![0xa1u8; 8192];
+    // Allocating: the map entry exists only in memory until a flush.
+    ov.write_at(&a, 4096, WriteFlags::default()).unwrap();
+    assert!(!ov.write_is_stored(4096, 8192));
+    let mut got = vec![0u8; 8192];
+    reopened(&dir, &base).read_at(&mut got, 4096).unwrap();
+    assert_ne!(got, a, "a fresh open does not see an unflushed allocation");
+
+    ov.flush().unwrap();
+    assert!(ov.write_is_stored(4096, 8192));
+    assert!(ov.write_is_stored(4096 + 100, 10));
+    // Overwriting mapped clusters: stored as soon as it returns, no flush.
+    let b = vec![0xb2u8; 8192];
+    ov.write_at(&b, 4096, WriteFlags::default()).unwrap();
+    assert!(ov.write_is_stored(4096, 8192));
+    reopened(&dir, &base).read_at(&mut got, 4096).unwrap();
+    assert_eq!(got, b);
+
+    // A range that reaches an unmapped cluster, a discarded cluster, a change on the same
+    // map page: not stored until the next flush.
+    assert!(!ov.write_is_stored(4096, 3 * 4096));
+    ov.discard(8192, 4096).unwrap();
+    assert!(!ov.write_is_stored(4096, 4096), "same map page changed");
+    assert!(!ov.write_is_stored(8192, 4096));
+    ov.flush().unwrap();
+    assert!(ov.write_is_stored(4096, 4096));
+    assert!(
+        !ov.write_is_stored(8192, 4096),
+        "a zero cluster is not data"
+    );
+
+    assert!(ov.write_is_stored(0, 0));
+    assert!(!ov.write_is_stored(SIZE, 1), "out of range");
+    assert!(
+        !reopened(&dir, &base).write_is_stored(4096, 4096),
+        "read-only"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// Whenever the overlay says a write is stored, a fresh open of the file (a new driver
+    /// after this one died without flushing) reads that write back.
+    #[test]
+    fn a_stored_write_reads_back_from_a_fresh_open(ops in proptest::collection::vec(op(), 1..30)) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ov) = new_overlay(&dir, 12);
+        for op in ops {
+            match op {
+                Op::Write(o, d) => {
+                    ov.write_at(&d, o, WriteFlags::default()).unwrap();
+                    if ov.write_is_stored(o, d.len() as u64) {
+                        let mut got = vec![0u8; d.len()];
+                        reopened(&dir, &base).read_at(&mut got, o).unwrap();
+                        prop_assert_eq!(got, d);
+                    }
+                }
+                Op::Zero(o, n) => ov.write_zeroes(o, n, ZeroFlags::default()).unwrap(),
+                Op::Discard(o, n) => ov.discard(o, n).unwrap(),
+                Op::Flush | Op::Reopen => ov.flush().unwrap(),
+            }
+        }
+    }
+}

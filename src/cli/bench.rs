@@ -42,7 +42,7 @@ pub struct FailoverBenchArgs {
     /// Seconds per throughput row.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Throughput rounds, plain and split alternating which runs first; rows show medians.
+    /// Throughput rounds (fresh stacks each; plain and split take turns of 100 ms within each row); rows show medians.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// SIGKILLs of the active driver.

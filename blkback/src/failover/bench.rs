@@ -6,12 +6,13 @@
 //!    a unix socket, against (a) the plain stack served in this process, as `remoca blkback`
 //!    serves it, and (b) a failover endpoint in this process forwarding to a driver process
 //!    (`remoca blkback driver`) with its monitor running. Both are set up side by side, each
-//!    on a fresh overlay of the same template, and each row runs on one right after the
-//!    other, so a burst of load on the shared machine lands on both alike. Rows print IOPS
-//!    and the split's ratio to plain. This runs `rounds` times (fresh stacks each time),
-//!    plain first in even rounds and the split first in odd ones; rows print the medians,
-//!    and the spread of the rounds' own ratios. Then, on the same
-//!    connection, large requests: sequential [`LARGE`] (256 KiB) writes at queue depth 8 with
+//!    on a fresh overlay of the same template, and each row runs on both in turns of
+//!    [`SLICE`] (100 ms: one stack, then the other, which one first alternating), until each
+//!    has run `seconds`; the workload goes on where its last slice stopped. So a burst of
+//!    load on the shared machine lands on both alike instead of on whichever row ran during
+//!    it. Rows print IOPS and the split's ratio to plain. This runs `rounds` times (fresh
+//!    stacks each time); rows print the medians, and the spread of the rounds' own ratios.
+//!    Then, on the same connection, large requests: sequential [`LARGE`] (256 KiB) writes at queue depth 8 with
 //!    a flush every [`LARGE_FLUSH_BYTES`] (64 MiB), then sequential 256 KiB reads at queue
 //!    depth 8 (`seconds` each, wrapping at the end of the disk); rows print MB/s (10^6
 //!    bytes per second) and the ratio. 4 KiB random I/O is the split's worst case (the
@@ -53,6 +54,8 @@ const LARGE: u64 = 256 << 10;
 const LARGE_FLUSH_BYTES: u64 = 64 << 20;
 const _: () = assert!(LARGE <= crate::nbd::wire::MAX_PAYLOAD as u64);
 const _: () = assert!(LARGE <= super::wire::MAX_DATA as u64);
+/// The throughput rows switch between the two stacks after this much time on one.
+const SLICE: Duration = Duration::from_millis(100);
 const HEARTBEAT_MS: u64 = 50;
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(300);
 
@@ -67,7 +70,7 @@ pub struct BenchConfig {
     pub size: u64,
     /// Seconds per throughput row.
     pub seconds: f64,
-    /// Throughput rounds (plain and split each run once per round, in alternating order);
+    /// Throughput rounds (fresh stacks each; plain and split take turns within each row);
     /// the table shows each row's median.
     pub rounds: usize,
     /// SIGKILLs of the active driver.
@@ -246,45 +249,102 @@ impl Workload {
     }
 }
 
-/// Run `w` for `seconds` on a disk of `size` bytes; returns operations per second.
-fn drive(c: &mut Client<UnixStream>, w: Workload, size: u64, seconds: f64) -> Result<f64, Error> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let slots = size / w.len;
-    if slots == 0 {
-        return Err(format!("the disk is smaller than one {} B request", w.len).into());
-    }
-    let data = vec![0x5au8; w.len as usize];
-    let len = u32::try_from(w.len)?;
-    let t0 = Instant::now();
-    let (mut flying, mut done, mut since_flush, mut next) = (0usize, 0u64, 0u64, 0u64);
-    while t0.elapsed().as_secs_f64() < seconds || flying > 0 {
-        while flying < QD && t0.elapsed().as_secs_f64() < seconds {
-            let slot = if w.sequential {
-                let s = next;
-                next = (next + 1) % slots;
-                s
-            } else {
-                rng.next() % slots
-            };
-            let payload: &[u8] = if w.cmd == CMD_WRITE { &data } else { &[] };
-            c.send(w.cmd, 0, slot * w.len, len, payload)?;
-            flying += 1;
-        }
-        let r = c.recv()?;
-        if r.error != 0 {
-            return Err(format!("NBD error {}", r.error).into());
-        }
-        flying -= 1;
-        done += 1;
-        since_flush += 1;
-        if w.cmd == CMD_WRITE && since_flush >= w.flush_every {
-            since_flush = 0;
-            c.send(CMD_FLUSH, 0, 0, 0, &[])?;
-            flying += 1;
-            done = done.saturating_sub(1); // the flush's reply is not an I/O
+/// One workload's progress on one stack, kept across the slices its row is cut into: the
+/// offsets go on where the last slice stopped, and the totals add up.
+struct Progress {
+    rng: Rng,
+    next: u64,
+    since_flush: u64,
+    done: u64,
+    busy: Duration,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+            next: 0,
+            since_flush: 0,
+            done: 0,
+            busy: Duration::ZERO,
         }
     }
-    Ok(done as f64 / t0.elapsed().as_secs_f64())
+
+    /// Operations per second over every slice so far.
+    fn rate(&self) -> f64 {
+        self.done as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+
+    /// Run `w` for `slice` on a disk of `size` bytes, then wait for what is in flight.
+    fn slice(
+        &mut self,
+        c: &mut Client<UnixStream>,
+        w: Workload,
+        size: u64,
+        slice: Duration,
+    ) -> Result<(), Error> {
+        let slots = size / w.len;
+        if slots == 0 {
+            return Err(format!("the disk is smaller than one {} B request", w.len).into());
+        }
+        let data = vec![0x5au8; w.len as usize];
+        let len = u32::try_from(w.len)?;
+        let t0 = Instant::now();
+        let mut flying = 0usize;
+        while t0.elapsed() < slice || flying > 0 {
+            while flying < QD && t0.elapsed() < slice {
+                let slot = if w.sequential {
+                    let s = self.next;
+                    self.next = (self.next + 1) % slots;
+                    s
+                } else {
+                    self.rng.next() % slots
+                };
+                let payload: &[u8] = if w.cmd == CMD_WRITE { &data } else { &[] };
+                c.send(w.cmd, 0, slot * w.len, len, payload)?;
+                flying += 1;
+            }
+            let r = c.recv()?;
+            if r.error != 0 {
+                return Err(format!("NBD error {}", r.error).into());
+            }
+            flying -= 1;
+            self.done += 1;
+            self.since_flush += 1;
+            if w.cmd == CMD_WRITE && self.since_flush >= w.flush_every {
+                self.since_flush = 0;
+                c.send(CMD_FLUSH, 0, 0, 0, &[])?;
+                flying += 1;
+                self.done = self.done.saturating_sub(1); // the flush's reply is not an I/O
+            }
+        }
+        self.busy += t0.elapsed();
+        Ok(())
+    }
+}
+
+/// Run `w` on both stacks' clients for `seconds` each, in [`SLICE`]s taken in turn (which
+/// stack goes first alternates slice by slice); returns each one's operations per second.
+/// A burst of load on the shared machine that lasts longer than a slice or two then lands
+/// on both alike, instead of on whichever row ran during it.
+fn drive_pair(
+    clients: [&mut Client<UnixStream>; 2],
+    w: Workload,
+    size: u64,
+    seconds: f64,
+) -> Result<[f64; 2], Error> {
+    let mut progress = [Progress::new(), Progress::new()];
+    let total = Duration::from_secs_f64(seconds);
+    let mut turn = 0usize;
+    while progress.iter().any(|p| p.busy < total) {
+        for s in [turn % 2, (turn + 1) % 2] {
+            if progress[s].busy < total {
+                progress[s].slice(&mut *clients[s], w, size, SLICE)?;
+            }
+        }
+        turn += 1;
+    }
+    Ok(progress.map(|p| p.rate()))
 }
 
 /// The `p` quantile of `v` with `decimals`, or "-" when there is no sample (no fault of
@@ -374,10 +434,9 @@ impl Drop for Stack {
     }
 }
 
-/// One round of the throughput rows: both stacks side by side, each row run on one right
-/// after the other (plain first in even rounds, the split first in odd ones), so that a
-/// burst of load on a shared machine lands on both alike. Per stack (plain, split): 4K
-/// write IOPS, 4K read IOPS, large write MB/s, large read MB/s.
+/// One round of the throughput rows: both stacks side by side on fresh overlays, each row
+/// run on both in turns of [`SLICE`] ([`drive_pair`]). Per stack (plain, split): 4K write
+/// IOPS, 4K read IOPS, large write MB/s, large read MB/s.
 fn throughput_round(
     cfg: &BenchConfig,
     d: &Path,
@@ -392,7 +451,6 @@ fn throughput_round(
         Stack::start(cfg, &dirs[0], template, false)?,
         Stack::start(cfg, &dirs[1], template, true)?,
     ];
-    let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
     let mut rows = [[0.0; 4]; 2];
     for (i, w) in [
         Workload::random_4k(CMD_WRITE),
@@ -403,14 +461,18 @@ fn throughput_round(
     .into_iter()
     .enumerate()
     {
-        for s in order {
-            let c = stacks[s].client.as_mut().expect("a live client");
-            // Operations per second; the large rows in MB/s.
-            let ops = drive(c, w, cfg.size, cfg.seconds)?;
+        let [plain, split] = &mut stacks;
+        let clients = [
+            plain.client.as_mut().expect("a live client"),
+            split.client.as_mut().expect("a live client"),
+        ];
+        // Operations per second; the large rows in MB/s.
+        let ops = drive_pair(clients, w, cfg.size, cfg.seconds)?;
+        for s in 0..2 {
             rows[s][i] = if w.len == BLOCK {
-                ops
+                ops[s]
             } else {
-                ops * w.len as f64 / 1e6
+                ops[s] * w.len as f64 / 1e6
             };
         }
     }
@@ -451,16 +513,17 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     );
     writeln!(
         out,
-        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {:.0} s per row, median of {} rounds, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
+        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {:.0} s per row and stack in turns of {} ms, median of {} rounds, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
         cfg.size >> 20,
         cfg.seconds,
+        SLICE.as_millis(),
         cfg.rounds,
         HEARTBEAT_TIMEOUT.as_millis()
     )?;
 
-    // 1. Throughput: plain against endpoint + driver, row by row, in alternating order
-    //    round by round (plain first in even rounds, the split first in odd ones), so
-    //    neither always runs on the other's leftovers (dirty pages, a warm page cache).
+    // 1. Throughput: plain against endpoint + driver, row by row, the two taking turns of
+    //    SLICE within each row, so neither always runs on the other's leftovers (dirty
+    //    pages, a warm page cache) or alone through a burst of load.
     let mut samples: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
     for round in 0..cfg.rounds {
         let [plain, split] = throughput_round(cfg, d, &template, round)?;

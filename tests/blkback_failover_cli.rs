@@ -223,6 +223,72 @@ fn bad_driver_and_endpoint_arguments_are_refused_clearly() {
         &spec("vm", &gone, None),
     ]));
     assert!(e.contains("short.key") && e.contains("16 bytes"), "{e}");
+    for seconds in ["0", "inf", "NaN"] {
+        let e = run_err(remoca().args(["bench", "failover", "--seconds", seconds]));
+        assert!(e.contains("--seconds"), "{seconds}: {e}");
+    }
+}
+
+/// A short `remoca bench failover`: every table is printed with figures, every fault is
+/// injected, and no acknowledged write is lost.
+#[test]
+fn a_short_failover_bench_runs_every_part_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(remoca().args([
+        "bench",
+        "failover",
+        "--kills",
+        "3",
+        "--hangs",
+        "1",
+        "--seconds",
+        "0.3",
+        "--rounds",
+        "1",
+        "--size-mib",
+        "4",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]));
+    assert!(out.contains("0.3 s per row"), "{out}");
+    // Both throughput tables: plain and split figures, and a ratio, all positive numbers.
+    for table in ["[throughput]", "[large requests]"] {
+        let rows: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with(table))
+            .skip(1)
+            .take(3)
+            .collect();
+        assert_eq!(rows.len(), 3, "{table}: {out}");
+        for (row, name) in rows
+            .iter()
+            .zip(["plain backend", "endpoint + driver", "ratio"])
+        {
+            assert!(row.trim_start().starts_with(name), "{table} {name}: {out}");
+            let figures: Vec<f64> = row
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            assert!(
+                figures.len() >= 2 && figures[..2].iter().all(|f| *f > 0.0),
+                "{table} {name}: {row}"
+            );
+        }
+    }
+    let faults = |kind: &str| -> String {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(kind))
+            .unwrap_or_else(|| panic!("no {kind} row: {out}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(faults("SIGKILL"), "3", "{out}");
+    assert_eq!(faults("SIGSTOP"), "1", "{out}");
+    assert!(out.contains("lost or wrong on read-back: 0"), "{out}");
+    // The bench removes its scratch folder.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 /// `remoca blkback status` rows as column maps (header names as keys).

@@ -54,8 +54,8 @@ pub struct FailoverBenchArgs {
 }
 
 fn failover(a: FailoverBenchArgs) -> anyhow::Result<()> {
-    if a.size_mib == 0 || a.seconds <= 0.0 || a.rounds == 0 {
-        anyhow::bail!("--size-mib, --seconds and --rounds must be positive");
+    if a.size_mib == 0 || !(a.seconds > 0.0 && a.seconds.is_finite()) || a.rounds == 0 {
+        anyhow::bail!("--size-mib, --seconds and --rounds must be positive (and --seconds finite)");
     }
     let cfg = remoca_blkback::failover::bench::BenchConfig {
         exe: std::env::current_exe()?,

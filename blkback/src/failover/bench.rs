@@ -334,7 +334,8 @@ fn drive_pair(
     seconds: f64,
 ) -> Result<[f64; 2], Error> {
     let mut progress = [Progress::new(), Progress::new()];
-    let total = Duration::from_secs_f64(seconds);
+    let total =
+        Duration::try_from_secs_f64(seconds).map_err(|e| format!("{seconds} s per row: {e}"))?;
     let mut turn = 0usize;
     while progress.iter().any(|p| p.busy < total) {
         for s in [turn % 2, (turn + 1) % 2] {
@@ -513,7 +514,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     );
     writeln!(
         out,
-        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {:.0} s per row and stack in turns of {} ms, median of {} rounds, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
+        "failover bench: {} MiB disk, 4 KiB I/O, QD {QD}, {} s per row and stack in turns of {} ms, median of {} rounds, driver heartbeat {HEARTBEAT_MS} ms, heartbeat timeout {} ms",
         cfg.size >> 20,
         cfg.seconds,
         SLICE.as_millis(),

@@ -12,21 +12,22 @@
 //!    load on the shared machine lands on both alike instead of on whichever row ran during
 //!    it. Rows print IOPS and the split's ratio to plain. This runs `rounds` times (fresh
 //!    stacks each time); rows print the medians, and the spread of the rounds' own ratios.
-//!    Then, on the same connection, large requests: sequential [`LARGE`] (256 KiB) writes at queue depth 8 with
-//!    a flush every [`LARGE_FLUSH_BYTES`] (64 MiB), then sequential 256 KiB reads at queue
-//!    depth 8 (`seconds` each, wrapping at the end of the disk); rows print MB/s (10^6
-//!    bytes per second) and the ratio. 4 KiB random I/O is the split's worst case (the
-//!    hand-off cost per request); 256 KiB requests show what it costs per byte. 256 KiB is
-//!    well within the maximum block size the NBD server advertises and accepts
-//!    ([`crate::nbd::wire::MAX_PAYLOAD`], 32 MiB) and the channel's
+//!    Then, on the same connection, large requests: sequential [`LARGE`] (256 KiB) writes
+//!    at queue depth 8 with a flush every [`LARGE_FLUSH_BYTES`] (64 MiB), then sequential
+//!    256 KiB reads at queue depth 8 (`seconds` each, wrapping at the end of the disk);
+//!    rows print MB/s (10^6 bytes per second) and the ratio. 4 KiB random I/O is the
+//!    split's worst case (the hand-off cost per request); 256 KiB requests show what it
+//!    costs per byte. 256 KiB is well within the maximum block size the NBD server
+//!    advertises and accepts ([`crate::nbd::wire::MAX_PAYLOAD`], 32 MiB) and the channel's
 //!    [`super::wire::MAX_DATA`] (32 MiB).
-//! 2. **Failover**: one client writes 4 KiB blocks at queue depth 1 (a flush every 64) while the active driver is
-//!    killed with SIGKILL `kills` times and hung with SIGSTOP `hangs` times, at random moments
-//!    (each failed driver is restarted and becomes the backup). For each fault it reports the
-//!    **detection time** (the fault to the endpoint declaring the driver faulty), the
-//!    **takeover** (declared to every unanswered request re-sent to the backup) and the
-//!    **client-visible pause** (the longest write that completed within a second after the
-//!    fault). Then every block is read back and compared with what was last acknowledged.
+//! 2. **Failover**: one client writes 4 KiB blocks at queue depth 1 (a flush every 64)
+//!    while the active driver is killed with SIGKILL `kills` times and hung with SIGSTOP
+//!    `hangs` times, at random moments (each failed driver is restarted and becomes the
+//!    backup). For each fault it reports the **detection time** (the fault to the endpoint
+//!    declaring the driver faulty), the **takeover** (declared to every unanswered request
+//!    re-sent to the backup) and the **client-visible pause** (the longest write that
+//!    completed within a second after the fault). Then every block is read back and
+//!    compared with what was last acknowledged.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

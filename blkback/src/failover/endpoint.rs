@@ -1638,6 +1638,17 @@ mod tests {
         ep.close();
     }
 
+    /// Break the active driver's connection from the endpoint's side and wait (up to 10 s)
+    /// for the first failover.
+    fn break_active_and_wait_for_failover(ep: &Endpoint) {
+        ep.inner.state.lock().active.clone().unwrap().shutdown();
+        let t0 = Instant::now();
+        while ep.status().failovers == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no failover");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The active driver's connection breaks; the endpoint fails over to the backup and
     /// re-applies the writes acknowledged since the last flush, in order, before anything else.
     #[test]
@@ -1661,14 +1672,7 @@ mod tests {
         ep.write_at(&[3; 4096], 4096, WriteFlags::default())
             .unwrap();
         assert_eq!(ep.status().unflushed_writes, 2);
-        // Break the active connection from the endpoint's side.
-        let active = ep.inner.state.lock().active.clone().unwrap();
-        active.shutdown();
-        let t0 = Instant::now();
-        while ep.status().failovers == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(10), "no failover");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        break_active_and_wait_for_failover(&ep);
         let st = ep.status();
         assert_eq!(st.last_failover.as_ref().unwrap().reapplied, 2);
         // The flushed write is not re-applied, the two unflushed ones are, in order.
@@ -1755,12 +1759,7 @@ mod tests {
         w(6, 8192, 4096); // stored, but re-applying 5 would undo it: kept too
         assert_eq!(ep.status().unflushed_writes, 3);
 
-        ep.inner.state.lock().active.clone().unwrap().shutdown();
-        let t0 = Instant::now();
-        while ep.status().failovers == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(10), "no failover");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        break_active_and_wait_for_failover(&ep);
         assert_eq!(ep.status().last_failover.unwrap().reapplied, 3);
         // The backup's separate disk holds exactly what was re-applied.
         let b_now = db.contents();

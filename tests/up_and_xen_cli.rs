@@ -1,18 +1,13 @@
 //! `remoca up` on the simulated host, and `remoca xen ...` from other processes reaching it
 //! through the simulated xenstore socket, as an operator would use them in two shells.
 
+mod up_harness;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-fn remoca(sock: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_remoca"));
-    c.env("REMOCA_SIM_XENSTORE", sock)
-        .env_remove("REMOCA_BACKEND")
-        .env_remove("REMOCA_CONFIG");
-    c
-}
+use up_harness::{remoca, Up};
 
 fn ok(c: &mut Command) -> String {
     let out = c.output().expect("run remoca");
@@ -28,69 +23,6 @@ fn err(c: &mut Command) -> String {
     let out: Output = c.output().expect("run remoca");
     assert!(!out.status.success(), "{c:?} should have failed");
     String::from_utf8(out.stderr).unwrap()
-}
-
-/// `remoca up` in the background, stopped (SIGTERM) when dropped.
-struct Up {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Up {
-    fn start(sock: &Path, config: &Path) -> Up {
-        let mut child = remoca(sock)
-            .args(["--backend", "sim", "up", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let up = Up { child, lines };
-        up.wait_for("running; Ctrl-C stops");
-        up
-    }
-
-    fn wait_for(&self, needle: &str) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = Vec::new();
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
-                    let hit = l.contains(needle);
-                    seen.push(l);
-                    if hit {
-                        return seen;
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("`remoca up` never printed {needle:?}; printed {seen:#?}");
-    }
-
-    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let rest = self.wait_for("stopped");
-        (self.child.wait().unwrap(), rest)
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -190,7 +122,6 @@ fn up_serves_the_demo_host_and_xen_commands_reach_it() {
             ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0xa7 64k 256k", &uri]));
         assert!(!read.contains("Pattern verification failed"), "{read}");
         let line = up.wait_for("blocks remote");
-        let line = line.last().unwrap();
         assert!(
             line.contains("swap demo-swap: 64 blocks remote, 0 spilled, 0 errors"),
             "{line}"
@@ -207,7 +138,6 @@ fn up_serves_the_demo_host_and_xen_commands_reach_it() {
     // The demo HVM guest runs under the pager, its pages on the memory server, and every
     // page it reads back is what it wrote.
     let line = up.wait_for("pager d");
-    let line = line.last().unwrap();
     assert!(
         line.contains("demo-hvm") && line.contains(" 0 wrong, 0 failed"),
         "{line}"

@@ -7,22 +7,16 @@
 //! its ghost stack never holds more than 512 + 1024 pages, so a correct estimate asks for at
 //! least 2 MiB and at most 6 MiB more than the guest has.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod up_harness;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use up_harness::{remoca, Up};
 
 const DEMO: &str = "demo-hvm";
 const NEEDS_AT_LEAST_KIB: u64 = 512 * 4;
 const GHOST_AT_MOST_KIB: u64 = (512 + 1024) * 4;
-
-fn remoca(sock: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_remoca"));
-    c.env("REMOCA_SIM_XENSTORE", sock)
-        .env_remove("REMOCA_BACKEND")
-        .env_remove("REMOCA_CONFIG");
-    c
-}
 
 fn run(c: &mut Command) -> (bool, String, String) {
     let o = c.output().expect("run remoca");
@@ -31,64 +25,6 @@ fn run(c: &mut Command) -> (bool, String, String) {
         String::from_utf8_lossy(&o.stdout).into(),
         String::from_utf8_lossy(&o.stderr).into(),
     )
-}
-
-/// `remoca up` in the background; SIGTERM and wait in `stop`, kill when dropped.
-struct Up {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Up {
-    fn start(sock: &Path, config: &Path) -> Up {
-        let mut child = remoca(sock)
-            .args(["--backend", "sim", "up", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let up = Up { child, lines };
-        up.wait_for("running; Ctrl-C stops");
-        up
-    }
-
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seen = Vec::new();
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(l) => seen.push(l),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("`remoca up` never printed {needle:?}; printed {seen:#?}");
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.wait_for("stopped");
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `name: N KiB` from `remoca mrc` output.
@@ -225,5 +161,5 @@ fn up_publishes_the_demo_guests_working_set_and_mrc_draws_it() {
 
     let status = up.wait_for(&format!("wss d{dom} "));
     assert!(status.contains("target"), "{status}");
-    assert!(up.stop().success());
+    assert!(up.terminate().0.success());
 }

@@ -77,6 +77,45 @@ fn maybe_be_a_driver() {
     std::process::exit(1);
 }
 
+/// What both tests run on: a template of `DISK` bytes (`pattern` of each offset) and an
+/// overlay on it in `dir`, and two driver processes serving that overlay on `a.sock` and
+/// `b.sock` there, started. Returns the template's bytes (what unwritten blocks read as),
+/// the two sockets and the drivers.
+fn two_drivers(
+    dir: &Path,
+    test: &'static str,
+    pattern: fn(u64) -> u8,
+) -> (Vec<u8>, [PathBuf; 2], Drivers) {
+    let template = dir.join("t.raw");
+    let template_bytes: Vec<u8> = (0..DISK).map(pattern).collect();
+    std::fs::write(&template, &template_bytes).unwrap();
+    let overlay = dir.join("vm.ovl");
+    {
+        let t = RawFile::open_read_only(&template).unwrap();
+        Overlay::create(&overlay, &t, 16, &template.to_string_lossy()).unwrap();
+    }
+    let socks = [dir.join("a.sock"), dir.join("b.sock")];
+    let mut drivers = Drivers {
+        test,
+        template,
+        overlay,
+        children: HashMap::new(),
+    };
+    for s in &socks {
+        drivers.start(s);
+    }
+    (template_bytes, socks, drivers)
+}
+
+/// The endpoint of the two drivers, the first active. Hangs are detected by the lost
+/// heartbeat (drivers send one every 50 ms).
+fn endpoint_config(socks: &[PathBuf; 2]) -> EndpointConfig {
+    let mut cfg = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
+    cfg.connect_timeout = Duration::from_secs(20);
+    cfg.monitor.heartbeat_timeout = Duration::from_millis(500);
+    cfg
+}
+
 struct Drivers {
     /// The test whose binary re-run serves as a driver (`--exact NAME`).
     test: &'static str,
@@ -104,6 +143,13 @@ impl Drivers {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// The overlay the drivers serve, opened read-only on its template: what reached the
+    /// storage, once the drivers are stopped.
+    fn stored(&self) -> Overlay {
+        let t = Arc::new(RawFile::open_read_only(&self.template).unwrap());
+        Overlay::open(&self.overlay, t, true).unwrap()
     }
 
     /// Restart any driver that is no longer running (the endpoint kills one it declares
@@ -226,30 +272,11 @@ fn active_driver_killed_many_times() {
     eprintln!("FAILOVER_KILLS={kills} FAILOVER_STOPS={stops} FAILOVER_SEED={seed}");
 
     let dir = tempfile::tempdir().unwrap();
-    let template = dir.path().join("t.raw");
-    let template_bytes: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8).collect();
-    std::fs::write(&template, &template_bytes).unwrap();
-    let overlay = dir.path().join("vm.ovl");
-    {
-        let t = RawFile::open_read_only(&template).unwrap();
-        Overlay::create(&overlay, &t, 16, &template.to_string_lossy()).unwrap();
-    }
-    let socks = [dir.path().join("a.sock"), dir.path().join("b.sock")];
-    let mut drivers = Drivers {
-        test: "active_driver_killed_many_times",
-        template: template.clone(),
-        overlay: overlay.clone(),
-        children: HashMap::new(),
-    };
-    for s in &socks {
-        drivers.start(s);
-    }
-
-    let mut cfg = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
-    cfg.connect_timeout = Duration::from_secs(20);
-    // Hangs are detected by the lost heartbeat (drivers send one every 50 ms).
-    cfg.monitor.heartbeat_timeout = Duration::from_millis(500);
-    let endpoint = Endpoint::start(cfg).unwrap();
+    let (template_bytes, socks, mut drivers) =
+        two_drivers(dir.path(), "active_driver_killed_many_times", |i| {
+            (i * 7 % 251) as u8
+        });
+    let endpoint = Endpoint::start(endpoint_config(&socks)).unwrap();
     assert_eq!(endpoint.size(), DISK);
 
     // The endpoint served over NBD by the unchanged server.
@@ -491,8 +518,7 @@ fn active_driver_killed_many_times() {
     for s in &socks {
         drivers.kill(s);
     }
-    let t = Arc::new(RawFile::open_read_only(&template).unwrap());
-    let ov = Overlay::open(&overlay, t, true).unwrap();
+    let ov = drivers.stored();
     let mut buf = vec![0u8; BLOCK];
     for slot in 0..SLOTS {
         ov.read_at(&mut buf, slot * BLOCK as u64).unwrap();
@@ -565,27 +591,12 @@ fn hung_driver_woken_after_takeover_writes_nothing() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     let dir = tempfile::tempdir().unwrap();
-    let template = dir.path().join("t.raw");
-    let template_bytes: Vec<u8> = (0..DISK).map(|i| (i * 11 % 253) as u8).collect();
-    std::fs::write(&template, &template_bytes).unwrap();
-    let overlay = dir.path().join("vm.ovl");
-    {
-        let t = RawFile::open_read_only(&template).unwrap();
-        Overlay::create(&overlay, &t, 16, &template.to_string_lossy()).unwrap();
-    }
-    let socks = [dir.path().join("a.sock"), dir.path().join("b.sock")];
-    let mut drivers = Drivers {
-        test: "hung_driver_woken_after_takeover_writes_nothing",
-        template: template.clone(),
-        overlay: overlay.clone(),
-        children: HashMap::new(),
-    };
-    for s in &socks {
-        drivers.start(s);
-    }
-    let mut cfg = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
-    cfg.connect_timeout = Duration::from_secs(20);
-    cfg.monitor.heartbeat_timeout = Duration::from_millis(500);
+    let (template_bytes, socks, mut drivers) = two_drivers(
+        dir.path(),
+        "hung_driver_woken_after_takeover_writes_nothing",
+        |i| (i * 11 % 253) as u8,
+    );
+    let mut cfg = endpoint_config(&socks);
     // No kill: the hung driver stays alive and is stopped by the fence alone.
     cfg.kill_local = false;
     let endpoint = Endpoint::start(cfg).unwrap();
@@ -732,8 +743,7 @@ fn hung_driver_woken_after_takeover_writes_nothing() {
         drivers.kill(s);
     }
     // The storage itself holds the newest data.
-    let t = Arc::new(RawFile::open_read_only(&template).unwrap());
-    let ov = Overlay::open(&overlay, t, true).unwrap();
+    let ov = drivers.stored();
     let mut buf = vec![0u8; BLOCK];
     for slot in 0..SLOTS_F {
         ov.read_at(&mut buf, slot * BLOCK as u64).unwrap();

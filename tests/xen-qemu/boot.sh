@@ -6,10 +6,14 @@
 #
 # A watchdog stops QEMU (by the PID in its pidfile) when Xen or dom0 crashes (Xen's `noreboot`
 # would otherwise hang until the timeout), when the timeout expires, or when dom0 printed @@DONE
-# but did not power off. Exit status: 0 when dom0 printed @@DONE and QEMU exited, 2 on timeout,
-# 3 on a crash, 4 when QEMU exited without @@DONE.
+# but did not power off, and when dom0's /init did not start (no `@@MARK` line) within
+# REMOCA_XENQEMU_INIT_TIMEOUT seconds: dom0's kernel has hung at boot under TCG once in many runs
+# (after "Poking KASLR using RDTSC...", nothing more), and run.sh boots once more on that status.
+# Exit status: 0 when dom0 printed @@DONE and QEMU exited, 2 on timeout, 3 on a crash, 4 when
+# QEMU exited without @@DONE, 5 when dom0's init was never reached.
 #
-# Env: REMOCA_XENQEMU_TIMEOUT (s, default 600), REMOCA_XENQEMU_MEM (QEMU MiB, default 2048),
+# Env: REMOCA_XENQEMU_TIMEOUT (s, default 600), REMOCA_XENQEMU_INIT_TIMEOUT (s, default 180;
+#      dom0's init normally starts 12-17 s after QEMU), REMOCA_XENQEMU_MEM (QEMU MiB, default 2048),
 #      REMOCA_XENQEMU_DOM0_MEM (default 1024M), REMOCA_XENQEMU_SMP (default 2),
 #      REMOCA_XENQEMU_CPU (default qemu64,+svm,+npt; `-cpu max` crashes the PV dom0),
 #      REMOCA_XENQEMU_GUEST (guest name handed to dom0), REMOCA_XENQEMU_DOM0_LOGLEVEL (default 4).
@@ -20,6 +24,7 @@ need qemu-system-x86_64 qemu-system-x86
 need perl perl
 
 TIMEOUT=${REMOCA_XENQEMU_TIMEOUT:-600}
+INIT_TIMEOUT=${REMOCA_XENQEMU_INIT_TIMEOUT:-180}
 CPU=${REMOCA_XENQEMU_CPU:-qemu64,+svm,+npt}
 DOM0_MEM=${REMOCA_XENQEMU_DOM0_MEM:-1024M}
 LOG=$WORK/serial.log
@@ -68,6 +73,7 @@ pipe=$!
 
 status=4
 done_at=
+init_seen=
 while kill -0 "$pipe" 2>/dev/null; do
   now=$(date +%s)
   elapsed=$((now - ${start%.*}))
@@ -75,6 +81,13 @@ while kill -0 "$pipe" 2>/dev/null; do
     sleep 2 # let the rest of the panic message reach the log
     echo "# watchdog: crash detected after ${elapsed}s, stopping QEMU" | tee -a "$LOG"
     status=3
+    stop_qemu
+    break
+  fi
+  if [ -z "$init_seen" ] && grep -q '@@MARK' "$LOG"; then init_seen=yes; fi
+  if [ -z "$init_seen" ] && [ "$elapsed" -ge "$INIT_TIMEOUT" ]; then
+    echo "# watchdog: dom0's init not started after ${INIT_TIMEOUT}s (no @@MARK), stopping QEMU" | tee -a "$LOG"
+    status=5
     stop_qemu
     break
   fi

@@ -72,16 +72,25 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
+LOG=$WORK/serial.log
+boot() {
+  "$XENQEMU_DIR/boot.sh" &
+  boot_pid=$!
+  boot_rc=0
+  wait "$boot_pid" || boot_rc=$?
+  boot_pid=
+}
 log "boot: Xen under QEMU (timeout ${REMOCA_XENQEMU_TIMEOUT:-600}s)"
-"$XENQEMU_DIR/boot.sh" &
-boot_pid=$!
-boot_rc=0
-wait "$boot_pid" || boot_rc=$?
-boot_pid=
+boot
+if [ "$boot_rc" = 5 ]; then
+  # dom0's kernel hung before its init (boot.sh's status 5): no remoca code ran. Once more.
+  mv "$LOG" "$WORK/serial-hung.log"
+  log "boot: dom0 never reached its init (log kept as $WORK/serial-hung.log); booting once more"
+  boot
+fi
 t3=$(now)
 
 # ---------------------------------------------------------------- summary
-LOG=$WORK/serial.log
 mapfile -t results < <(grep -ao '@@RESULT [^ ]* [^ ]*' "$LOG" | cut -d' ' -f2,3 || true)
 pass=0 fail=0 other=0
 echo
@@ -111,6 +120,7 @@ if [ "$done_seen" = no ]; then
   case $boot_rc in
     2) echo "FAILED: timeout before dom0 printed @@DONE" ;;
     3) echo "FAILED: Xen or dom0 crashed (see the watchdog line in the log)" ;;
+    5) echo "FAILED: dom0's kernel hung before its init, twice" ;;
     *) echo "FAILED: QEMU exited before dom0 printed @@DONE" ;;
   esac
   rc=1

@@ -80,6 +80,7 @@ boot() {
   wait "$boot_pid" || boot_rc=$?
   boot_pid=
 }
+rm -f "$WORK/serial-hung.log" # an earlier run's, which would mislead
 log "boot: Xen under QEMU (timeout ${REMOCA_XENQEMU_TIMEOUT:-600}s)"
 boot
 if [ "$boot_rc" = 5 ]; then

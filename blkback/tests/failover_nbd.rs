@@ -71,6 +71,7 @@ fn maybe_be_a_driver() {
             heartbeat_interval: Duration::from_millis(50),
             key: None,
             workers: 4,
+            reader_cpu: None,
         },
     );
     eprintln!("driver stopped: {r:?}");

@@ -122,6 +122,10 @@ struct DriverArgs {
     /// Worker threads running disk requests.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Pin each connection's reader to this CPU; give the endpoint the same `--reader-cpu`
+    /// (docs/failover.md, "The two readers on one CPU").
+    #[arg(long, value_name = "CPU")]
+    reader_cpu: Option<usize>,
     /// Do not use the generation fence (`<overlay>.fence`): a superseded driver that wakes
     /// up could then write after a takeover. Only for storage fenced some other way.
     #[arg(long)]
@@ -169,6 +173,10 @@ struct EndpointArgs {
     /// Bytes of acknowledged, unflushed writes kept for replay before the endpoint flushes.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     unflushed_limit: u64,
+    /// Pin the thread reading the drivers' replies to this CPU; give the drivers the same
+    /// `--reader-cpu` (docs/failover.md, "The two readers on one CPU").
+    #[arg(long, value_name = "CPU")]
+    reader_cpu: Option<usize>,
     /// Where to keep this endpoint's status file for `remoca blkback status`
     /// (default: remoca's state directory, `blkback/`).
     #[arg(long)]
@@ -585,6 +593,9 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
         .map(|s| parse_export_spec(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let key = channel_key(a.key_file.as_deref())?;
+    if let Some(cpu) = a.reader_cpu {
+        failover::affinity::check_cpu(cpu).context("--reader-cpu")?;
+    }
     if a.exit_with_stdin {
         std::thread::Builder::new()
             .name("stdin-watch".into())
@@ -621,6 +632,7 @@ fn run_driver(a: DriverArgs) -> anyhow::Result<()> {
             heartbeat_interval: std::time::Duration::from_millis(a.heartbeat_ms.max(1)),
             key,
             workers: a.workers,
+            reader_cpu: a.reader_cpu,
         },
     )
     .context("driver stopped")
@@ -641,6 +653,7 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
     cfg.monitor.k = a.bound_k;
     cfg.kill_local = !a.no_kill_local;
     cfg.unflushed_limit = a.unflushed_limit;
+    cfg.reader_cpu = a.reader_cpu;
     let nbd_addr = channel_addr(&a.nbd)?;
     let endpoint = failover::endpoint::Endpoint::start(cfg).context("starting the endpoint")?;
     let exports = Exports::from_disks(vec![(

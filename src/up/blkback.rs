@@ -60,11 +60,11 @@ pub(super) async fn start(
         .filter(|e| !e.failover)
         .map(export_config)
         .collect();
-    let fenced: Vec<ExportConfig> = b
+    let fenced: Vec<(ExportConfig, Option<usize>)> = b
         .export
         .iter()
         .filter(|e| e.failover)
-        .map(|e| export_config(e).0)
+        .map(|e| (export_config(e).0, e.reader_cpu))
         .collect();
     let (failover, failover_disks, failover_columns) = {
         let (f, s) = (b.failover.clone(), state_dir.to_owned());

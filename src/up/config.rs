@@ -115,6 +115,9 @@ pub struct ExportSection {
     /// Serve it through a failover endpoint and two driver processes.
     #[serde(default)]
     pub failover: bool,
+    /// With `failover`: the CPU of the endpoint's and the drivers' channel readers.
+    #[serde(default)]
+    pub reader_cpu: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +200,16 @@ impl Config {
             bail!("wss.tolerance must be between 0 and 1");
         }
         for e in &self.blkback.export {
+            if let Some(cpu) = e.reader_cpu {
+                if !e.failover {
+                    bail!(
+                        "blkback.export {:?}: reader_cpu needs failover = true",
+                        e.name
+                    );
+                }
+                remoca_blkback::failover::affinity::check_cpu(cpu)
+                    .with_context(|| format!("blkback.export {:?}", e.name))?;
+            }
             if e.failover && e.remote_cache {
                 bail!(
                     "blkback.export {:?}: failover and remote_cache cannot be combined yet",
@@ -287,5 +300,13 @@ mod tests {
         let c = parse("[[blkback.export]]\nname = \"a\"\ntemplate = \"/t\"\nfailover = true\n")
             .unwrap();
         assert!(c.blkback.export[0].failover && c.blkback.failover.fence);
+        let export =
+            |extra: &str| format!("[[blkback.export]]\nname = \"a\"\ntemplate = \"/t\"\n{extra}");
+        let cpu = remoca_blkback::failover::affinity::first_allowed_cpu().unwrap();
+        let c = parse(&export(&format!("failover = true\nreader_cpu = {cpu}\n"))).unwrap();
+        assert_eq!(c.blkback.export[0].reader_cpu, Some(cpu));
+        assert!(msg(&export("reader_cpu = 0\n")).contains("needs failover = true"));
+        let far = msg(&export("failover = true\nreader_cpu = 100000\n"));
+        assert!(far.contains("blkback.export \"a\"") && far.contains("reader CPU 100000"));
     }
 }

@@ -51,6 +51,7 @@ fn driver_command(
     exe: &Path,
     sock: &Path,
     e: &ExportConfig,
+    reader_cpu: Option<usize>,
     cfg: &FailoverSection,
 ) -> anyhow::Result<Command> {
     let mut spec = format!("name={},template={}", e.name, e.template.display());
@@ -76,6 +77,9 @@ fn driver_command(
     if !cfg.fence {
         c.arg("--no-fence");
     }
+    if let Some(cpu) = reader_cpu {
+        c.args(["--reader-cpu", &cpu.to_string()]);
+    }
     // The pipe's write end stays in `Child` for as long as `up` holds the driver; when `up`
     // dies, however it dies, the driver reads end of file and exits.
     c.arg("--exit-with-stdin");
@@ -98,14 +102,15 @@ fn wait_listening(sock: &Path, child: &mut Child) -> anyhow::Result<()> {
 }
 
 impl FailoverDisks {
-    /// Start drivers and an endpoint for each of `exports`; the endpoints as disks to serve
-    /// (name, description, disk) and a status column each.
+    /// Start drivers and an endpoint for each of `exports` (with its channel readers' CPU,
+    /// if pinned); the endpoints as disks to serve (name, description, disk) and a status
+    /// column each.
     ///
     /// # Errors
     /// A driver that does not start, an endpoint that finds no driver.
     #[allow(clippy::type_complexity)]
     pub(crate) fn start(
-        exports: &[ExportConfig],
+        exports: &[(ExportConfig, Option<usize>)],
         cfg: &FailoverSection,
         state_dir: &Path,
         status_dir: &Path,
@@ -119,11 +124,11 @@ impl FailoverDisks {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut served = Vec::new();
         let mut columns: Vec<StatusFn> = Vec::new();
-        for e in exports {
+        for (e, reader_cpu) in exports {
             let mut drivers = Vec::new();
             for tag in ["a", "b"] {
                 let sock = dir.join(format!("{}-{tag}.sock", sanitize(&e.name)));
-                let mut child = driver_command(&exe, &sock, e, cfg)?
+                let mut child = driver_command(&exe, &sock, e, *reader_cpu, cfg)?
                     .spawn()
                     .with_context(|| format!("starting a driver for {:?}", e.name))?;
                 let ready = wait_listening(&sock, &mut child);
@@ -139,6 +144,7 @@ impl FailoverDisks {
             ec.monitor.heartbeat_timeout = Duration::from_millis(cfg.heartbeat_timeout_ms);
             ec.monitor.floor = Duration::from_millis(cfg.bound_floor_ms);
             ec.kill_local = cfg.kill_local;
+            ec.reader_cpu = *reader_cpu;
             let endpoint = match Endpoint::start(ec) {
                 Ok(ep) => ep,
                 Err(err) => {
@@ -178,12 +184,12 @@ impl FailoverDisks {
             .disks
             .iter()
             .zip(exports)
-            .map(|(d, e)| {
+            .map(|(d, (e, reader_cpu))| {
                 let cmds = d
                     .drivers
                     .lock()
                     .iter()
-                    .map(|dr| driver_command(&exe, &dr.sock, e, cfg))
+                    .map(|dr| driver_command(&exe, &dr.sock, e, *reader_cpu, cfg))
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 Ok((d.export.clone(), d.drivers.clone(), cmds))
             })

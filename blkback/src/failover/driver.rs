@@ -84,6 +84,9 @@ pub struct DriverConfig {
     pub key: Option<ChannelKey>,
     /// Worker threads running disk calls.
     pub workers: usize,
+    /// Pin each connection's reader (which also runs the small requests) to this CPU and
+    /// keep the workers off it; give the endpoint the same one ([`super::affinity`]).
+    pub reader_cpu: Option<usize>,
 }
 
 impl std::fmt::Debug for DriverConfig {
@@ -93,6 +96,7 @@ impl std::fmt::Debug for DriverConfig {
             .field("keyed", &self.key.is_some())
             .field("fenced", &self.fencer.is_some())
             .field("workers", &self.workers)
+            .field("reader_cpu", &self.reader_cpu)
             .finish()
     }
 }
@@ -158,14 +162,26 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// threads; a connection's failure never stops the others.
 ///
 /// # Errors
-/// Only when the worker threads cannot be started or `accept` fails persistently.
+/// The reader CPU is not one this process may run on; the worker threads cannot be
+/// started; `accept` fails persistently.
 pub fn run(listener: DriverListener, cfg: DriverConfig) -> io::Result<()> {
+    if let Some(cpu) = cfg.reader_cpu {
+        super::affinity::check_cpu(cpu)?;
+    }
     let (tx, rx) = crossbeam_channel::unbounded::<Job>();
     for i in 0..cfg.workers.max(1) {
         let rx = rx.clone();
+        let reader_cpu = cfg.reader_cpu;
         std::thread::Builder::new()
             .name(format!("fo-driver-{i}"))
             .spawn(move || {
+                // Large requests and flushes run here: off the readers' CPU, so they never
+                // stand between a reader and its CPU.
+                if let Some(cpu) = reader_cpu {
+                    if let Err(e) = super::affinity::keep_this_thread_off(cpu) {
+                        tracing::warn!(cpu, error = %e, "cannot keep a worker off the reader CPU");
+                    }
+                }
                 while let Ok(job) = rx.recv() {
                     job();
                 }
@@ -180,6 +196,7 @@ pub fn run(listener: DriverListener, cfg: DriverConfig) -> io::Result<()> {
                 std::thread::Builder::new()
                     .name("fo-driver-conn".into())
                     .spawn(move || {
+                        super::affinity::pin_reader(cfg.reader_cpu, "driver");
                         if let Err(e) = serve_connection(stream, &cfg, &tx) {
                             tracing::info!(error = %e, "driver connection ended");
                         }

@@ -74,6 +74,9 @@ pub struct EndpointConfig {
     pub unflushed_limit: u64,
     /// Offer drivers on Unix sockets a shared-memory data area ([`super::shm`]).
     pub shm: bool,
+    /// Pin the thread that reads the drivers' replies to this CPU; give the drivers the
+    /// same one ([`super::affinity`]).
+    pub reader_cpu: Option<usize>,
 }
 
 impl EndpointConfig {
@@ -90,6 +93,7 @@ impl EndpointConfig {
             kill_local: true,
             unflushed_limit: 256 << 20,
             shm: true,
+            reader_cpu: None,
         }
     }
 }
@@ -101,6 +105,8 @@ pub enum EndpointError {
     NoDrivers,
     #[error("no driver answered within {0:?}: {1}")]
     Unreachable(Duration, String),
+    #[error(transparent)]
+    ReaderCpu(std::io::Error),
 }
 
 /// One failover, as `status` shows it.
@@ -560,6 +566,9 @@ impl Endpoint {
         if cfg.drivers.is_empty() {
             return Err(EndpointError::NoDrivers);
         }
+        if let Some(cpu) = cfg.reader_cpu {
+            super::affinity::check_cpu(cpu).map_err(EndpointError::ReaderCpu)?;
+        }
         let t0 = Instant::now();
         // Generations start at the wall clock in microseconds, so the drivers of a restarted
         // endpoint supersede (and fence) every driver of its predecessor.
@@ -726,9 +735,11 @@ impl Inner {
         });
         let (me, c) = (self.clone(), conn.clone());
         let mut stream = h.stream;
+        let cpu = self.cfg.reader_cpu;
         std::thread::Builder::new()
             .name("fo-reader".into())
             .spawn(move || {
+                super::affinity::pin_reader(cpu, "endpoint");
                 let r = me.read_replies(
                     &mut io::BufReader::with_capacity(super::READ_BUFFER, &mut stream),
                     &c,
@@ -1372,6 +1383,16 @@ mod tests {
     use crate::memory::MemDisk;
 
     fn start_driver(dir: &Path, name: &str, disk: Arc<dyn Disk>, key: Option<&[u8]>) -> Addr {
+        start_driver_on(dir, name, disk, key, None)
+    }
+
+    fn start_driver_on(
+        dir: &Path,
+        name: &str,
+        disk: Arc<dyn Disk>,
+        key: Option<&[u8]>,
+        reader_cpu: Option<usize>,
+    ) -> Addr {
         let addr = Addr::Unix(dir.join(name));
         let l = DriverListener::bind(&addr).unwrap();
         let cfg = DriverConfig {
@@ -1386,6 +1407,7 @@ mod tests {
             heartbeat_interval: Duration::from_millis(20),
             key: key.map(ChannelKey::from_secret),
             workers: 4,
+            reader_cpu,
         };
         std::thread::spawn(move || driver::run(l, cfg));
         addr
@@ -1447,6 +1469,36 @@ mod tests {
         assert_eq!(e.errno(), libc::EINVAL);
         assert_eq!(ep.status().in_flight, 0);
         ep.close();
+    }
+
+    #[test]
+    fn readers_pinned_to_one_cpu_serve_and_a_cpu_not_allowed_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(1 << 20));
+        let cpu = super::super::affinity::first_allowed_cpu().unwrap();
+        let a = start_driver_on(dir.path(), "a", disk.clone(), None, Some(cpu));
+        let mut c = cfg(vec![a]);
+        c.reader_cpu = Some(cpu);
+        let ep = Endpoint::start(c.clone()).unwrap();
+        let data: Vec<u8> = (0..(256u32 << 10)).map(|i| (i % 253) as u8).collect();
+        for off in [0u64, 4096, 512 << 10] {
+            ep.write_at(&data[..4096], off, WriteFlags::default())
+                .unwrap();
+        }
+        ep.write_at(&data, 512 << 10, WriteFlags::default())
+            .unwrap();
+        ep.flush().unwrap();
+        let mut back = vec![0u8; data.len()];
+        ep.read_at(&mut back, 512 << 10).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(&disk.contents()[..4096], &data[..4096]);
+        ep.close();
+        c.reader_cpu = Some(usize::MAX);
+        let Err(e) = Endpoint::start(c) else {
+            panic!("an endpoint started with a reader CPU it may not run on");
+        };
+        let e = e.to_string();
+        assert!(e.contains("reader CPU"), "{e}");
     }
 
     #[test]

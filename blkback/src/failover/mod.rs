@@ -9,6 +9,7 @@
 //!                                  └─ monitor (heartbeat, progress bound)
 //! ```
 //!
+//! - [`affinity`]: pinning the channel's two readers to one CPU.
 //! - [`wire`]: the channel's frames (hello, auth, requests, replies, heartbeats).
 //! - [`driver`]: serves channel requests from any `Arc<dyn Disk>`.
 //! - [`endpoint`]: a `Disk` that forwards to the active driver and fails over.
@@ -17,6 +18,7 @@
 //! - [`shm`]: the shared-memory data area of a channel to a local driver.
 //! - [`monitor`]: the fault rule (broken connection, lost heartbeat, stuck requests).
 
+pub mod affinity;
 pub mod bench;
 pub mod driver;
 pub mod endpoint;

@@ -436,8 +436,8 @@ fn serve_connection(
 /// requests are buffered.
 const REPLY_BATCH: usize = 256 << 10;
 
-/// Requests up to this size run inline in the connection's reader; larger ones and flushes
-/// (a sync can take long) go to the worker pool.
+/// Requests up to this size run inline in the connection's reader (reads into a shared
+/// slot at any size); larger ones and flushes (a sync can take long) go to the worker pool.
 const INLINE_MAX: u32 = 128 << 10;
 
 /// Whether `buf` starts with a whole request frame (header and data), so the next request
@@ -523,11 +523,12 @@ fn run_request(conn: &Conn, h: &RequestHeader, data: &[u8]) -> (ReplyHeader, Vec
     }
 }
 
-/// Read requests and run them. Small reads and writes run here, in order, and their replies
+/// Read requests and run them. Small reads and writes, and reads into a shared slot, run
+/// here, in order, and their replies
 /// are batched: they go out in one write when no further request is already buffered (or
 /// the batch is large), so a burst of requests costs one read and one write and no thread
-/// hand-off. Flushes, discards, write-zeroes, block status and large requests run on the
-/// worker pool, so a slow sync does not hold up the reads and writes behind it.
+/// hand-off. Flushes, discards, write-zeroes, block status and the other large requests run
+/// on the worker pool, so a slow sync does not hold up the reads and writes behind it.
 fn read_requests<R: Read>(
     stream: &mut io::BufReader<R>,
     conn: &Arc<Conn>,
@@ -561,7 +562,11 @@ fn read_requests<R: Read>(
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         }
         let data = super::read_data(stream, 0, h.data_len())?;
-        let inline = matches!(h.op, wire::OP_READ | wire::OP_WRITE) && h.length <= INLINE_MAX;
+        // A read into a shared slot runs here whatever its size (a slot holds at most
+        // `shm::DEFAULT_SLOT_SIZE`): handing it to a worker costs a wake-up on another CPU
+        // and the reply a second send, more than the copy it would move off this thread.
+        let inline = (h.op == wire::OP_READ && in_slot)
+            || (matches!(h.op, wire::OP_READ | wire::OP_WRITE) && h.length <= INLINE_MAX);
         if inline {
             if h.op == wire::OP_WRITE && section.is_none() && conn.disk().is_ok() {
                 section = conn.fence.get().and_then(|f| f.hold());

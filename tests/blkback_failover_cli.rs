@@ -223,6 +223,35 @@ fn bad_driver_and_endpoint_arguments_are_refused_clearly() {
         &spec("vm", &gone, None),
     ]));
     assert!(e.contains("short.key") && e.contains("16 bytes"), "{e}");
+    // A reader CPU no process may run on: refused before anything starts, naming it.
+    let e = run_err(remoca().args([
+        "blkback",
+        "driver",
+        "--listen",
+        &format!("unix:{}", dir.path().join("d.sock").display()),
+        "--reader-cpu",
+        "100000",
+        "--export",
+        &spec("vm", &gone, None),
+    ]));
+    assert!(e.contains("--reader-cpu") && e.contains("100000"), "{e}");
+    let e = run_err(remoca().args([
+        "blkback",
+        "endpoint",
+        "--nbd",
+        &format!("unix:{}", dir.path().join("n.sock").display()),
+        "--export",
+        "vm",
+        "--driver",
+        &format!("unix:{}", dir.path().join("d.sock").display()),
+        "--backup",
+        &format!("unix:{}", dir.path().join("e.sock").display()),
+        "--reader-cpu",
+        "100000",
+    ]));
+    assert!(e.contains("reader CPU 100000"), "{e}");
+    let e = run_err(remoca().args(["bench", "failover", "--reader-cpu", "many"]));
+    assert!(e.contains("--reader-cpu"), "{e}");
     for seconds in ["0", "inf", "NaN"] {
         let e = run_err(remoca().args(["bench", "failover", "--seconds", seconds]));
         assert!(e.contains("--seconds"), "{seconds}: {e}");
@@ -251,24 +280,38 @@ fn a_short_failover_bench_runs_every_part_and_loses_nothing() {
         &dir.path().display().to_string(),
     ]));
     assert!(out.contains("0.3 s per row"), "{out}");
-    // Both throughput tables: plain and split figures, and a ratio, all positive numbers.
+    // Both throughput tables: plain, split and split with its readers on one CPU (the
+    // default third stack), each split one with its ratio, all positive numbers.
+    let names = [
+        "plain backend",
+        "endpoint + driver",
+        "ratio",
+        "ratio per round",
+        "readers on CPU",
+        "ratio",
+    ];
     for table in ["[throughput]", "[large requests]"] {
         let rows: Vec<&str> = out
             .lines()
             .skip_while(|l| !l.starts_with(table))
             .skip(1)
-            .take(3)
+            .take_while(|l| !l.is_empty())
             .collect();
-        assert_eq!(rows.len(), 3, "{table}: {out}");
-        for (row, name) in rows
-            .iter()
-            .zip(["plain backend", "endpoint + driver", "ratio"])
-        {
-            assert!(row.trim_start().starts_with(name), "{table} {name}: {out}");
-            let figures: Vec<f64> = row
-                .split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect();
+        assert_eq!(rows.len(), 7, "{table}: {out}");
+        for (row, name) in rows.iter().zip(names) {
+            if name == "ratio per round" {
+                continue;
+            }
+            let rest = row
+                .trim_start()
+                .strip_prefix(name)
+                .unwrap_or_else(|| panic!("{table} {name}: {out}"));
+            let mut words = rest.split_whitespace();
+            if name == "readers on CPU" {
+                let cpu = words.next().unwrap_or_default();
+                assert!(cpu.parse::<usize>().is_ok(), "{table}: {row}");
+            }
+            let figures: Vec<f64> = words.filter_map(|w| w.parse().ok()).collect();
             assert!(
                 figures.len() >= 2 && figures[..2].iter().all(|f| *f > 0.0),
                 "{table} {name}: {row}"

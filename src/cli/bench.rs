@@ -51,12 +51,29 @@ pub struct FailoverBenchArgs {
     /// SIGSTOP hangs of the active driver.
     #[arg(long, default_value_t = 20)]
     hangs: usize,
+    /// The CPU of a third stack's two channel readers (endpoint + driver, as
+    /// `--reader-cpu` pins them), or `off` to leave that stack out. Default: the lowest
+    /// CPU the bench may run on.
+    #[arg(long, value_name = "CPU|off")]
+    reader_cpu: Option<String>,
 }
 
 fn failover(a: FailoverBenchArgs) -> anyhow::Result<()> {
     if a.size_mib == 0 || !(a.seconds > 0.0 && a.seconds.is_finite()) || a.rounds == 0 {
         anyhow::bail!("--size-mib, --seconds and --rounds must be positive (and --seconds finite)");
     }
+    use remoca_blkback::failover::affinity;
+    let reader_cpu = match a.reader_cpu.as_deref() {
+        None => Some(affinity::first_allowed_cpu()?),
+        Some("off") => None,
+        Some(c) => {
+            let cpu: usize = c
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--reader-cpu {c:?}: a CPU number or `off`"))?;
+            affinity::check_cpu(cpu)?;
+            Some(cpu)
+        }
+    };
     let cfg = remoca_blkback::failover::bench::BenchConfig {
         exe: std::env::current_exe()?,
         dir: a.dir,
@@ -65,6 +82,7 @@ fn failover(a: FailoverBenchArgs) -> anyhow::Result<()> {
         rounds: a.rounds,
         kills: a.kills,
         hangs: a.hangs,
+        reader_cpu,
     };
     remoca_blkback::failover::bench::run(&cfg, &mut std::io::stdout())
         .map_err(|e| anyhow::anyhow!("bench failover: {e}"))

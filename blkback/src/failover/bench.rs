@@ -78,6 +78,9 @@ pub struct BenchConfig {
     pub kills: usize,
     /// SIGSTOP hangs of the active driver.
     pub hangs: usize,
+    /// The CPU of the third stack's two channel readers ([`super::affinity`]); `None`
+    /// leaves that stack out.
+    pub reader_cpu: Option<usize>,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -85,20 +88,22 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 struct Drivers {
     exe: PathBuf,
     export: String,
+    reader_cpu: Option<usize>,
     children: Vec<(PathBuf, Child)>,
 }
 
 impl Drivers {
     fn start(&mut self, sock: &Path) -> Result<(), Error> {
         let _ = std::fs::remove_file(sock);
-        let mut child = Command::new(&self.exe)
-            .args(["blkback", "driver", "--listen"])
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["blkback", "driver", "--listen"])
             .arg(format!("unix:{}", sock.display()))
             .args(["--export", &self.export])
-            .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
+            .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string()]);
+        if let Some(cpu) = self.reader_cpu {
+            cmd.args(["--reader-cpu", &cpu.to_string()]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
         let mut line = String::new();
         let mut stdout = BufReader::new(child.stdout.take().ok_or("no driver stdout")?);
         stdout.read_line(&mut line)?;
@@ -324,29 +329,31 @@ impl Progress {
     }
 }
 
-/// Run `w` on both stacks' clients for `seconds` each, in [`SLICE`]s taken in turn (which
-/// stack goes first alternates slice by slice); returns each one's operations per second.
+/// Run `w` on every stack's client for `seconds` each, in [`SLICE`]s taken in turn (which
+/// stack goes first rotates slice by slice); returns each one's operations per second.
 /// A burst of load on the shared machine that lasts longer than a slice or two then lands
-/// on both alike, instead of on whichever row ran during it.
-fn drive_pair(
-    clients: [&mut Client<UnixStream>; 2],
+/// on all alike, instead of on whichever row ran during it.
+fn drive_all(
+    clients: &mut [&mut Client<UnixStream>],
     w: Workload,
     size: u64,
     seconds: f64,
-) -> Result<[f64; 2], Error> {
-    let mut progress = [Progress::new(), Progress::new()];
+) -> Result<Vec<f64>, Error> {
+    let n = clients.len();
+    let mut progress: Vec<Progress> = (0..n).map(|_| Progress::new()).collect();
     let total =
         Duration::try_from_secs_f64(seconds).map_err(|e| format!("{seconds} s per row: {e}"))?;
     let mut turn = 0usize;
     while progress.iter().any(|p| p.busy < total) {
-        for s in [turn % 2, (turn + 1) % 2] {
+        for k in 0..n {
+            let s = (turn + k) % n;
             if progress[s].busy < total {
                 progress[s].slice(&mut *clients[s], w, size, SLICE)?;
             }
         }
         turn += 1;
     }
-    Ok(progress.map(|p| p.rate()))
+    Ok(progress.iter().map(Progress::rate).collect())
 }
 
 /// The `p` quantile of `v` with `decimals`, or "-" when there is no sample (no fault of
@@ -363,7 +370,16 @@ fn pct(v: &mut [f64], p: f64, decimals: usize) -> String {
     )
 }
 
-/// One of the two stacks of the throughput rows, on a fresh overlay of the template in a
+/// What a stack of the throughput rows serves its disk with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The disk stack in the NBD server's process.
+    Plain,
+    /// The endpoint and two driver processes; `Some(cpu)` pins both channel readers there.
+    Split(Option<usize>),
+}
+
+/// One of the stacks of the throughput rows, on a fresh overlay of the template in a
 /// folder of its own, with its NBD server and a connected client.
 struct Stack {
     client: Option<Client<UnixStream>>,
@@ -374,7 +390,7 @@ struct Stack {
 }
 
 impl Stack {
-    fn start(cfg: &BenchConfig, dir: &Path, template: &Path, split: bool) -> Result<Self, Error> {
+    fn start(cfg: &BenchConfig, dir: &Path, template: &Path, kind: Kind) -> Result<Self, Error> {
         std::fs::create_dir_all(dir)?;
         let overlay = dir.join("vm.ovl");
         fresh_overlay(template, &overlay)?;
@@ -385,10 +401,12 @@ impl Stack {
                 template.display(),
                 overlay.display()
             ),
+            reader_cpu: None,
             children: Vec::new(),
         };
         let mut endpoint = None;
-        let disk: Arc<dyn Disk> = if split {
+        let disk: Arc<dyn Disk> = if let Kind::Split(reader_cpu) = kind {
+            drivers.reader_cpu = reader_cpu;
             let socks = [dir.join("a.sock"), dir.join("b.sock")];
             for s in &socks {
                 drivers.start(s)?;
@@ -396,6 +414,7 @@ impl Stack {
             let mut ec =
                 EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
             ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+            ec.reader_cpu = reader_cpu;
             let e = Endpoint::start(ec)?;
             endpoint = Some(e.clone());
             Arc::new(e)
@@ -436,24 +455,24 @@ impl Drop for Stack {
     }
 }
 
-/// One round of the throughput rows: both stacks side by side on fresh overlays, each row
-/// run on both in turns of [`SLICE`] ([`drive_pair`]). Per stack (plain, split): 4K write
-/// IOPS, 4K read IOPS, large write MB/s, large read MB/s.
+/// One round of the throughput rows: the stacks of `kinds` side by side on fresh overlays,
+/// each row run on all in turns of [`SLICE`] ([`drive_all`]). Per stack: 4K write IOPS, 4K
+/// read IOPS, large write MB/s, large read MB/s.
 fn throughput_round(
     cfg: &BenchConfig,
     d: &Path,
     template: &Path,
     round: usize,
-) -> Result<[[f64; 4]; 2], Error> {
-    let dirs = [
-        d.join(format!("round{round}-plain")),
-        d.join(format!("round{round}-split")),
-    ];
-    let mut stacks = [
-        Stack::start(cfg, &dirs[0], template, false)?,
-        Stack::start(cfg, &dirs[1], template, true)?,
-    ];
-    let mut rows = [[0.0; 4]; 2];
+    kinds: &[Kind],
+) -> Result<Vec<[f64; 4]>, Error> {
+    let dirs: Vec<PathBuf> = (0..kinds.len())
+        .map(|k| d.join(format!("round{round}-stack{k}")))
+        .collect();
+    let mut stacks = Vec::new();
+    for (dir, &kind) in dirs.iter().zip(kinds) {
+        stacks.push(Stack::start(cfg, dir, template, kind)?);
+    }
+    let mut rows = vec![[0.0; 4]; kinds.len()];
     for (i, w) in [
         Workload::random_4k(CMD_WRITE),
         Workload::random_4k(CMD_READ),
@@ -463,14 +482,13 @@ fn throughput_round(
     .into_iter()
     .enumerate()
     {
-        let [plain, split] = &mut stacks;
-        let clients = [
-            plain.client.as_mut().expect("a live client"),
-            split.client.as_mut().expect("a live client"),
-        ];
+        let mut clients: Vec<&mut Client<UnixStream>> = stacks
+            .iter_mut()
+            .map(|s| s.client.as_mut().expect("a live client"))
+            .collect();
         // Operations per second; the large rows in MB/s.
-        let ops = drive_pair(clients, w, cfg.size, cfg.seconds)?;
-        for s in 0..2 {
+        let ops = drive_all(&mut clients, w, cfg.size, cfg.seconds)?;
+        for s in 0..kinds.len() {
             rows[s][i] = if w.len == BLOCK {
                 ops[s]
             } else {
@@ -523,14 +541,20 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
         HEARTBEAT_TIMEOUT.as_millis()
     )?;
 
-    // 1. Throughput: plain against endpoint + driver, row by row, the two taking turns of
-    //    SLICE within each row, so neither always runs on the other's leftovers (dirty
-    //    pages, a warm page cache) or alone through a burst of load.
-    let mut samples: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
+    // 1. Throughput: plain against endpoint + driver (and the same with its two channel
+    //    readers on one CPU), row by row, the stacks taking turns of SLICE within each row,
+    //    so none always runs on another's leftovers (dirty pages, a warm page cache) or
+    //    alone through a burst of load.
+    let mut kinds = vec![Kind::Plain, Kind::Split(None)];
+    if let Some(cpu) = cfg.reader_cpu {
+        kinds.push(Kind::Split(Some(cpu)));
+    }
+    let mut samples: Vec<Vec<[f64; 4]>> = vec![Vec::new(); kinds.len()];
     for round in 0..cfg.rounds {
-        let [plain, split] = throughput_round(cfg, d, &template, round)?;
-        samples[0].push(plain);
-        samples[1].push(split);
+        let rows = throughput_round(cfg, d, &template, round, &kinds)?;
+        for (k, row) in rows.into_iter().enumerate() {
+            samples[k].push(row);
+        }
         eprint!("\r  throughput round {}/{}", round + 1, cfg.rounds);
     }
     eprintln!();
@@ -539,70 +563,71 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let row_of = |rows: &[[f64; 4]]| -> [f64; 4] { std::array::from_fn(|i| median(rows, i)) };
-    let (plain, split) = (row_of(&samples[0]), row_of(&samples[1]));
-    // Each round's own split / plain ratio, for the spread.
-    let spread = |i: usize| {
+    let medians: Vec<[f64; 4]> = samples
+        .iter()
+        .map(|rows| std::array::from_fn(|i| median(rows, i)))
+        .collect();
+    // Each round's own stack / plain ratio, for the spread.
+    let spread = |k: usize, i: usize| {
         let mut v: Vec<f64> = samples[0]
             .iter()
-            .zip(&samples[1])
+            .zip(&samples[k])
             .map(|(p, s)| s[i] / p[i])
             .collect();
         v.sort_by(f64::total_cmp);
         format!("{:.2}-{:.2}", v[0], v[v.len() - 1])
     };
-    writeln!(out, "\n[throughput]          4K write IOPS   4K read IOPS")?;
-    writeln!(
-        out,
-        "  plain backend        {:>12.0}   {:>12.0}",
-        plain[0], plain[1]
-    )?;
-    writeln!(
-        out,
-        "  endpoint + driver    {:>12.0}   {:>12.0}",
-        split[0], split[1]
-    )?;
-    writeln!(
-        out,
-        "  ratio                {:>12.2}   {:>12.2}   (goal: overhead under 5 %, ratio >= 0.95)",
-        split[0] / plain[0],
-        split[1] / plain[1]
-    )?;
-    writeln!(
-        out,
-        "  ratio per round      {:>12}   {:>12}   (min-max over {} rounds)",
-        spread(0),
-        spread(1),
-        cfg.rounds
-    )?;
-    writeln!(
-        out,
-        "\n[large requests]      {0}K seq write MB/s   {0}K seq read MB/s   (QD {QD}, a flush every {1} MiB written)",
-        LARGE >> 10,
-        LARGE_FLUSH_BYTES >> 20
-    )?;
-    writeln!(
-        out,
-        "  plain backend        {:>19.1}   {:>18.1}",
-        plain[2], plain[3]
-    )?;
-    writeln!(
-        out,
-        "  endpoint + driver    {:>19.1}   {:>18.1}",
-        split[2], split[3]
-    )?;
-    writeln!(
-        out,
-        "  ratio                {:>19.2}   {:>18.2}   (goal: overhead under 5 %, ratio >= 0.95)",
-        split[2] / plain[2],
-        split[3] / plain[3]
-    )?;
-    writeln!(
-        out,
-        "  ratio per round      {:>19}   {:>18}",
-        spread(2),
-        spread(3)
-    )?;
+    let tables = [
+        (
+            "[throughput]          4K write IOPS   4K read IOPS".to_string(),
+            [0usize, 1],
+            [12usize, 12],
+            0,
+        ),
+        (
+            format!(
+                "[large requests]      {0}K seq write MB/s   {0}K seq read MB/s   (QD {QD}, a flush every {1} MiB written)",
+                LARGE >> 10,
+                LARGE_FLUSH_BYTES >> 20
+            ),
+            [2, 3],
+            [19, 18],
+            1,
+        ),
+    ];
+    for (title, [a, b], [wa, wb], decimals) in tables {
+        writeln!(out, "\n{title}")?;
+        let plain = medians[0];
+        for (k, kind) in kinds.iter().enumerate() {
+            let name = match kind {
+                Kind::Plain => "plain backend".to_string(),
+                Kind::Split(None) => "endpoint + driver".to_string(),
+                Kind::Split(Some(cpu)) => format!("readers on CPU {cpu}"),
+            };
+            let m = medians[k];
+            writeln!(
+                out,
+                "  {name:<19}  {:>wa$.decimals$}   {:>wb$.decimals$}",
+                m[a], m[b]
+            )?;
+            if k == 0 {
+                continue;
+            }
+            writeln!(
+                out,
+                "  ratio                {:>wa$.2}   {:>wb$.2}   (goal: overhead under 5 %, ratio >= 0.95)",
+                m[a] / plain[a],
+                m[b] / plain[b]
+            )?;
+            writeln!(
+                out,
+                "  ratio per round      {:>wa$}   {:>wb$}   (min-max over {} rounds)",
+                spread(k, a),
+                spread(k, b),
+                cfg.rounds
+            )?;
+        }
+    }
 
     // 2. Failover under faults.
     fresh_overlay(&template, &overlay)?;
@@ -610,6 +635,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     let mut drivers = Drivers {
         exe: cfg.exe.clone(),
         export: export.clone(),
+        reader_cpu: None,
         children: Vec::new(),
     };
     for s in &socks {

@@ -387,7 +387,12 @@ fn alive(pid: &str) -> bool {
 }
 
 /// An `up` configuration serving one failover export `vm` and nothing else.
-fn up_failover_config(dir: &Path, template: &Path, overlay: &Path) -> std::path::PathBuf {
+fn up_failover_config(
+    dir: &Path,
+    template: &Path,
+    overlay: &Path,
+    reader_cpu: Option<usize>,
+) -> std::path::PathBuf {
     let config = dir.join("up.toml");
     std::fs::write(
         &config,
@@ -395,9 +400,10 @@ fn up_failover_config(dir: &Path, template: &Path, overlay: &Path) -> std::path:
             "[host]\nstatus_interval = 0.5\n[memserver]\nenabled = false\n[pager]\nenabled = false\n\
              [wss]\nenabled = false\n[blkback]\nblkif = false\n\
              [blkback.failover]\nheartbeat_timeout_ms = 500\nheartbeat_ms = 50\n\
-             [[blkback.export]]\nname = \"vm\"\ntemplate = \"{}\"\noverlay = \"{}\"\nfailover = true\n",
+             [[blkback.export]]\nname = \"vm\"\ntemplate = \"{}\"\noverlay = \"{}\"\nfailover = true\n{}",
             template.display(),
-            overlay.display()
+            overlay.display(),
+            reader_cpu.map_or(String::new(), |c| format!("reader_cpu = {c}\n"))
         ),
     )
     .unwrap();
@@ -463,7 +469,7 @@ fn remoca_up_killed_with_sigkill_leaves_no_driver_running() {
     let (template, overlay) = template_and_overlay(dir.path(), 1 << 20);
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
-    let config = up_failover_config(dir.path(), &template, &overlay);
+    let config = up_failover_config(dir.path(), &template, &overlay, None);
     let (mut child, _out, _, _) = start_up(&config, &run);
     let drivers = children_of(child.id());
     assert_eq!(
@@ -487,6 +493,50 @@ fn remoca_up_killed_with_sigkill_leaves_no_driver_running() {
     }
 }
 
+/// The lowest CPU in this process's `Cpus_allowed_list`.
+fn first_allowed_cpu() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    list.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Every thread of `pid` named `name` (there is at least one) may run on `cpu` only.
+fn assert_pinned(pid: &str, name: &str, cpu: usize) {
+    let lists = thread_cpus(pid, name);
+    assert!(
+        !lists.is_empty() && lists.iter().all(|l| *l == cpu.to_string()),
+        "pid {pid}'s {name} threads may run on {lists:?}, not only on CPU {cpu}"
+    );
+}
+
+/// `Cpus_allowed_list` of each thread of `pid` named `name`.
+fn thread_cpus(pid: &str, name: &str) -> Vec<String> {
+    let mut lists = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            lists.push(l.trim().to_string());
+        }
+    }
+    lists
+}
+
 /// `remoca up` with an export marked `failover = true`: it runs the endpoint and two driver
 /// processes, `remoca blkback status` shows the active driver's pid, killing that pid moves
 /// the disk to the other driver with the data intact, and the killed driver is restarted
@@ -499,7 +549,9 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
     let template_sum = sha(&template);
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).unwrap();
-    let config = up_failover_config(dir.path(), &template, &overlay);
+    // The channel's readers pinned to the lowest CPU this test may run on.
+    let cpu = first_allowed_cpu();
+    let config = up_failover_config(dir.path(), &template, &overlay, Some(cpu));
     let (child, mut out, seen, nbd) = start_up(&config, &run);
     assert!(seen.contains("failover endpoint over 2 drivers"), "{seen}");
     // Keep draining stdout so `up` never blocks on it.
@@ -521,6 +573,8 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
         "status shows pid {pid1}, not running: {first:?}"
     );
     assert_eq!(first["pid"], up.child.as_ref().unwrap().id().to_string());
+    assert_pinned(&first["pid"], "fo-reader", cpu);
+    assert_pinned(&pid1, "fo-driver-conn", cpu);
 
     // Kill the active driver by the pid status shows: the other one serves the data.
     run_ok(Command::new("kill").args(["-KILL", &pid1]));
@@ -546,6 +600,8 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
         third["driver-pid"], pid1,
         "the restarted driver is a new process"
     );
+    // `up` restarted it with the same reader CPU.
+    assert_pinned(&third["driver-pid"], "fo-driver-conn", cpu);
 
     // SIGTERM: `up` stops the endpoint and its drivers and removes the status file.
     let up_child = up.child.take().unwrap();

@@ -173,6 +173,7 @@ fn an_nbd_client_keeps_its_data_across_driver_kills_and_restarts() {
         cols[5].contains("-> unix:") && cols[5].contains("re-sent"),
         "{row}"
     );
+    assert_eq!(cols[9], "-", "no reader CPU was asked for: {row}");
 
     // SIGTERM the endpoint: it exits cleanly and reports the two takeovers.
     let (ok, err) = endpoint.terminate();
@@ -573,6 +574,7 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
         "status shows pid {pid1}, not running: {first:?}"
     );
     assert_eq!(first["pid"], up.child.as_ref().unwrap().id().to_string());
+    assert_eq!(first["reader-cpu"], cpu.to_string(), "{first:?}");
     assert_pinned(&first["pid"], "fo-reader", cpu);
     assert_pinned(&pid1, "fo-driver-conn", cpu);
 

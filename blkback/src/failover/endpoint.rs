@@ -138,6 +138,8 @@ pub struct EndpointStatus {
     pub unflushed_writes: usize,
     pub failovers: u64,
     pub last_failover: Option<FailoverRecord>,
+    /// The CPU the channel's readers are pinned to ([`EndpointConfig::reader_cpu`]).
+    pub reader_cpu: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -634,6 +636,7 @@ impl Endpoint {
             unflushed_writes: st.acked.len(),
             failovers: st.failovers,
             last_failover: st.last_failover.clone(),
+            reader_cpu: self.inner.cfg.reader_cpu,
         }
     }
 

@@ -18,6 +18,7 @@
 //! failovers=2
 //! updated=1764474000
 //! last-failover=1764473990 unix:/run/remoca/b.sock -> unix:/run/remoca/a.sock (connection lost; 3 re-applied, 1 re-sent, 4 ms)
+//! reader-cpu=0
 //! ```
 //!
 //! Values never contain a newline; absent optional fields are written as `-`.
@@ -37,7 +38,7 @@ use super::endpoint::{Endpoint, EndpointStatus};
 const MAX_FILE_BYTES: u64 = 64 * 1024;
 
 /// The fields `remoca blkback status` shows, in its column order.
-pub const COLUMNS: [&str; 9] = [
+pub const COLUMNS: [&str; 10] = [
     "export",
     "active",
     "generation",
@@ -47,6 +48,7 @@ pub const COLUMNS: [&str; 9] = [
     "pid",
     "driver-pid",
     "standby",
+    "reader-cpu",
 ];
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -75,7 +77,8 @@ pub fn render(export: &str, pid: u32, st: &EndpointStatus, now: SystemTime) -> S
     });
     format!(
         "export={}\npid={pid}\nactive={}\ndriver-pid={}\nstandby={}\ngeneration={}\n\
-         in-flight={}\nunflushed-writes={}\nfailovers={}\nupdated={}\nlast-failover={last}\n",
+         in-flight={}\nunflushed-writes={}\nfailovers={}\nupdated={}\nlast-failover={last}\n\
+         reader-cpu={}\n",
         clean(export),
         opt(&st.active),
         st.active_pid.map_or("-".to_owned(), |p| p.to_string()),
@@ -85,6 +88,7 @@ pub fn render(export: &str, pid: u32, st: &EndpointStatus, now: SystemTime) -> S
         st.unflushed_writes,
         st.failovers,
         unix_secs(now),
+        st.reader_cpu.map_or("-".to_owned(), |c| c.to_string()),
     )
 }
 
@@ -284,6 +288,7 @@ mod tests {
                 resent: 1,
                 took: Duration::from_millis(7),
             }),
+            reader_cpu: Some(1),
         }
     }
 
@@ -298,6 +303,7 @@ mod tests {
         assert_eq!(f["generation"], "3");
         assert_eq!(f["in-flight"], "2");
         assert_eq!(f["updated"], "200");
+        assert_eq!(f["reader-cpu"], "1");
         assert_eq!(
             f["last-failover"],
             "100 unix:/b -> unix:/a (connection lost really; 4 re-applied, 1 re-sent, 7 ms)"

@@ -518,6 +518,39 @@ fn assert_pinned(pid: &str, name: &str, cpu: usize) {
     );
 }
 
+/// Every thread of `pid` named `name` (there is at least one) may run on each CPU `pid`
+/// may run on except `cpu` (on `cpu` too when it is the only one).
+fn assert_kept_off(pid: &str, name: &str, cpu: usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let process = cpu_list(
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap(),
+    );
+    let want: Vec<usize> = if process == [cpu] {
+        process
+    } else {
+        process.into_iter().filter(|&c| c != cpu).collect()
+    };
+    let lists = thread_cpus(pid, name);
+    assert!(
+        !lists.is_empty() && lists.iter().all(|l| cpu_list(l) == want),
+        "pid {pid}'s {name} threads may run on {lists:?}, not on {want:?}"
+    );
+}
+
+/// The CPUs of a `Cpus_allowed_list` value such as `0-2,5`.
+fn cpu_list(list: &str) -> Vec<usize> {
+    list.trim()
+        .split(',')
+        .flat_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
 /// `Cpus_allowed_list` of each thread of `pid` named `name`.
 fn thread_cpus(pid: &str, name: &str) -> Vec<String> {
     let mut lists = Vec::new();
@@ -576,6 +609,7 @@ fn remoca_up_runs_a_failover_disk_and_restarts_killed_drivers() {
     assert_eq!(first["pid"], up.child.as_ref().unwrap().id().to_string());
     assert_eq!(first["reader-cpu"], cpu.to_string(), "{first:?}");
     assert_pinned(&first["pid"], "fo-reader", cpu);
+    assert_kept_off(&first["pid"], "fo-writer", cpu);
     assert_pinned(&pid1, "fo-driver-conn", cpu);
 
     // Kill the active driver by the pid status shows: the other one serves the data.

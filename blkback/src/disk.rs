@@ -189,6 +189,14 @@ pub trait Disk: Send + Sync + fmt::Debug {
 
     /// Start the requests [`Disk::submit`] held back. The default holds none back.
     fn submit_flush(&self) {}
+
+    /// Where a frontend should run the task that writes this disk's replies to a client
+    /// socket when the socket does not take them at once; `None` (the default): on the
+    /// frontend's own runtime. The failover endpoint with pinned readers gives a runtime
+    /// on a thread kept off the readers' CPU.
+    fn reply_runtime(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
 }
 
 /// Output that completions queue up and that is sent once the batch they ran in ends: a

@@ -75,7 +75,8 @@ pub struct EndpointConfig {
     /// Offer drivers on Unix sockets a shared-memory data area ([`super::shm`]).
     pub shm: bool,
     /// Pin the thread that reads the drivers' replies to this CPU; give the drivers the
-    /// same one ([`super::affinity`]).
+    /// same one ([`super::affinity`]). The frontend's reply writer then runs on a thread of
+    /// the endpoint's kept off that CPU ([`Disk::reply_runtime`]).
     pub reader_cpu: Option<usize>,
 }
 
@@ -107,6 +108,8 @@ pub enum EndpointError {
     Unreachable(Duration, String),
     #[error(transparent)]
     ReaderCpu(std::io::Error),
+    #[error("cannot start the reply writer thread")]
+    Writer(#[source] std::io::Error),
 }
 
 /// One failover, as `status` shows it.
@@ -412,6 +415,41 @@ struct Inner {
     read_only: bool,
     state: Mutex<State>,
     closed: AtomicBool,
+    /// With pinned readers: the runtime of the `fo-writer` thread, kept off the readers'
+    /// CPU, which runs the frontend's reply writer. It stops when the endpoint is dropped.
+    writer: Option<ReplyWriter>,
+}
+
+/// A one-thread runtime on a thread of its own, kept off the readers' CPU: large replies
+/// that the socket does not take at once are written from there, so their copy into the
+/// socket runs beside the readers' copies rather than after them on the same CPU.
+#[derive(Debug)]
+struct ReplyWriter {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the endpoint: the thread's runtime stops.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ReplyWriter {
+    fn start(reader_cpu: usize) -> io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("fo-writer".into())
+            .spawn(move || {
+                if let Err(e) = super::affinity::keep_this_thread_off(reader_cpu) {
+                    tracing::warn!(cpu = reader_cpu, error = %e, "cannot keep the reply writer off the readers' CPU");
+                }
+                let _ = rt.block_on(stopped);
+            })?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
+    }
 }
 
 /// The failover endpoint. Cheap to clone (all clones share one endpoint).
@@ -598,7 +636,12 @@ impl Endpoint {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        let writer = match cfg.reader_cpu {
+            Some(cpu) => Some(ReplyWriter::start(cpu).map_err(EndpointError::Writer)?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
+            writer,
             size: h.size,
             read_only: h.read_only,
             state: Mutex::new(State {
@@ -1377,6 +1420,10 @@ impl Disk for Endpoint {
             c.send_queued();
         }
     }
+
+    fn reply_runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.inner.writer.as_ref().map(|w| w.handle.clone())
+    }
 }
 
 #[cfg(test)]
@@ -1502,6 +1549,106 @@ mod tests {
         };
         let e = e.to_string();
         assert!(e.contains("reader CPU"), "{e}");
+    }
+
+    /// With pinned readers, the NBD frontend's reply writer runs on the endpoint's
+    /// `fo-writer` thread, which may run on every allowed CPU but the readers' one; read
+    /// replies far larger than the socket takes at once (the client reads nothing for a
+    /// while) still arrive whole with their own data. Unpinned, the frontend keeps its own.
+    #[test]
+    fn pinned_readers_get_a_reply_writer_off_their_cpu_that_delivers_whole_replies() {
+        use crate::nbd::client::Client;
+        use crate::nbd::wire::CMD_READ;
+        use rustix::thread::sched_getaffinity;
+        const MIB: usize = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(MemDisk::new(8 * MIB as u64));
+        let cpu = super::super::affinity::first_allowed_cpu().unwrap();
+        let unpinned =
+            Endpoint::start(cfg(vec![start_driver(dir.path(), "u", disk.clone(), None)])).unwrap();
+        assert!(unpinned.reply_runtime().is_none());
+        unpinned.close();
+
+        let a = start_driver_on(dir.path(), "a", disk.clone(), None, Some(cpu));
+        let mut c = cfg(vec![a]);
+        c.reader_cpu = Some(cpu);
+        let ep = Endpoint::start(c).unwrap();
+        let writer = ep.reply_runtime().expect("a reply writer runtime");
+        let waiter = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (name, set) = waiter
+            .block_on(writer.spawn(async {
+                let t = std::thread::current();
+                (
+                    t.name().map(str::to_owned),
+                    sched_getaffinity(None).unwrap(),
+                )
+            }))
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("fo-writer"));
+        let allowed = sched_getaffinity(None).unwrap();
+        for c in 0..rustix::thread::CpuSet::MAX_CPU {
+            let want = allowed.is_set(c) && (c != cpu || allowed.count() == 1);
+            assert_eq!(set.is_set(c), want, "CPU {c}");
+        }
+
+        let pattern =
+            |i: usize| -> Vec<u8> { (0..MIB).map(|j| (i * 31 + j / 512) as u8).collect() };
+        for i in 0..8 {
+            ep.write_at(&pattern(i), (i * MIB) as u64, WriteFlags::default())
+                .unwrap();
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let l = {
+            let _g = rt.enter();
+            tokio::net::UnixListener::bind(&sock).unwrap()
+        };
+        let exports = crate::export::Exports::from_disks(vec![(
+            "vm".into(),
+            "t".into(),
+            Arc::new(ep.clone()) as Arc<dyn Disk>,
+        )])
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(crate::nbd::run(
+            crate::nbd::Listener::Unix(l),
+            exports,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        {
+            let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            let mut client = Client::connect(s, "vm", true).unwrap();
+            // 256 KiB reads go through the shared area's slots, 1 MiB ones over the socket.
+            for len in [256 << 10, MIB] {
+                let mut sent = std::collections::HashMap::new();
+                for off in (0..8 * MIB).step_by(len) {
+                    let ck = client
+                        .send(CMD_READ, 0, off as u64, len as u32, &[])
+                        .unwrap();
+                    sent.insert(ck, off);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                for _ in 0..sent.len() {
+                    let r = client.recv().unwrap();
+                    assert_eq!(r.error, 0);
+                    let off = sent.remove(&r.cookie).expect("a reply for a request sent");
+                    let want = &pattern(off / MIB)[off % MIB..off % MIB + len];
+                    assert!(r.data == want, "{len}-byte read at {off} came back wrong");
+                }
+            }
+            client.disconnect().unwrap();
+        }
+        let _ = stop.send(());
+        rt.block_on(server).unwrap().unwrap();
+        ep.close();
     }
 
     #[test]

@@ -222,8 +222,12 @@ where
     };
     let (replies, writer_task) = match SinkSocket::from_writer(writer) {
         Ok(sock) => {
-            let sink = Arc::new(Sink::new(sock));
-            let task = tokio::spawn(sink.clone().write_rest());
+            let reply_rt = export.disk.reply_runtime();
+            let sink = Arc::new(Sink::new(sock, reply_rt.is_some()));
+            let task = match reply_rt {
+                Some(rt) => rt.spawn(sink.clone().write_rest()),
+                None => tokio::spawn(sink.clone().write_rest()),
+            };
             (Replies::Direct(sink), task)
         }
         Err(writer) => {
@@ -335,14 +339,22 @@ struct Sink {
     sock: SinkSocket,
     state: Mutex<SinkState>,
     wake: tokio::sync::Notify,
+    /// Frames of [`LARGE_REPLY`] bytes or more always go to the writer task (which runs
+    /// where the disk asked, [`crate::disk::Disk::reply_runtime`]), not through the disk
+    /// thread's own write.
+    large_to_writer: bool,
 }
 
+/// See [`Sink::large_to_writer`].
+const LARGE_REPLY: usize = 64 << 10;
+
 impl Sink {
-    fn new(sock: SinkSocket) -> Self {
+    fn new(sock: SinkSocket, large_to_writer: bool) -> Self {
         Self {
             sock,
             state: Mutex::new(SinkState::default()),
             wake: tokio::sync::Notify::new(),
+            large_to_writer,
         }
     }
 
@@ -355,9 +367,11 @@ impl Sink {
         if st.error.is_some() || st.closed {
             return;
         }
+        let large = self.large_to_writer
+            && frame.head.len() + frame.body.as_ref().map_or(0, |b| b.len()) >= LARGE_REPLY;
         st.out.push(frame);
         let out: Arc<dyn BatchOutput> = self.clone();
-        if defer_to_batch_end(&out) {
+        if !large && defer_to_batch_end(&out) {
             return;
         }
         if !st.handed_off {

@@ -27,7 +27,8 @@
 //!    declaring the driver faulty), the **takeover** (declared to every unanswered request
 //!    re-sent to the backup) and the **client-visible pause** (the longest write that
 //!    completed within a second after the fault). Then every block is read back and
-//!    compared with what was last acknowledged.
+//!    compared with what was last acknowledged. This part runs with the channel's readers
+//!    on the third stack's CPU when there is one (`reader_cpu`), else unpinned.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -78,8 +79,8 @@ pub struct BenchConfig {
     pub kills: usize,
     /// SIGSTOP hangs of the active driver.
     pub hangs: usize,
-    /// The CPU of the third stack's two channel readers ([`super::affinity`]); `None`
-    /// leaves that stack out.
+    /// The CPU of the third stack's two channel readers ([`super::affinity`]), and of the
+    /// failover part's; `None` leaves that stack out and runs the failover part unpinned.
     pub reader_cpu: Option<usize>,
 }
 
@@ -635,7 +636,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     let mut drivers = Drivers {
         exe: cfg.exe.clone(),
         export: export.clone(),
-        reader_cpu: None,
+        reader_cpu: cfg.reader_cpu,
         children: Vec::new(),
     };
     for s in &socks {
@@ -643,6 +644,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     }
     let mut ec = EndpointConfig::new("vm", socks.iter().map(|s| Addr::Unix(s.clone())).collect());
     ec.monitor.heartbeat_timeout = HEARTBEAT_TIMEOUT;
+    ec.reader_cpu = cfg.reader_cpu;
     let endpoint = Endpoint::start(ec)?;
     let srv = NbdServer::start(Arc::new(endpoint.clone()), d.join("nbd.sock"))?;
 
@@ -786,7 +788,8 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<(), Error> {
     let mut lat: Vec<f64> = log.iter().map(|(_, l)| l.as_secs_f64() * 1e3).collect();
     writeln!(
         out,
-        "\n[failover]       faults   detection p50/p99 ms   takeover p50/p99 ms   client pause p50/p99 ms"
+        "\n[failover]       faults   detection p50/p99 ms   takeover p50/p99 ms   client pause p50/p99 ms   ({})",
+        cfg.reader_cpu.map_or("readers unpinned".to_owned(), |c| format!("readers on CPU {c}"))
     )?;
     writeln!(
         out,

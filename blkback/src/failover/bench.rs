@@ -146,15 +146,16 @@ impl Drop for Drivers {
     }
 }
 
-/// An NBD server for one disk on a unix socket, in a runtime of its own.
-struct NbdServer {
+/// An NBD server for one disk (export `vm`) on a unix socket, in a runtime of its own;
+/// also used by the endpoint's tests.
+pub(super) struct NbdServer {
     rt: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     sock: PathBuf,
 }
 
 impl NbdServer {
-    fn start(disk: Arc<dyn Disk>, sock: PathBuf) -> Result<Self, Error> {
+    pub(super) fn start(disk: Arc<dyn Disk>, sock: PathBuf) -> Result<Self, Error> {
         let exports = Exports::from_disks(vec![("vm".into(), "bench".into(), disk)])?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -179,7 +180,7 @@ impl NbdServer {
         })
     }
 
-    fn client(&self) -> Result<Client<UnixStream>, Error> {
+    pub(super) fn client(&self) -> Result<Client<UnixStream>, Error> {
         Ok(Client::connect(
             UnixStream::connect(&self.sock)?,
             "vm",

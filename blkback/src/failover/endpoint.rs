@@ -1557,7 +1557,6 @@ mod tests {
     /// while) still arrive whole with their own data. Unpinned, the frontend keeps its own.
     #[test]
     fn pinned_readers_get_a_reply_writer_off_their_cpu_that_delivers_whole_replies() {
-        use crate::nbd::client::Client;
         use crate::nbd::wire::CMD_READ;
         use rustix::thread::sched_getaffinity;
         const MIB: usize = 1 << 20;
@@ -1599,33 +1598,13 @@ mod tests {
             ep.write_at(&pattern(i), (i * MIB) as u64, WriteFlags::default())
                 .unwrap();
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let sock = dir.path().join("nbd.sock");
-        let l = {
-            let _g = rt.enter();
-            tokio::net::UnixListener::bind(&sock).unwrap()
-        };
-        let exports = crate::export::Exports::from_disks(vec![(
-            "vm".into(),
-            "t".into(),
-            Arc::new(ep.clone()) as Arc<dyn Disk>,
-        )])
+        let srv = super::super::bench::NbdServer::start(
+            Arc::new(ep.clone()),
+            dir.path().join("nbd.sock"),
+        )
         .unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(crate::nbd::run(
-            crate::nbd::Listener::Unix(l),
-            exports,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
         {
-            let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-            let mut client = Client::connect(s, "vm", true).unwrap();
+            let mut client = srv.client().unwrap();
             // 256 KiB reads go through the shared area's slots, 1 MiB ones over the socket.
             for len in [256 << 10, MIB] {
                 let mut sent = std::collections::HashMap::new();
@@ -1646,8 +1625,7 @@ mod tests {
             }
             client.disconnect().unwrap();
         }
-        let _ = stop.send(());
-        rt.block_on(server).unwrap().unwrap();
+        drop(srv);
         ep.close();
     }
 

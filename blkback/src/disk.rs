@@ -192,8 +192,10 @@ pub trait Disk: Send + Sync + fmt::Debug {
 
     /// Where a frontend should run the task that writes this disk's replies to a client
     /// socket when the socket does not take them at once; `None` (the default): on the
-    /// frontend's own runtime. The failover endpoint with pinned readers gives a runtime
-    /// on a thread kept off the readers' CPU.
+    /// frontend's own runtime. A disk that gives one also has its large replies (64 KiB or
+    /// more) sent through that task at once. The failover endpoint with pinned readers
+    /// gives a runtime on a thread kept off the readers' CPU, so a large reply's copy into
+    /// the socket runs beside the readers instead of on their CPU.
     fn reply_runtime(&self) -> Option<tokio::runtime::Handle> {
         None
     }

@@ -420,9 +420,10 @@ struct Inner {
     writer: Option<ReplyWriter>,
 }
 
-/// A one-thread runtime on a thread of its own, kept off the readers' CPU: large replies
-/// that the socket does not take at once are written from there, so their copy into the
-/// socket runs beside the readers' copies rather than after them on the same CPU.
+/// A one-thread runtime on a thread of its own, kept off the readers' CPU, where the NBD
+/// frontend runs its writer task: every reply of 64 KiB or more, and whatever the socket
+/// does not take at once, is written from there, so a large reply's copy into the socket
+/// runs beside the readers' copies rather than after them on the same CPU.
 #[derive(Debug)]
 struct ReplyWriter {
     handle: tokio::runtime::Handle,

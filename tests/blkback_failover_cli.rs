@@ -494,19 +494,18 @@ fn remoca_up_killed_with_sigkill_leaves_no_driver_running() {
     }
 }
 
-/// The lowest CPU in this process's `Cpus_allowed_list`.
+/// The lowest CPU this process may run on.
 fn first_allowed_cpu() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
+    cpu_list(&cpus_allowed(Path::new("/proc/self")).expect("our own status"))[0]
+}
+
+/// The `Cpus_allowed_list` value in `proc_dir`/status (a process's or a thread's).
+fn cpus_allowed(proc_dir: &Path) -> Option<String> {
+    let status = std::fs::read_to_string(proc_dir.join("status")).ok()?;
+    status
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim();
-    list.split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+        .map(|l| l.trim().to_string())
 }
 
 /// Every thread of `pid` named `name` (there is at least one) may run on `cpu` only.
@@ -521,13 +520,7 @@ fn assert_pinned(pid: &str, name: &str, cpu: usize) {
 /// Every thread of `pid` named `name` (there is at least one) may run on each CPU `pid`
 /// may run on except `cpu` (on `cpu` too when it is the only one).
 fn assert_kept_off(pid: &str, name: &str, cpu: usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let process = cpu_list(
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap(),
-    );
+    let process = cpu_list(&cpus_allowed(Path::new(&format!("/proc/{pid}"))).unwrap());
     let want: Vec<usize> = if process == [cpu] {
         process
     } else {
@@ -560,13 +553,7 @@ fn thread_cpus(pid: &str, name: &str) -> Vec<String> {
         if comm.trim() != name {
             continue;
         }
-        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
-        if let Some(l) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        {
-            lists.push(l.trim().to_string());
-        }
+        lists.extend(cpus_allowed(&t));
     }
     lists
 }

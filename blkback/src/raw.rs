@@ -40,7 +40,7 @@ impl RawFile {
     /// # Errors
     /// [`RawOpenError`] when the file is missing or not a regular file.
     pub fn open_read_only(path: &Path) -> Result<Self, RawOpenError> {
-        Self::open(path, true)
+        Self::open(path, true, 0)
     }
 
     /// Open `path` for reading and writing (a plain exported disk).
@@ -48,10 +48,21 @@ impl RawFile {
     /// # Errors
     /// [`RawOpenError`] when the file is missing or not a regular file.
     pub fn open_read_write(path: &Path) -> Result<Self, RawOpenError> {
-        Self::open(path, false)
+        Self::open(path, false, 0)
     }
 
-    fn open(path: &Path, read_only: bool) -> Result<Self, RawOpenError> {
+    /// Open `path` for reading and writing with `O_DSYNC`: a write returns only once it is on
+    /// the storage below, not just in this kernel's page cache. For a backend in a driver
+    /// domain, whose page cache dies with it (docs/failover.md, "Tier 2").
+    ///
+    /// # Errors
+    /// [`RawOpenError`] when the file is missing or not a regular file.
+    pub fn open_write_through(path: &Path) -> Result<Self, RawOpenError> {
+        Self::open(path, false, libc::O_DSYNC)
+    }
+
+    fn open(path: &Path, read_only: bool, flags: libc::c_int) -> Result<Self, RawOpenError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let open_err = |source| RawOpenError::Open {
             path: path.to_owned(),
             source,
@@ -59,6 +70,7 @@ impl RawFile {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(flags)
             .open(path)
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;

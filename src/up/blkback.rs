@@ -327,19 +327,22 @@ pub(crate) fn open_remote(
     })
 }
 
-/// Serve the exports to Xen guests too (vbd3 disks in xenstore).
+/// Serve the exports to Xen guests too (vbd3 disks in xenstore, under `backend_domid`'s
+/// backend directory). Returns the directory served with the server and its status column.
 pub(super) fn start_blkif(
     host: &Host,
     exports: Exports,
-) -> anyhow::Result<(BlkifServer, StatusFn)> {
-    let server = BlkifServer::spawn(
-        host.clone(),
-        BlkifConfig {
-            exports: Some(exports),
-            ..BlkifConfig::default()
-        },
-    )
-    .context("starting the blkif backend")?;
+    backend_domid: remoca_xen::DomId,
+) -> anyhow::Result<(BlkifServer, String, StatusFn)> {
+    let config = BlkifConfig {
+        backend_domid,
+        exports: Some(exports),
+        // Outside dom0 this is a driver domain: its page cache dies with it.
+        write_through: backend_domid != 0,
+        ..BlkifConfig::default()
+    };
+    let root = config.root();
+    let server = BlkifServer::spawn(host.clone(), config).context("starting the blkif backend")?;
     let stats = server.stats().clone();
     let status: StatusFn = Box::new(move || {
         let devices = stats.lock();
@@ -353,7 +356,28 @@ pub(super) fn start_blkif(
             devices.len()
         )
     });
-    Ok((server, status))
+    Ok((server, root, status))
+}
+
+/// The `backend_domain` setting: `self` is the domain this process runs in (a driver domain:
+/// xenstore resolves the relative path `domid` in the caller's home), otherwise a domid.
+pub(super) fn backend_domid(host: &Host, setting: &str) -> anyhow::Result<remoca_xen::DomId> {
+    if setting == "self" {
+        let id = remoca_xen::xenstore::read_string(
+            host.store.as_ref(),
+            remoca_xen::xenstore::Tx::NONE,
+            "domid",
+        )
+        .context("backend_domain = \"self\": reading this domain's `domid` from xenstore")?;
+        return id.trim().parse().with_context(|| {
+            format!("backend_domain = \"self\": xenstore `domid` is {id:?}, not a domid")
+        });
+    }
+    setting.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "[blkback] backend_domain = {setting:?}: expected \"self\" or a domid such as \"0\""
+        )
+    })
 }
 
 /// A demo template (a 4 KiB pattern block every MiB, the rest sparse) and an overlay over it,

@@ -75,6 +75,8 @@ pub struct BlkbackSection {
     pub enabled: bool,
     pub listen: SocketAddr,
     pub blkif: bool,
+    /// `"self"`, or the domid whose `backend/vbd3` the blkif backend serves.
+    pub backend_domain: String,
     pub memservers: Vec<SocketAddr>,
     #[serde(deserialize_with = "size")]
     pub demo_swap: u64,

@@ -75,23 +75,34 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let (host, _store_server) = open_host(choice, cfg, &state_dir)?;
     crate::cli::announce(format_args!("remoca up: {} Xen host", describe(&host)));
-    for d in host.domains()? {
-        crate::cli::announce(format_args!(
-            "  domain {:>4} {:<24} {:>6} MiB",
-            d.domid,
-            d.name,
-            d.tot_pages * 4 / 1024
-        ));
+    let own = blkback::backend_domid(&host, &cfg.blkback.backend_domain)?;
+    match host.domains() {
+        Ok(list) => {
+            for d in list {
+                crate::cli::announce(format_args!(
+                    "  domain {:>4} {:<24} {:>6} MiB",
+                    d.domid,
+                    d.name,
+                    d.tot_pages * 4 / 1024
+                ));
+            }
+        }
+        // A driver domain may not ask the hypervisor about other domains.
+        Err(e) if own != 0 => {
+            crate::cli::announce(format_args!("  (domain {own}: no domain list: {e})"));
+        }
+        Err(e) => return Err(e.into()),
     }
+    let dir = xenstore_dir(own);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let result = rt.block_on(serve(&host, cfg, &state_dir, opts.duration));
+    let result = rt.block_on(serve(&host, cfg, &state_dir, (own, &dir), opts.duration));
     // Whatever happened, take down what we published.
-    let _ = host.store.rm(Tx::NONE, XENSTORE_DIR);
+    let _ = host.store.rm(Tx::NONE, &dir);
     result
 }
 
@@ -166,22 +177,23 @@ async fn serve(
     host: &Host,
     cfg: &Config,
     state_dir: &Path,
+    (own, dir): (remoca_xen::DomId, &str),
     duration: Option<Duration>,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let mut columns: Vec<StatusFn> = Vec::new();
-    host.store.mkdir(Tx::NONE, XENSTORE_DIR)?;
+    host.store.mkdir(Tx::NONE, dir)?;
     host.store.write(
         Tx::NONE,
-        &format!("{XENSTORE_DIR}/pid"),
+        &format!("{dir}/pid"),
         std::process::id().to_string().as_bytes(),
     )?;
 
     let mut memserver = None;
     if cfg.memserver.enabled {
         let (addr, status) = start_memserver(cfg, &mut tasks, stop_rx.clone()).await?;
-        publish(host, "memserver", &addr.to_string())?;
+        publish(host, dir, "memserver", &addr.to_string())?;
         crate::cli::announce(format_args!("memserver listening on {addr}"));
         columns.push(status);
         memserver = Some(addr);
@@ -213,14 +225,12 @@ async fn serve(
             swap: exports.get("demo-swap").map(|e| e.disk.clone()),
             disk: exports.get("demo").map(|e| e.disk.clone()),
         };
-        publish(host, "blkback/nbd", &addr.to_string())?;
+        publish(host, dir, "blkback/nbd", &addr.to_string())?;
         crate::cli::announce(format_args!("blkback NBD listening on {addr}"));
         columns.extend(status);
         if cfg.blkback.blkif {
-            let (server, status) = blkback::start_blkif(host, exports)?;
-            crate::cli::announce(format_args!(
-                "blkback serving Xen vbd3 disks (backend/vbd3 in xenstore)"
-            ));
+            let (server, root, status) = blkback::start_blkif(host, exports, own)?;
+            crate::cli::announce(format_args!("blkback serving Xen vbd3 disks ({root})"));
             blkif = Some(server);
             columns.push(status);
         }
@@ -322,9 +332,19 @@ fn wss_column(p: &Publisher) -> StatusFn {
     })
 }
 
-fn publish(host: &Host, key: &str, value: &str) -> anyhow::Result<()> {
+/// Where this `up` publishes itself: [`XENSTORE_DIR`] in dom0; a driver domain may only
+/// write under its own home, so there its `data/remoca/up`.
+fn xenstore_dir(own: remoca_xen::DomId) -> String {
+    if own == 0 {
+        XENSTORE_DIR.to_owned()
+    } else {
+        format!("/local/domain/{own}/data/remoca/up")
+    }
+}
+
+fn publish(host: &Host, dir: &str, key: &str, value: &str) -> anyhow::Result<()> {
     host.store
-        .write(Tx::NONE, &format!("{XENSTORE_DIR}/{key}"), value.as_bytes())
+        .write(Tx::NONE, &format!("{dir}/{key}"), value.as_bytes())
         .with_context(|| format!("publishing {key} in xenstore"))
 }
 

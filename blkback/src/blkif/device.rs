@@ -167,7 +167,12 @@ impl Device {
         };
         let mode = read_opt(store, &key("mode"))?;
         let cdrom = read_opt(store, &key("device-type"))?.as_deref() == Some("cdrom");
-        let disk = resolve(&params, mode.as_deref(), config.exports.as_ref())?;
+        let disk = resolve(
+            &params,
+            mode.as_deref(),
+            config.exports.as_ref(),
+            config.write_through,
+        )?;
         let discard_enable = read_opt(store, &key("discard-enable"))?.as_deref() != Some("0");
         tracing::info!(disk = %disk.description, read_only = disk.read_only, "opened");
         let mut info = 0;

@@ -81,6 +81,10 @@ pub struct BlkifConfig {
     pub max_indirect_segments: u16,
     /// Disk worker threads shared by all devices.
     pub workers: usize,
+    /// Open raw-path targets with `O_DSYNC`, so a write is answered only once it is on the
+    /// storage below this domain: a driver domain's page cache dies with it, and a standby
+    /// domain taking the disk over must find every answered write (docs/failover.md, "Tier 2").
+    pub write_through: bool,
 }
 
 impl Default for BlkifConfig {
@@ -92,6 +96,7 @@ impl Default for BlkifConfig {
             max_ring_page_order: 4,
             max_indirect_segments: 256,
             workers: crate::workers::DEFAULT_WORKERS,
+            write_through: false,
         }
     }
 }
@@ -191,8 +196,12 @@ fn serve_inner(
     // device, which must not be taken for it (joining it would wait forever).
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     tracing::info!(%root, "blkif backend watching");
+    // After a failed scan (a node read mid-change, a permission not yet set), scan again
+    // in a second even if no event comes: a device must not stay unserved.
+    let mut retry = crossbeam_channel::never();
     let result = loop {
         select! {
+            recv(retry) -> _ => {},
             recv(watch.receiver()) -> ev => if ev.is_err() {
                 break Err(BlkifError::WatchLost(root.clone()));
             },
@@ -207,8 +216,17 @@ fn serve_inner(
             recv(shutdown) -> _ => break Ok(()),
         }
         while watch.try_next().is_some() {}
+        retry = crossbeam_channel::never();
         if let Err(e) = scan(host, &config, &pool, &stats, &mut devices, &done_tx, crash) {
-            tracing::warn!(error = %e, "scanning backend devices");
+            let chain: Vec<String> =
+                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                    .map(ToString::to_string)
+                    .collect();
+            tracing::warn!(
+                error = chain.join(": "),
+                "scanning backend devices; again in 1 s"
+            );
+            retry = crossbeam_channel::after(std::time::Duration::from_secs(1));
         }
     };
     for (_, d) in std::mem::take(&mut devices) {

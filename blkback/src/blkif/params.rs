@@ -2,7 +2,7 @@
 //! writes it for `backendtype=tap`) and `mode`, resolved against the configured exports.
 //!
 //! - `target` starting with `/` is a raw image path, opened read-write (read-only for
-//!   `mode=r`) with the blkback raw layer;
+//!   `mode=r`; write-through when the backend is configured so) with the blkback raw layer;
 //! - any other `target` names a configured export (template + overlay, ...), so a guest's
 //!   disk line can say `target=vm1` and get the same disk stack the NBD server serves.
 //!
@@ -53,6 +53,7 @@ pub fn resolve(
     params: &str,
     mode: Option<&str>,
     exports: Option<&Exports>,
+    write_through: bool,
 ) -> Result<ResolvedDisk, BlkifError> {
     let (format, target) = split_params(params)?;
     if format != "raw" {
@@ -65,6 +66,8 @@ pub fn resolve(
         let path = Path::new(target);
         let raw = if want_ro {
             RawFile::open_read_only(path)
+        } else if write_through {
+            RawFile::open_write_through(path)
         } else {
             RawFile::open_read_write(path)
         }
@@ -73,7 +76,14 @@ pub fn resolve(
             disk: Arc::new(raw),
             read_only: want_ro,
             export: None,
-            description: format!("raw {target}"),
+            description: format!(
+                "raw {target}{}",
+                if write_through && !want_ro {
+                    " (write-through)"
+                } else {
+                    ""
+                }
+            ),
         });
     }
     let Some(exports) = exports else {
@@ -119,11 +129,11 @@ mod tests {
         assert_eq!(split_params("raw:vm1\0").unwrap(), ("raw", "vm1"));
         assert!(split_params("/var/img.raw").is_err());
         assert!(split_params("raw:").is_err());
-        assert!(resolve("vhd:/x", Some("w"), None)
+        assert!(resolve("vhd:/x", Some("w"), None, false)
             .unwrap_err()
             .to_string()
             .contains("vhd"));
-        assert!(resolve("raw:vm1", Some("w"), None).is_err());
+        assert!(resolve("raw:vm1", Some("w"), None, false).is_err());
     }
 
     #[test]
@@ -132,9 +142,9 @@ mod tests {
         let p = dir.path().join("d.raw");
         std::fs::write(&p, vec![0u8; 8192]).unwrap();
         let params = format!("raw:{}", p.display());
-        assert!(resolve(&params, Some("r"), None).unwrap().read_only);
-        assert!(!resolve(&params, Some("w"), None).unwrap().read_only);
-        let e = resolve("raw:/nonexistent/x.raw", Some("w"), None).unwrap_err();
+        assert!(resolve(&params, Some("r"), None, false).unwrap().read_only);
+        assert!(!resolve(&params, Some("w"), None, false).unwrap().read_only);
+        let e = resolve("raw:/nonexistent/x.raw", Some("w"), None, false).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.raw"), "{e}");
     }
 }

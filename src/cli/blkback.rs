@@ -95,6 +95,30 @@ enum BlkbackCmd {
     /// Each running endpoint's export, active driver, generation, in-flight requests and last
     /// failover (read from the endpoints' status files).
     Status(StatusArgs),
+    /// Failover tier 2, in dom0: watch a driver domain and, when it dies, move every guest disk
+    /// it served to a standby driver domain (the guest is saved and restored, so blkfront
+    /// reconnects and re-issues what was in flight). Exits once it has moved them.
+    Standby(StandbyArgs),
+}
+
+#[derive(Debug, Args)]
+struct StandbyArgs {
+    /// The driver domain serving the disks now (name or domid).
+    #[arg(long)]
+    primary: String,
+    /// The driver domain that takes them over (name or domid); it must run remoca's blkif
+    /// backend with `backend_domain = "self"`.
+    #[arg(long)]
+    standby: String,
+    /// Backend directory kind of the disks.
+    #[arg(long, default_value = "vbd3")]
+    kind: String,
+    /// Where `xl save` writes a guest while it moves (it is removed once restored).
+    #[arg(long, default_value = "/var/lib/xen")]
+    save_dir: PathBuf,
+    /// The xl to run.
+    #[arg(long, default_value = "xl")]
+    xl: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -374,6 +398,7 @@ pub fn run(mut a: BlkbackArgs, g: &Global) -> anyhow::Result<()> {
         Some(BlkbackCmd::Driver(d)) => return run_driver(d),
         Some(BlkbackCmd::Endpoint(e)) => return run_endpoint(e),
         Some(BlkbackCmd::Status(s)) => return run_status(&s),
+        Some(BlkbackCmd::Standby(s)) => return run_standby(&s, g),
         None => {}
     }
     let (bind, configs) = match &a.config {
@@ -719,6 +744,72 @@ fn run_endpoint(a: EndpointArgs) -> anyhow::Result<()> {
     publisher.stop();
     endpoint.close();
     served
+}
+
+/// `remoca blkback standby`.
+fn run_standby(a: &StandbyArgs, g: &Global) -> anyhow::Result<()> {
+    use remoca_blkback::blkif::standby::{self, StandbyConfig, StandbyEvent, XlCycle};
+    let host = g.host()?;
+    let find = |what: &str, d: &str| {
+        host.find_domain(d)
+            .with_context(|| format!("{what} driver domain {d:?}"))
+    };
+    let primary = find("primary", &a.primary)?;
+    let standby = find("standby", &a.standby)?;
+    if primary.domid == standby.domid {
+        bail!(
+            "the primary and the standby are the same domain ({})",
+            primary.domid
+        );
+    }
+    let cfg = StandbyConfig {
+        primary: primary.domid,
+        standby: standby.domid,
+        kind: a.kind.clone(),
+        poll: std::time::Duration::from_secs(1),
+    };
+    let mut cycle = XlCycle {
+        save_dir: a.save_dir.clone(),
+        xl: a.xl.clone(),
+    };
+    let (pname, sname) = (&primary.name, &standby.name);
+    let mut failed = 0;
+    let moved = standby::run(&host, &cfg, &mut cycle, &mut |e| match e {
+        StandbyEvent::Watching(n) => announce(format_args!(
+            "watching {pname} (domid {}): {n} disk(s); standby {sname} (domid {})",
+            cfg.primary, cfg.standby
+        )),
+        StandbyEvent::PrimaryDied { disks } => announce(format_args!(
+            "{pname} died; moving {disks} disk(s) to {sname}"
+        )),
+        StandbyEvent::Moved(m) => announce(format_args!(
+            "moved {} disk(s) of {} (domid {} -> {}) to {sname}: save {:.1} s, restore {:.1} s, \
+                 running again {:.1} s after the death was seen",
+            m.disks.len(),
+            m.name,
+            m.old,
+            m.new,
+            m.save.as_secs_f64(),
+            m.restore.as_secs_f64(),
+            m.total.as_secs_f64()
+        )),
+        StandbyEvent::Failed { guest, error } => {
+            failed += 1;
+            let chain: Vec<String> =
+                std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+                    .map(ToString::to_string)
+                    .collect();
+            eprintln!("error: guest {guest} was not moved: {}", chain.join(": "));
+        }
+    })
+    .context("standby")?;
+    if failed > 0 {
+        bail!(
+            "{failed} guest(s) could not be moved ({} moved)",
+            moved.len()
+        );
+    }
+    Ok(())
 }
 
 /// `remoca blkback status`.

@@ -27,6 +27,7 @@ mod dataplane;
 mod device;
 pub mod params;
 pub mod parse;
+pub mod standby;
 pub mod xenbus;
 
 pub use dataplane::{RingStats, RESPONSE_MARK, RESPONSE_MARK_32};
@@ -61,6 +62,8 @@ pub enum BlkifError {
     Thread(#[source] std::io::Error),
     #[error("the xenstore watch on {0} was lost")]
     WatchLost(String),
+    #[error("standby takeover: {0}")]
+    Standby(String),
 }
 
 /// Largest `max-ring-page-order` offered (32 pages, 1024 x86_64 slots), as Linux.

@@ -12,18 +12,19 @@
 # Exit status: 0 when dom0 printed @@DONE and QEMU exited, 2 on timeout, 3 on a crash, 4 when
 # QEMU exited without @@DONE, 5 when dom0's init was never reached.
 #
-# Env: REMOCA_XENQEMU_TIMEOUT (s, default 600), REMOCA_XENQEMU_INIT_TIMEOUT (s, default 180;
+# Env: REMOCA_XENQEMU_TIMEOUT (s, default 900), REMOCA_XENQEMU_INIT_TIMEOUT (s, default 180;
 #      dom0's init normally starts 12-17 s after QEMU), REMOCA_XENQEMU_MEM (QEMU MiB, default 2048),
 #      REMOCA_XENQEMU_DOM0_MEM (default 1024M), REMOCA_XENQEMU_SMP (default 2),
 #      REMOCA_XENQEMU_CPU (default qemu64,+svm,+npt; `-cpu max` crashes the PV dom0),
-#      REMOCA_XENQEMU_GUEST (guest name handed to dom0), REMOCA_XENQEMU_DOM0_LOGLEVEL (default 4).
+#      REMOCA_XENQEMU_GUEST (guest name handed to dom0), REMOCA_XENQEMU_DOM0_LOGLEVEL (default 4),
+#      REMOCA_XENQEMU_TESTS (dom0-tests to run, ':'-separated, e.g. tier1:tier2; default all).
 set -euo pipefail
 # shellcheck source=lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need qemu-system-x86_64 qemu-system-x86
 need perl perl
 
-TIMEOUT=${REMOCA_XENQEMU_TIMEOUT:-600}
+TIMEOUT=${REMOCA_XENQEMU_TIMEOUT:-900}
 INIT_TIMEOUT=${REMOCA_XENQEMU_INIT_TIMEOUT:-180}
 CPU=${REMOCA_XENQEMU_CPU:-qemu64,+svm,+npt}
 DOM0_MEM=${REMOCA_XENQEMU_DOM0_MEM:-1024M}
@@ -33,6 +34,10 @@ for f in xen vmlinuz dom0.cpio.gz; do [ -f "$OUT/$f" ] || die "$OUT/$f missing: 
 XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all console_timestamps=boot noreboot dom0_mem=$DOM0_MEM,max:$DOM0_MEM"
 DOM0_ARGS="console=hvc0 earlyprintk=xen rdinit=/init loglevel=${REMOCA_XENQEMU_DOM0_LOGLEVEL:-4}"
 [ -z "${REMOCA_XENQEMU_GUEST:-}" ] || DOM0_ARGS+=" REMOCA_XENQEMU_GUEST=$REMOCA_XENQEMU_GUEST"
+if [ -n "${REMOCA_XENQEMU_TESTS:-}" ]; then
+  case $REMOCA_XENQEMU_TESTS in *,* | *' '*) die "REMOCA_XENQEMU_TESTS separates names with ':' (no commas or spaces)" ;; esac
+  DOM0_ARGS+=" REMOCA_XENQEMU_TESTS=$REMOCA_XENQEMU_TESTS"
+fi
 # QEMU's multiboot loader splits -initrd on commas: each module is "path args".
 case "$OUT" in *,* | *' '*) die "the work dir path must not contain commas or spaces: $OUT" ;; esac
 

@@ -3,9 +3,12 @@
 #   $OUT/xen           the uncompressed hypervisor (a multiboot1 ELF QEMU's -kernel loads)
 #   $OUT/vmlinuz       the Debian 6.1 kernel, used for dom0 and for the guest
 #   $OUT/domU.cpio.gz  the guest's initramfs: busybox, xen-blkfront.ko, guest-init.sh and the swap
-#                      test's workload (tests/blkback_harness/swap_workload.c, built with gcc -static)
+#                      and tier-2 tests' workloads (tests/blkback_harness/{swap_workload,tier2_aio}.c,
+#                      built with gcc -static)
 #   $OUT/dom0.cpio.gz  dom0's initramfs: busybox, bash, flock, the Xen toolstack and libraries,
 #                      kernel modules, remoca, the guest payload and tests/xen-qemu/dom0-tests/*.sh
+#   $OUT/driver.cpio.gz  the driver domains' initramfs (dom0-tests/tier2.sh): dom0's tree without
+#                      the guest payload and the tests, /init handing over to driver-init.sh
 # Env: REMOCA_BIN (default target/xen-stage/remoca under the repo), REMOCA_XENQEMU_WORK,
 #      REMOCA_XENQEMU_STRIP=0 to ship remoca with its debug info (default: strip it, keep symbols).
 set -euo pipefail
@@ -78,6 +81,12 @@ if command -v gcc >/dev/null; then
     die "building $WORKLOAD_SRC with gcc -static failed (apt-get install gcc libc6-dev)"
 else
   log "gcc not found (apt-get install gcc libc6-dev): the guest gets no swap workload, dom0-tests/swap.sh will fail"
+fi
+# The tier-2 failover test's workload (dom0-tests/tier2.sh): writes kept in flight with Linux
+# AIO, so the guest can be suspended while requests wait on a dead driver domain.
+if command -v gcc >/dev/null; then
+  gcc -static -O2 -Wall -o "$G/bin/tier2_aio" "$REPO_ROOT/tests/blkback_harness/tier2_aio.c" ||
+    die "building tests/blkback_harness/tier2_aio.c with gcc -static failed (apt-get install gcc libc6-dev)"
 fi
 mkcpio "$G" "$OUT/domU.cpio.gz"
 
@@ -173,11 +182,16 @@ addmod() { # NAME: dependencies first, then NAME
   modorder+=("$n")
 }
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-blkback loop; do addmod "$m"; done
-mkdir -p "$D/lib/modules/$KVER"
+mkdir -p "$D/lib/modules/$KVER/driver"
 for n in "${modorder[@]}"; do
   copy_ko "${modpath[$n]}" "$D/lib/modules/$KVER/$n.ko"
   echo "$n" >> "$D/etc/remoca-xenqemu/modules"
 done
+# The driver domains (dom0-tests/tier2.sh) boot this tree too and reach their storage through
+# the block frontend; dom0 never loads it.
+copy_ko "$blkfront" "$D/lib/modules/$KVER/driver/xen-blkfront.ko"
+install -m 0755 "$XENQEMU_DIR/driver-init.sh" "$D/etc/remoca-xenqemu/driver-init.sh"
+install -m 0755 "$XENQEMU_DIR/block-shared" "$D/etc/xen/scripts/block-shared"
 
 # Guest payload, dom0 init and the dom0 tests.
 cp "$ROOT/boot/vmlinuz-$KVER" "$D$SHARE/guest/vmlinuz"
@@ -194,6 +208,12 @@ echo "root:x:0:0:root:/root:/bin/sh" > "$D/etc/passwd"
 echo "root:x:0:" > "$D/etc/group"
 # A loader cache, so programs find their libraries even without LD_LIBRARY_PATH.
 ldconfig -r "$D" 2>/dev/null || log "ldconfig -r failed; dom0 relies on LD_LIBRARY_PATH"
+# The driver domains' image: this tree without the guest payload and the tests (their /init,
+# dom0-init.sh, hands over to driver-init.sh on REMOCA_ROLE=driver). Shipped inside dom0's.
+(cd "$D" && find . -path ".$SHARE" -prune -o -print | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1) > "$OUT/driver.cpio.gz.tmp" &&
+  mv "$OUT/driver.cpio.gz.tmp" "$OUT/driver.cpio.gz"
+install -d "$D$SHARE/driver"
+cp "$OUT/driver.cpio.gz" "$D$SHARE/driver/driver.cpio.gz"
 mkcpio "$D" "$OUT/dom0.cpio.gz"
 
 # Hypervisor and dom0 kernel.

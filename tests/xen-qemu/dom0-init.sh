@@ -3,6 +3,9 @@
 # remoca checks against the real hypervisor and print one `@@RESULT <name> PASS|FAIL` line per
 # check on hvc0 (Xen forwards it to com1, QEMU to the host). `@@DONE` ends the run, then
 # `poweroff -f` (Xen powers the machine off and QEMU exits).
+# The driver domains of dom0-tests/tier2.sh boot a copy of this image with REMOCA_ROLE=driver
+# on their kernel command line (the kernel hands NAME=value to init's environment).
+[ "${REMOCA_ROLE:-}" = driver ] && exec /bin/sh /etc/remoca-xenqemu/driver-init.sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib/x86_64-linux-gnu
 export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
@@ -150,9 +153,12 @@ mark "find-marker end"
 # ---------------------------------------------------------------- tests/xen-qemu/dom0-tests/*.sh
 # Each runs with the guest running and GUEST exported, prints its own @@RESULT lines, and gets a
 # dom0-test-<name> line for its exit status (and for having printed at least one result).
+# REMOCA_XENQEMU_TESTS (from boot.sh, on the kernel command line): a ':'-separated list of
+# dom0-tests to run instead of all of them, for working on one.
 for t in "$SHARE"/dom0-tests/*.sh; do
   [ -f "$t" ] || continue
   n=$(basename "$t" .sh)
+  case ":${REMOCA_XENQEMU_TESTS:-$n}:" in *":$n:"*) ;; *) continue ;; esac
   mark "dom0-test $n begin"
   (
     timeout 420 bash "$t" 2>&1

@@ -186,6 +186,36 @@ tier1_disk() {
 }
 tier1_disk &
 
+# A disk for dom0-tests/tier2.sh (xvde), served by remoca in a driver domain that dom0 destroys
+# while this runs; dom0 then moves this guest to a standby driver domain through a suspend and
+# resume. Each time /dev/xvde appears: tier2_aio (tests/blkback_harness/tier2_aio.c) writes,
+# flushes and reads back TIER2_ROUNDS rounds of fresh data with Linux AIO (32 x 64 KiB requests
+# in flight at once; its task waits interruptibly, so the suspend can freeze it with requests on
+# the ring), each line as GUEST-TIER2-<WORD> N ..., then the kernel's I/O error lines and the
+# SHA-256 of the last round (dom0 checks the image holds it).
+TIER2_ROUNDS=40
+tier2_disk() {
+  n=0
+  while true; do
+    while [ ! -b /dev/xvde ]; do sleep 1; done
+    n=$((n + 1))
+    echo "GUEST-TIER2-DISK $n $(cat /sys/block/xvde/size 2>/dev/null) sectors"
+    k0=$(kernel_io_errors)
+    rm -f /tmp/tier2-last
+    /bin/tier2_aio /dev/xvde $TIER2_ROUNDS /tmp/tier2-last 2>&1 | while IFS= read -r line; do
+      w=${line%% *} rest=${line#* }
+      echo "GUEST-TIER2-$w $n $rest"
+    done
+    kerr=$(($(kernel_io_errors) - k0))
+    [ $kerr -eq 0 ] || dmesg | tail -n 20 | sed "s/^/GUEST-TIER2-DMESG $n /"
+    sum=$(sha256sum < /tmp/tier2-last 2>/dev/null | cut -d' ' -f1)
+    echo "GUEST-TIER2-DONE $n kernel_errors=$kerr last=${sum:-none}"
+    while [ -b /dev/xvde ]; do sleep 1; done
+    echo "GUEST-TIER2-GONE $n"
+  done
+}
+tier2_disk &
+
 i=0
 while true; do
   i=$((i + 1))

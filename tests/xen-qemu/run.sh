@@ -19,7 +19,7 @@
 #                            too slow under TCG for dom0-tests/swap.sh)
 #   REMOCA_XENQEMU_WORK      work dir: debs, extracted files, images, serial.log
 #                            (default /var/tmp/remoca-xenqemu; keep it outside the repo)
-#   REMOCA_XENQEMU_TIMEOUT   seconds for the QEMU boot and all tests (default 600)
+#   REMOCA_XENQEMU_TIMEOUT   seconds for the QEMU boot and all tests (default 900)
 #   REMOCA_XENQEMU_GUEST     name of the PV test guest (default remoca-guest)
 #   REMOCA_XENQEMU_MEM, REMOCA_XENQEMU_DOM0_MEM, REMOCA_XENQEMU_SMP, REMOCA_XENQEMU_CPU,
 #   REMOCA_XENQEMU_DOM0_LOGLEVEL, REMOCA_XENQEMU_KERNEL_PKG, REMOCA_XENQEMU_STRIP: see boot.sh,
@@ -81,7 +81,7 @@ boot() {
   boot_pid=
 }
 rm -f "$WORK/serial-hung.log" # an earlier run's, which would mislead
-log "boot: Xen under QEMU (timeout ${REMOCA_XENQEMU_TIMEOUT:-600}s)"
+log "boot: Xen under QEMU (timeout ${REMOCA_XENQEMU_TIMEOUT:-900}s)"
 boot
 if [ "$boot_rc" = 5 ]; then
   # dom0's kernel hung before its init (boot.sh's status 5): no remoca code ran. Once more.

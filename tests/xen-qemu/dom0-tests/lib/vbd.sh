@@ -9,7 +9,8 @@
 #   DEV, DEVID     the disk's name and xenstore device id
 #   CONSOLE_GREP, CONSOLE_LINES   what show_console prints of the guest console
 #   T, CONLOG      scratch directory (holds up.log) and the guest's console log
-# and, once the guest's domid is known, DOMID, BE and FE.
+# and, once the guest's domid is known, DOMID, BE and FE (and BDOM, the backend's domain, when
+# it is not dom0).
 failed=0
 result() { # NAME STATUS(0 = pass)
   if [ "$2" -eq 0 ]; then echo "@@RESULT $TAG-$1 PASS"; else echo "@@RESULT $TAG-$1 FAIL"; failed=1; fi
@@ -90,12 +91,13 @@ stop_up() {
 # sees a half-written device, remoca never sees a backend without its frontend). The parents may
 # exist already when another test left a device behind; then they are shared and left alone on
 # detach while not empty.
-attach() { # PARAMS
-  local bvbd=/local/domain/0/backend/vbd3/$DOMID fvbd=/local/domain/$DOMID/device/vbd
+attach() { # PARAMS (the backend runs in domain ${BDOM:-0}: dom0, or a driver domain)
+  local b=${BDOM:-0}
+  local bvbd=/local/domain/$b/backend/vbd3/$DOMID fvbd=/local/domain/$DOMID/device/vbd
   xenstore-exists "$bvbd" || xenstore-write "$bvbd" "" || return 1
-  xenstore-chmod "$bvbd" n0 "r$DOMID" || return 1
+  xenstore-chmod "$bvbd" "n$b" "r$DOMID" || return 1
   xenstore-exists "$fvbd" || xenstore-write "$fvbd" "" || return 1
-  xenstore-chmod "$fvbd" "n$DOMID" r0 || return 1
+  xenstore-chmod "$fvbd" "n$DOMID" "r$b" || return 1
   # `script` is what libxl writes for script=block-remoca; nobody runs hotplug scripts here.
   xenstore-write \
     "$BE/frontend" "$FE" \
@@ -113,13 +115,13 @@ attach() { # PARAMS
     "$BE/discard-enable" 1 \
     "$BE/specification" xen \
     "$FE/backend" "$BE" \
-    "$FE/backend-id" 0 \
+    "$FE/backend-id" "$b" \
     "$FE/state" 1 \
     "$FE/virtual-device" "$DEVID" \
     "$FE/device-type" disk \
     "$FE/trusted" 1 \
     "$FE/protocol" x86_64-abi || return 1
-  xenstore-chmod "$BE" n0 "r$DOMID" && xenstore-chmod "$FE" "n$DOMID" r0
+  xenstore-chmod "$BE" "n$b" "r$DOMID" && xenstore-chmod "$FE" "n$DOMID" "r$b"
 }
 # detach N: as libxl's device removal: online=0 + backend state 5, wait for the backend's
 # Closed (and the guest dropping the disk), then remove both directories and their empty parents.
@@ -142,7 +144,7 @@ detach() {
   xenstore-rm "$FE" || ok=1
   xenstore-rm "$BE" || ok=1
   local p
-  for p in "/local/domain/$DOMID/device/vbd" "/local/domain/0/backend/vbd3/$DOMID"; do
+  for p in "/local/domain/$DOMID/device/vbd" "/local/domain/${BDOM:-0}/backend/vbd3/$DOMID"; do
     [ -n "$(xenstore-list "$p" 2>/dev/null)" ] || xenstore-rm "$p" 2>/dev/null
   done
   { gone "$BE" && gone "$FE"; } || { note "device directories still there"; ok=1; }

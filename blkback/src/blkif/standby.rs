@@ -31,21 +31,14 @@ use remoca_xen::{DomId, Host, XenStore};
 
 use super::BlkifError;
 
-/// Toolstack keys of a backend directory that move with the disk (`frontend`, `frontend-id`
-/// and `state` are written anew for the restored guest).
-const BACKEND_KEYS: &[&str] = &[
-    "params",
-    "script",
-    "online",
-    "removable",
-    "bootable",
-    "dev",
-    "type",
-    "mode",
-    "device-type",
-    "discard-enable",
-    "specification",
-];
+/// Toolstack keys of a backend directory that move with the disk: `frontend`,
+/// `frontend-id` and `state` are written anew for the restored guest.
+fn backend_keys() -> impl Iterator<Item = &'static str> {
+    super::xenbus::TOOLSTACK_KEYS
+        .iter()
+        .copied()
+        .filter(|k| !k.starts_with("frontend"))
+}
 
 /// Toolstack keys of a frontend directory (`backend`, `backend-id` and `state` are written
 /// anew; blkfront writes its ring keys itself on resume).
@@ -90,15 +83,15 @@ fn children(store: &dyn XenStore, path: &str) -> Result<Vec<String>, BlkifError>
     }
 }
 
-fn copy_keys(
+fn copy_keys<'k>(
     store: &dyn XenStore,
     dir: &str,
-    keys: &[&str],
+    keys: impl IntoIterator<Item = &'k str>,
 ) -> Result<Vec<(String, Vec<u8>)>, BlkifError> {
     let mut out = Vec::new();
     for k in keys {
         if let Some(v) = read_opt(store, &format!("{dir}/{k}"))? {
-            out.push(((*k).to_owned(), v));
+            out.push((k.to_owned(), v));
         }
     }
     Ok(out)
@@ -138,8 +131,8 @@ pub fn refresh(
                 guest: guest_id,
                 devid: devid.clone(),
                 frontend_class: class,
-                backend: copy_keys(store, &be, BACKEND_KEYS)?,
-                frontend: copy_keys(store, &frontend, FRONTEND_KEYS)?,
+                backend: copy_keys(store, &be, backend_keys())?,
+                frontend: copy_keys(store, &frontend, FRONTEND_KEYS.iter().copied())?,
             };
             // xenstored deletes a dead domain's nodes one at a time, so a directory read
             // while the primary dies may have lost some: a copy replaces the last one only if

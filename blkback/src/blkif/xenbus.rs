@@ -209,8 +209,9 @@ pub fn read_frontend_ring(
 }
 
 /// The toolstack's keys of a backend directory, copied when a device moves to another
-/// driver domain.
-const TOOLSTACK_KEYS: &[&str] = &[
+/// driver domain (`frontend` and `frontend-id` first: a move to a new guest domain writes
+/// those anew).
+pub(super) const TOOLSTACK_KEYS: &[&str] = &[
     "frontend",
     "frontend-id",
     "params",

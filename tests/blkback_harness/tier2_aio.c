@@ -88,6 +88,18 @@ static void run_batch(struct iocb *cbs, int n, long round, size_t want) {
     }
 }
 
+/* One request per block: block b of buf at offset b * BLOCK of the device. */
+static void prepare(struct iocb *cbs, int fd, int opcode, uint8_t *buf) {
+    memset(cbs, 0, sizeof(struct iocb) * BLOCKS);
+    for (int b = 0; b < BLOCKS; b++) {
+        cbs[b].aio_fildes = fd;
+        cbs[b].aio_lio_opcode = opcode;
+        cbs[b].aio_buf = (uint64_t)(uintptr_t)(buf + (size_t)b * BLOCK);
+        cbs[b].aio_nbytes = BLOCK;
+        cbs[b].aio_offset = (int64_t)b * BLOCK;
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 4) {
         fprintf(stderr, "usage: tier2_aio DEVICE ROUNDS LASTFILE\n");
@@ -115,14 +127,7 @@ int main(int argc, char **argv) {
         fflush(stdout);
         for (int b = 0; b < BLOCKS; b++) fill((uint64_t *)(wbuf + (size_t)b * BLOCK), seed, r, b);
 
-        memset(cbs, 0, sizeof cbs);
-        for (int b = 0; b < BLOCKS; b++) {
-            cbs[b].aio_fildes = fd;
-            cbs[b].aio_lio_opcode = IOCB_CMD_PWRITE;
-            cbs[b].aio_buf = (uint64_t)(uintptr_t)(wbuf + (size_t)b * BLOCK);
-            cbs[b].aio_nbytes = BLOCK;
-            cbs[b].aio_offset = (int64_t)b * BLOCK;
-        }
+        prepare(cbs, fd, IOCB_CMD_PWRITE, wbuf);
         run_batch(cbs, BLOCKS, r, BLOCK);
 
         memset(cbs, 0, sizeof cbs[0]);
@@ -130,15 +135,8 @@ int main(int argc, char **argv) {
         cbs[0].aio_lio_opcode = IOCB_CMD_FDSYNC;
         run_batch(cbs, 1, r, 0);
 
-        memset(cbs, 0, sizeof cbs);
         memset(rbuf, 0, (size_t)BLOCK * BLOCKS);
-        for (int b = 0; b < BLOCKS; b++) {
-            cbs[b].aio_fildes = fd;
-            cbs[b].aio_lio_opcode = IOCB_CMD_PREAD;
-            cbs[b].aio_buf = (uint64_t)(uintptr_t)(rbuf + (size_t)b * BLOCK);
-            cbs[b].aio_nbytes = BLOCK;
-            cbs[b].aio_offset = (int64_t)b * BLOCK;
-        }
+        prepare(cbs, fd, IOCB_CMD_PREAD, rbuf);
         run_batch(cbs, BLOCKS, r, BLOCK);
         if (memcmp(wbuf, rbuf, (size_t)BLOCK * BLOCKS) != 0) {
             mismatches++;

@@ -259,6 +259,40 @@ fn bad_driver_and_endpoint_arguments_are_refused_clearly() {
     }
 }
 
+/// `remoca blkback standby` names a domain it cannot find and refuses one domain as both
+/// primary and standby, before watching anything (on the simulated host, alone).
+#[test]
+fn standby_refuses_unknown_and_identical_driver_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let standby = |primary: &str, standby: &str| {
+        run_err(
+            remoca()
+                .env("REMOCA_SIM_XENSTORE", dir.path().join("none.socket"))
+                .args([
+                    "--backend",
+                    "sim",
+                    "blkback",
+                    "standby",
+                    "--primary",
+                    primary,
+                ])
+                .args(["--standby", standby]),
+        )
+    };
+    let e = standby("no-such-storage", "Domain-0");
+    assert!(
+        e.contains("primary driver domain") && e.contains("no-such-storage"),
+        "{e}"
+    );
+    let e = standby("Domain-0", "no-such-standby");
+    assert!(
+        e.contains("standby driver domain") && e.contains("no-such-standby"),
+        "{e}"
+    );
+    let e = standby("Domain-0", "0");
+    assert!(e.contains("same domain"), "{e}");
+}
+
 /// A short `remoca bench failover`: every table is printed with figures, every fault is
 /// injected, and no acknowledged write is lost.
 #[test]

@@ -182,6 +182,9 @@ fn bad_input_gets_a_clear_error() {
     std::fs::write(&bad, "[host]\nstatus_interval = \"fast\"\n").unwrap();
     let e = err(remoca(&sock).args(["up", "--config"]).arg(&bad));
     assert!(e.contains("status_interval"), "{e}");
+    std::fs::write(&bad, "[blkback]\nbackend_domain = \"dom1\"\n").unwrap();
+    let e = err(remoca(&sock).args(["up", "--config"]).arg(&bad));
+    assert!(e.contains("backend_domain") && e.contains("dom1"), "{e}");
     let e = err(remoca(&sock)
         .args(["up", "--config"])
         .arg(dir.path().join("missing.toml")));

@@ -155,8 +155,8 @@ fn open_one(c: &ExportConfig) -> Result<(Arc<dyn Disk>, String), ExportError> {
     })
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (`a: b: c`), for logs and messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -795,11 +795,10 @@ fn run_standby(a: &StandbyArgs, g: &Global) -> anyhow::Result<()> {
         )),
         StandbyEvent::Failed { guest, error } => {
             failed += 1;
-            let chain: Vec<String> =
-                std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
-                    .map(ToString::to_string)
-                    .collect();
-            eprintln!("error: guest {guest} was not moved: {}", chain.join(": "));
+            eprintln!(
+                "error: guest {guest} was not moved: {}",
+                remoca_blkback::export::error_chain(error)
+            );
         }
     })
     .context("standby")?;

@@ -221,12 +221,8 @@ fn serve_inner(
         while watch.try_next().is_some() {}
         retry = crossbeam_channel::never();
         if let Err(e) = scan(host, &config, &pool, &stats, &mut devices, &done_tx, crash) {
-            let chain: Vec<String> =
-                std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                    .map(ToString::to_string)
-                    .collect();
             tracing::warn!(
-                error = chain.join(": "),
+                error = crate::export::error_chain(&e),
                 "scanning backend devices; again in 1 s"
             );
             retry = crossbeam_channel::after(std::time::Duration::from_secs(1));

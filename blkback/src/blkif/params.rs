@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::disk::Disk;
-use crate::export::{Export, Exports};
+use crate::export::{error_chain, Export, Exports};
 use crate::raw::RawFile;
 
 use super::BlkifError;
@@ -103,17 +103,6 @@ pub fn resolve(
             None => format!("no export named {target:?}"),
         })),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -118,7 +118,6 @@ result connected $rc
 
 # ---------------------------------------------------------------- storage-a dies
 round_seen() { has_console_line GUEST-TIER2-ROUND "$N $1"; }
-done_seen() { has_console_line GUEST-TIER2-VERDICT "$N" || has_console_line GUEST-TIER2-DONE "$N"; }
 if ! wait_for 120 round_seen 3; then
   note "the guest never began round 3"
   show_console; show_driver $A

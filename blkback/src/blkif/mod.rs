@@ -39,7 +39,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{select, Receiver, Sender};
 use parking_lot::Mutex;
-use remoca_xen::{DomId, Host, Tx};
+use remoca_xen::{DomId, Host, Tx, XenStore};
 
 use crate::export::Exports;
 use crate::workers::WorkerPool;
@@ -242,8 +242,9 @@ fn serve_inner(
     result
 }
 
-fn list(host: &Host, path: &str) -> Result<Vec<String>, BlkifError> {
-    match host.store.directory(Tx::NONE, path) {
+/// The children of `path`; none when it does not exist.
+fn list(store: &dyn XenStore, path: &str) -> Result<Vec<String>, BlkifError> {
+    match store.directory(Tx::NONE, path) {
         Ok(v) => Ok(v),
         Err(e) if e.is_errno(libc::ENOENT) => Ok(Vec::new()),
         Err(e) => Err(e.into()),
@@ -271,11 +272,11 @@ fn scan(
         }
     }
     let root = config.root();
-    for dom in list(host, &root)? {
+    for dom in list(&*host.store, &root)? {
         let Ok(domid) = dom.parse::<DomId>() else {
             continue;
         };
-        for dev in list(host, &format!("{root}/{dom}"))? {
+        for dev in list(&*host.store, &format!("{root}/{dom}"))? {
             let Ok(devid) = dev.parse::<u32>() else {
                 continue;
             };

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use remoca_xen::xenstore::{read_string, with_transaction, Access, Perm, Tx};
 use remoca_xen::{DomId, Host, XenStore};
 
-use super::BlkifError;
+use super::{list, BlkifError};
 
 /// Toolstack keys of a backend directory that move with the disk: `frontend`,
 /// `frontend-id` and `state` are written anew for the restored guest.
@@ -75,14 +75,6 @@ fn read_opt(store: &dyn XenStore, path: &str) -> Result<Option<Vec<u8>>, BlkifEr
     }
 }
 
-fn children(store: &dyn XenStore, path: &str) -> Result<Vec<String>, BlkifError> {
-    match store.directory(Tx::NONE, path) {
-        Ok(v) => Ok(v),
-        Err(e) if e.is_errno(libc::ENOENT) => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn copy_keys<'k>(
     store: &dyn XenStore,
     dir: &str,
@@ -111,11 +103,11 @@ pub fn refresh(
     records: &mut Records,
 ) -> Result<(), BlkifError> {
     let root = format!("/local/domain/{primary}/backend/{kind}");
-    for guest in children(store, &root)? {
+    for guest in list(store, &root)? {
         let Ok(guest_id) = guest.parse::<DomId>() else {
             continue;
         };
-        for devid in children(store, &format!("{root}/{guest}"))? {
+        for devid in list(store, &format!("{root}/{guest}"))? {
             let be = format!("{root}/{guest}/{devid}");
             let Some(frontend) = read_opt(store, &format!("{be}/frontend"))? else {
                 continue;

@@ -128,7 +128,7 @@ fn save_restore_extract_inspect_through_files_and_pipes() {
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(
             text.contains("format version 3")
-                && text.contains("codec:        lz4:3")
+                && text.contains("codec:        lz4:4")
                 && text.contains(&format!("stream:       {} bytes (digest 0x", stream.len())),
             "{text}"
         );

@@ -28,7 +28,7 @@ pub struct SaveArgs {
     /// Image destination: a path, `-` for stdout, or nfs://host[:port]/export/path.
     #[arg(long)]
     to: String,
-    /// Block codec: auto (by measured output bandwidth), fast (= lz4:3), ratio (= zstd:-1),
+    /// Block codec: auto (by measured output bandwidth), fast (= lz4:4), ratio (= zstd:-1),
     /// snap, lz4, lz4:ACCEL (1..=64), zstd (= ratio), zstd:LEVEL (-7..=22).
     #[arg(long, default_value = "auto")]
     codec: CodecChoice,

@@ -197,26 +197,22 @@ pub fn write_moved_disk(
             store.mkdir(tx, dir)?;
             store.set_perms(tx, dir, perms)?;
         }
-        let mut back: Vec<(&str, &[u8])> = rec
-            .backend
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        back.extend([
-            ("frontend", fe.as_bytes()),
-            ("frontend-id", guest_s.as_bytes()),
-            ("state", b"1".as_slice()),
-        ]);
-        let mut front: Vec<(&str, &[u8])> = rec
-            .frontend
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        front.extend([
-            ("backend", be.as_bytes()),
-            ("backend-id", standby_s.as_bytes()),
-            ("state", b"1".as_slice()),
-        ]);
+        let back = copied_then(
+            &rec.backend,
+            [
+                ("frontend", fe.as_bytes()),
+                ("frontend-id", guest_s.as_bytes()),
+                ("state", b"1"),
+            ],
+        );
+        let front = copied_then(
+            &rec.frontend,
+            [
+                ("backend", be.as_bytes()),
+                ("backend-id", standby_s.as_bytes()),
+                ("state", b"1"),
+            ],
+        );
         for (dir, keys, perms) in [(&be, &back, &back_perms), (&fe, &front, &front_perms)] {
             store.mkdir(tx, dir)?;
             store.set_perms(tx, dir, perms)?;
@@ -229,6 +225,18 @@ pub fn write_moved_disk(
         Ok(())
     })?;
     Ok(be)
+}
+
+/// A record's copied keys, then the keys written anew for the moved disk.
+fn copied_then<'a>(
+    copied: &'a [(String, Vec<u8>)],
+    fresh: [(&'a str, &'a [u8]); 3],
+) -> Vec<(&'a str, &'a [u8])> {
+    copied
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .chain(fresh)
+        .collect()
 }
 
 /// Drives a guest through suspend and resume for a takeover.

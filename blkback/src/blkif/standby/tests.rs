@@ -9,34 +9,39 @@ use super::*;
 
 const DEVID: &str = "51776";
 
-/// A disk on `backend_dom` for `guest`, as tests/xen-qemu/dom0-tests/lib/vbd.sh writes it,
-/// with the ring keys blkfront adds once connected.
+/// A disk on `backend_dom` for `guest`, as tests/xen-qemu/dom0-tests/lib/vbd.sh writes it
+/// (like libxl, in one transaction: a watcher never sees half a disk), with the ring keys
+/// blkfront adds once connected.
 fn attach(sim: &SimHost, backend_dom: DomId, guest: DomId) {
     let be = format!("/local/domain/{backend_dom}/backend/vbd3/{guest}/{DEVID}");
     let fe = format!("/local/domain/{guest}/device/vbd/{DEVID}");
-    for (k, v) in [
+    let (guest_s, backend_s) = (guest.to_string(), backend_dom.to_string());
+    let back = [
         ("frontend", fe.as_str()),
-        ("frontend-id", &guest.to_string()),
+        ("frontend-id", &guest_s),
         ("params", "raw:/dev/xvda"),
         ("mode", "w"),
         ("type", "vbd3"),
         ("state", "4"),
-    ] {
-        sim.write(Tx::NONE, &format!("{be}/{k}"), v.as_bytes())
-            .unwrap();
-    }
-    for (k, v) in [
+    ];
+    let front = [
         ("backend", be.as_str()),
-        ("backend-id", &backend_dom.to_string()),
+        ("backend-id", &backend_s),
         ("virtual-device", DEVID),
         ("device-type", "disk"),
         ("state", "4"),
         ("ring-ref", "8"),
         ("event-channel", "5"),
-    ] {
-        sim.write(Tx::NONE, &format!("{fe}/{k}"), v.as_bytes())
-            .unwrap();
-    }
+    ];
+    with_transaction(sim, 4, |tx| {
+        for (dir, keys) in [(&be, &back[..]), (&fe, &front[..])] {
+            for (k, v) in keys {
+                sim.write(tx, &format!("{dir}/{k}"), v.as_bytes())?;
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
 }
 
 fn read(sim: &SimHost, path: &str) -> String {
